@@ -1,0 +1,1 @@
+"""optax_ext: composable, fused Optax transformations for JAX and Flax."""
