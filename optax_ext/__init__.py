@@ -1,1 +1,58 @@
-"""optax_ext: composable, fused Optax transformations for JAX and Flax."""
+"""optax_ext: composable, fused Optax transformations for JAX and Flax.
+
+Every optimizer is a pure `optax.GradientTransformation`; adjacent per-element transformations in
+`optax_ext.chain` run as one fused pass (one Pallas kernel per leaf on GPU/TPU, one XLA fusion on
+CPU). Import as `import optax_ext as ox`.
+"""
+
+from optax_ext import kernels
+from optax_ext.fusion import FusableTransformation, PerLeaf, Rule, chain, fusable, update_and_apply
+from optax_ext.optimizers import (
+    adabelief,
+    adafactor,
+    adam,
+    adamw,
+    amsgrad,
+    lamb,
+    lars,
+    lion,
+    nadam,
+    rmsprop,
+    sgd,
+    yogi,
+)
+from optax_ext.transforms import (
+    add_decayed_weights,
+    add_l2,
+    clip,
+    clip_by_block_rms,
+    clip_by_global_norm,
+    decoupled_weight_decay,
+    ema,
+    scale,
+    scale_by_adam,
+    scale_by_amsgrad,
+    scale_by_belief,
+    scale_by_factored_rms,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_momentum,
+    scale_by_param_block_rms,
+    scale_by_rms,
+    scale_by_trust_ratio,
+    scale_by_yogi,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # core
+    "FusableTransformation", "PerLeaf", "Rule", "chain", "fusable", "kernels", "update_and_apply",
+    # transformations
+    "add_decayed_weights", "add_l2", "clip", "clip_by_block_rms", "clip_by_global_norm", "decoupled_weight_decay",
+    "ema", "scale", "scale_by_adam", "scale_by_amsgrad", "scale_by_belief", "scale_by_factored_rms",
+    "scale_by_learning_rate", "scale_by_lion", "scale_by_momentum", "scale_by_param_block_rms", "scale_by_rms",
+    "scale_by_trust_ratio", "scale_by_yogi",
+    # optimizers
+    "adabelief", "adafactor", "adam", "adamw", "amsgrad", "lamb", "lars", "lion", "nadam", "rmsprop", "sgd", "yogi",
+]

@@ -1,0 +1,64 @@
+"""Small pieces every transformation uses: zeros like params, the step counter, hyperparameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def zeros_like_params(params, dtype=None, fill=0.0):
+    """A tree of `fill` shaped like `params`; keeps sharding; works on ShapeDtypeStruct trees.
+
+    `None` and `optax.MaskedNode` leaves pass through (they are empty pytree nodes).
+    """
+    dtype = None if dtype is None else jnp.dtype(dtype)
+
+    def one(p):
+        if isinstance(p, jax.Array):
+            return jnp.full_like(p, fill, dtype=dtype)
+        return jnp.full(p.shape, fill, dtype or p.dtype)
+
+    return jax.tree.map(one, params)
+
+
+def zero_count() -> jax.Array:
+    return jnp.zeros([], jnp.int32)
+
+
+def increment(count: jax.Array) -> jax.Array:
+    """count + 1, saturating at the dtype's maximum instead of wrapping around."""
+    top = np.iinfo(jnp.asarray(count).dtype).max
+    return jnp.where(count < top, count + 1, count)
+
+
+def value_at(hyperparameter, count):
+    """A hyperparameter's value at this step: schedules (callables) are called with the count."""
+    return hyperparameter(count) if callable(hyperparameter) else hyperparameter
+
+
+def f32(x) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def mask_leaves(mask, params) -> list[bool] | list[jax.Array]:
+    """The mask as one boolean per leaf of `params` (mask: bool, callable, or a prefix tree)."""
+    if callable(mask):
+        mask = mask(params)
+    leaves = jax.tree.leaves(params)
+    if isinstance(mask, (bool, np.bool_)):
+        return [bool(mask)] * len(leaves)
+    mask_def = jax.tree.structure(mask)
+    try:
+        subtrees = mask_def.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"mask must have the structure of params (or a prefix of it); {e}") from None
+    out = []
+    for m, sub in zip(jax.tree.leaves(mask), subtrees):
+        out.extend([m] * len(jax.tree.leaves(sub)))
+    return out
+
+
+def per_leaf_tree(params, values):
+    """Put one value per leaf of `params` back into its tree structure."""
+    return jax.tree.structure(params).unflatten(values)

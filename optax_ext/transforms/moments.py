@@ -1,0 +1,340 @@
+"""Moment-based scalings: momentum, RMSprop, Adam and its family (AdaBelief, Yogi, Lion, AMSGrad).
+
+Each is a pure `optax.GradientTransformation` whose math is a per-element `Rule`, so adjacent
+ones fuse inside `optax_ext.chain`. States are Optax's own NamedTuples (same fields, same order),
+so checkpoints and `optax.tree.get(state, "mu")` work across the two libraries. Math is f32 whatever
+the storage dtype; `mu_dtype`/`nu_dtype` set the storage of the moments.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ext import _validate as check
+from optax_ext.fusion import Rule, fusable
+from optax_ext.transforms._common import f32, increment, value_at, zero_count, zeros_like_params
+
+try:  # Optax keeps the "with count" RMS states private; reuse them so layouts stay identical.
+    from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState
+except ImportError:  # pragma: no cover - layout fallback for other Optax versions
+    class ScaleByRmsWithCountState(NamedTuple):
+        count: jax.Array
+        nu: optax.Updates
+
+    class ScaleByRStdDevWithCountState(NamedTuple):
+        count: jax.Array
+        mu: optax.Updates
+        nu: optax.Updates
+
+
+def _with_complement(**decays):
+    """{name: b, "1-name": 1 - b}; the complement is taken before any cast to f32, as Optax does,
+    so that a Python float keeps full precision (1 - 0.999 rounds differently in f32)."""
+    out = {}
+    for name, b in decays.items():
+        out[name] = b
+        out["1-" + name] = 1 - b
+    return out
+
+
+def _bias_corrections(b, count_inc, nesterov=False):
+    out = {"bc1": 1 - f32(b) ** count_inc}
+    if nesterov:
+        out["bc1_next"] = 1 - f32(b) ** increment(count_inc)
+    return out
+
+
+def _first_moment_hat(g, m, s, nesterov):
+    """Bias-corrected first moment; Dozat's Nesterov form looks one step ahead."""
+    if nesterov:
+        return s["b1"] * (m / s["bc1_next"]) + s["1-b1"] * (g / s["bc1"])
+    return m / s["bc1"]
+
+
+# ---------------------------------------------------------------------------------- momentum
+
+
+def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=None) -> optax.GradientTransformation:
+    r"""Heavy-ball momentum: :math:`v_t = \rho v_{t-1} + g_t`, update :math:`v_t`.
+
+    With `nesterov=True` the update is :math:`g_t + \rho v_t`. Same as `optax.trace`
+    (state `optax.TraceState(trace)`). `momentum` may be a schedule (e.g. cyclic momentum).
+
+    References:
+      Polyak, *Some methods of speeding up the convergence of iteration methods*, 1964;
+      Sutskever et al., *On the importance of initialization and momentum in deep learning*, 2013.
+    """
+    check.unit_interval("scale_by_momentum", "momentum", momentum)
+    if callable(momentum):
+        raise ValueError("scale_by_momentum: momentum must be a number here (optax.TraceState has no step "
+                         "count); for a momentum schedule use "
+                         "optax.inject_hyperparams(optax_ext.sgd)(learning_rate=..., momentum=schedule).")
+
+    def init(params):
+        return optax.TraceState(trace=zeros_like_params(params, accumulator_dtype))
+
+    def scalars(state, updates, params):
+        return {"decay": momentum}  # heavy ball has no (1 - decay) factor
+
+    def element(g, p, slots, s):
+        (t,) = slots
+        t = g + s["decay"] * t
+        return (g + s["decay"] * t if nesterov else t), (t,)
+
+    return fusable(init, Rule("scale_by_momentum", optax.TraceState, ("trace",), scalars, element,
+                              lambda st, sl: optax.TraceState(trace=sl[0])))
+
+
+# ---------------------------------------------------------------------------------- RMSprop
+
+
+def scale_by_rms(decay=0.9, eps=1e-8, eps_in_sqrt: bool = True, centered: bool = False,
+                 bias_correction: bool = False, initial_scale=0.0) -> optax.GradientTransformation:
+    r"""RMSprop scaling, eqs. (1)-(2): :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`, :math:`u = g_t/\sqrt{v_t+\epsilon}`.
+
+    `eps_in_sqrt=False` gives the other placement found in the literature, :math:`g/(\sqrt{v}+\epsilon)`.
+    `centered=True` subtracts the squared mean (Graves 2013): :math:`u = g/\sqrt{v - m^2 + \epsilon}`
+    with :math:`m` the EMA of :math:`g`. `bias_correction=True` divides the EMAs by :math:`1-\rho^t`.
+    States match `optax.scale_by_rms` / `optax.scale_by_stddev`.
+
+    References:
+      Tieleman & Hinton, *Lecture 6.5 - RMSProp*, 2012; Graves, *Generating Sequences With
+      Recurrent Neural Networks*, 2013.
+    """
+    check.unit_interval("scale_by_rms", "decay", decay)
+    check.non_negative("scale_by_rms", "eps", eps)
+
+    if centered:
+        state_type = ScaleByRStdDevWithCountState if bias_correction else optax.ScaleByRStdDevState
+        slots = ("mu", "nu")
+    else:
+        state_type = ScaleByRmsWithCountState if bias_correction else optax.ScaleByRmsState
+        slots = ("nu",)
+
+    def init(params):
+        nu = zeros_like_params(params, fill=initial_scale)
+        fields = {"nu": nu}
+        if centered:
+            fields["mu"] = zeros_like_params(params)
+        if bias_correction:
+            fields["count"] = zero_count()
+        return state_type(**fields)
+
+    def scalars(state, updates, params):
+        s = {"eps": eps, **_with_complement(decay=decay)}
+        if bias_correction:
+            s["bc"] = 1 - f32(decay) ** increment(state.count)
+        return s
+
+    def element(g, p, slots, s):
+        d, one_minus_d = s["decay"], s["1-decay"]
+        nu = one_minus_d * (g * g) + d * slots[-1]
+        nu_hat = nu / s["bc"] if bias_correction else nu
+        if centered:
+            mu = one_minus_d * g + d * slots[0]
+            mu_hat = mu / s["bc"] if bias_correction else mu
+            var = nu_hat - mu_hat * mu_hat
+            new = (mu, nu)
+        else:
+            var, new = nu_hat, (nu,)
+        scaling = jax.lax.rsqrt(var + s["eps"]) if eps_in_sqrt else 1 / (jnp.sqrt(var) + s["eps"])
+        return scaling * g, new
+
+    def next_state(state, new_slots):
+        fields = dict(zip(slots, new_slots))
+        if bias_correction:
+            fields["count"] = increment(state.count)
+        return state_type(**fields)
+
+    return fusable(init, Rule("scale_by_rms", state_type, slots, scalars, element, next_state))
+
+
+# ---------------------------------------------------------------------------------- Adam family
+
+
+def _adam_like(name, state_type, init_slots, scalars_extra, element, b1, b2, eps, eps_root, nesterov=False):
+    check.unit_interval(name, "b1", b1)
+    check.unit_interval(name, "b2", b2)
+    check.non_negative(name, "eps", eps)
+    check.non_negative(name, "eps_root", eps_root)
+    slots = tuple(init_slots)
+
+    def init(params):
+        return state_type(count=zero_count(), **{k: f(params) for k, f in init_slots.items()})
+
+    def scalars(state, updates, params):
+        t = increment(state.count)
+        b1_t, b2_t = value_at(b1, state.count), value_at(b2, state.count)
+        s = {"eps": eps, "eps_root": eps_root, **_with_complement(b1=b1_t, b2=b2_t),
+             "bc2": 1 - f32(b2_t) ** t, **_bias_corrections(b1_t, t, nesterov)}
+        s.update(scalars_extra(state))
+        return s
+
+    def next_state(state, new_slots):
+        return state_type(count=increment(state.count), **dict(zip(slots, new_slots)))
+
+    return fusable(init, Rule(name, state_type, slots, scalars, element, next_state))
+
+
+def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = False,
+                  nu_dtype=None) -> optax.GradientTransformation:
+    r"""Adam scaling, eqs. (3)-(6): moments :math:`m_t, v_t`, bias-corrected :math:`\hat m_t, \hat v_t`,
+
+    :math:`u = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`. `nesterov=True` is NAdam's
+    look-ahead :math:`\hat m = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`.
+    `mu_dtype`/`nu_dtype` store the moments in another dtype (e.g. bf16); math stays f32.
+    State: `optax.ScaleByAdamState(count, mu, nu)`.
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015;
+      Dozat, *Incorporating Nesterov Momentum into Adam*, 2016.
+    """
+
+    def element(g, p, slots, s):
+        m, v = slots
+        m = s["1-b1"] * g + s["b1"] * m
+        v = s["1-b2"] * (g * g) + s["b2"] * v
+        m_hat = _first_moment_hat(g, m, s, nesterov)
+        v_hat = v / s["bc2"]
+        return m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]), (m, v)
+
+    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype)}
+    return _adam_like("scale_by_adam", optax.ScaleByAdamState, init_slots, lambda st: {}, element,
+                      b1, b2, eps, eps_root, nesterov)
+
+
+def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
+                     nu_dtype=None) -> optax.GradientTransformation:
+    r"""AMSGrad: Adam with a non-decreasing second moment, :math:`\hat v^{max}_t = \max(\hat v^{max}_{t-1}, \hat v_t)`,
+
+    :math:`u = \hat m_t / (\sqrt{\hat v^{max}_t + \epsilon_{root}} + \epsilon)` (bias-corrected moments,
+    as `optax.scale_by_amsgrad`'s defaults). State: `optax.ScaleByAmsgradState(count, mu, nu, nu_max)`.
+
+    References:
+      Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
+    """
+
+    def element(g, p, slots, s):
+        m, v, v_max = slots
+        m = s["1-b1"] * g + s["b1"] * m
+        v = s["1-b2"] * (g * g) + s["b2"] * v
+        v_max = jnp.maximum(v_max, v / s["bc2"])
+        return (m / s["bc1"]) / (jnp.sqrt(v_max + s["eps_root"]) + s["eps"]), (m, v, v_max)
+
+    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype),
+                  "nu_max": lambda p: zeros_like_params(p, nu_dtype)}
+    return _adam_like("scale_by_amsgrad", optax.ScaleByAmsgradState, init_slots, lambda st: {}, element,
+                      b1, b2, eps, eps_root)
+
+
+def scale_by_belief(b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bool = False,
+                    mu_dtype=None, nu_dtype=None) -> optax.GradientTransformation:
+    r"""AdaBelief: the second moment tracks the *belief* :math:`(g_t - m_t)^2` instead of :math:`g_t^2`:
+
+    :math:`s_t = \beta_2 s_{t-1} + (1-\beta_2)(g_t - m_t)^2 + \epsilon_{root}`,
+    :math:`u = \hat m_t / (\sqrt{\hat s_t} + \epsilon)`. State: `optax.ScaleByBeliefState(count, mu, nu)`.
+
+    References:
+      Zhuang et al., *AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed Gradients*,
+      NeurIPS 2020.
+    """
+
+    def element(g, p, slots, s):
+        m, v = slots
+        m = s["1-b1"] * g + s["b1"] * m
+        err = g - m
+        v = s["1-b2"] * (err * err) + s["b2"] * v + s["eps_root"]
+        m_hat = _first_moment_hat(g, m, s, nesterov)
+        return m_hat / (jnp.sqrt(v / s["bc2"]) + s["eps"]), (m, v)
+
+    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype)}
+    return _adam_like("scale_by_belief", optax.ScaleByBeliefState, init_slots, lambda st: {}, element,
+                      b1, b2, eps, eps_root, nesterov)
+
+
+def scale_by_yogi(b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_value=1e-6) -> optax.GradientTransformation:
+    r"""Yogi: an additive second-moment update that cannot blow up,
+
+    :math:`v_t = v_{t-1} - (1-\beta_2)\,\mathrm{sign}(v_{t-1} - g_t^2)\, g_t^2`,
+    :math:`u = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`. Moments start at
+    `initial_accumulator_value`. State: `optax.ScaleByAdamState(count, mu, nu)`.
+
+    References:
+      Zaheer et al., *Adaptive Methods for Nonconvex Optimization*, NeurIPS 2018.
+    """
+
+    def element(g, p, slots, s):
+        m, v = slots
+        m = s["1-b1"] * g + s["b1"] * m
+        g2 = g * g
+        v = v - s["1-b2"] * jnp.sign(v - g2) * g2
+        return (m / s["bc1"]) / (jnp.sqrt(v / s["bc2"] + s["eps_root"]) + s["eps"]), (m, v)
+
+    init_slots = {"mu": lambda p: zeros_like_params(p, fill=initial_accumulator_value),
+                  "nu": lambda p: zeros_like_params(p, fill=initial_accumulator_value)}
+    return _adam_like("scale_by_yogi", optax.ScaleByAdamState, init_slots, lambda st: {}, element,
+                      b1, b2, eps, eps_root)
+
+
+_LION_MODES = ("hard", "smooth", "refined")
+
+
+def scale_by_lion(b1=0.9, b2=0.99, mu_dtype=None, *, mode: str = "hard", smooth_beta=1.0) -> optax.GradientTransformation:
+    r"""Lion: the sign of an interpolation, :math:`u = \mathrm{sign}((1-\beta_1) g_t + \beta_1 m_{t-1})`,
+
+    then :math:`m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t`. `mode="smooth"` uses
+    :math:`\tanh(\beta_s x)`, `"refined"` is linear inside [-1, 1]. State:
+    `optax.ScaleByLionState(count, mu)`.
+
+    References:
+      Chen et al., *Symbolic Discovery of Optimization Algorithms*, 2023.
+    """
+    check.unit_interval("scale_by_lion", "b1", b1)
+    check.unit_interval("scale_by_lion", "b2", b2)
+    check.one_of("scale_by_lion", "mode", mode, _LION_MODES)
+
+    def init(params):
+        return optax.ScaleByLionState(count=zero_count(), mu=zeros_like_params(params, mu_dtype))
+
+    def scalars(state, updates, params):
+        return {"beta": smooth_beta, **_with_complement(b1=value_at(b1, state.count), b2=value_at(b2, state.count))}
+
+    def element(g, p, slots, s):
+        (m,) = slots
+        x = s["1-b1"] * g + s["b1"] * m
+        if mode == "hard":
+            u = jnp.sign(x)
+        elif mode == "smooth":
+            u = jnp.tanh(s["beta"] * x)
+        else:
+            u = jnp.where(jnp.abs(x) < 1.0, x, jnp.sign(x))
+        return u, (s["1-b2"] * g + s["b2"] * m,)
+
+    return fusable(init, Rule("scale_by_lion", optax.ScaleByLionState, ("mu",), scalars, element,
+                              lambda st, sl: optax.ScaleByLionState(count=increment(st.count), mu=sl[0])))
+
+
+def ema(decay, debias: bool = True, accumulator_dtype=None) -> optax.GradientTransformation:
+    r"""Exponential moving average of the updates, :math:`e_t = \beta e_{t-1} + (1-\beta) u_t`.
+
+    With `debias`, the output is :math:`e_t/(1-\beta^t)`. State: `optax.EmaState(count, ema)`.
+    """
+    check.unit_interval("ema", "decay", decay)
+
+    def init(params):
+        return optax.EmaState(count=zero_count(), ema=zeros_like_params(params, accumulator_dtype))
+
+    def scalars(state, updates, params):
+        d = value_at(decay, state.count)
+        return {"bc": 1 - f32(d) ** increment(state.count) if debias else 1.0, **_with_complement(decay=d)}
+
+    def element(g, p, slots, s):
+        e = s["1-decay"] * g + s["decay"] * slots[0]
+        return (e / s["bc"] if debias else e), (e,)
+
+    return fusable(init, Rule("ema", optax.EmaState, ("ema",), scalars, element,
+                              lambda st, sl: optax.EmaState(count=increment(st.count), ema=sl[0])))
