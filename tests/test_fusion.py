@@ -1,0 +1,261 @@
+"""The fusion core: runs, composition with Optax, pytrees, jit/vmap, dtypes, sharding."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_ext as ox
+from optax_ext.kernels import elementwise
+from conftest import RAGGED_SHAPES, assert_trees_close, random_tree
+
+
+def _count_passes(monkeypatch):
+    calls = []
+    real = elementwise.run_elementwise
+
+    def counting(body, inputs, scalars, out_dtypes, **kw):
+        calls.append(len(inputs))
+        return real(body, inputs, scalars, out_dtypes, **kw)
+
+    monkeypatch.setattr(elementwise, "run_elementwise", counting)
+    return calls
+
+
+def test_adjacent_rules_fuse_into_one_pass_per_leaf(monkeypatch, key):
+    params = random_tree(key)
+    calls = _count_passes(monkeypatch)
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.scale_by_adam(), ox.decoupled_weight_decay(0.1),
+                  ox.scale_by_learning_rate(1e-3))
+    tx.update(params, tx.init(params), params)
+    # One pass per leaf reading g, p, mu, nu.
+    assert calls == [4] * len(RAGGED_SHAPES)
+
+
+def test_optax_transformation_breaks_the_run(monkeypatch, key):
+    params = random_tree(key)
+    calls = _count_passes(monkeypatch)
+    tx = ox.chain(ox.scale_by_adam(), optax.scale(0.5), ox.scale_by_learning_rate(1e-3))
+    tx.update(params, tx.init(params), params)
+    assert len(calls) == 2 * len(RAGGED_SHAPES)
+
+
+def test_rule_that_reads_updates_starts_a_new_run(monkeypatch, key):
+    params = random_tree(key)
+    calls = _count_passes(monkeypatch)
+    tx = ox.lamb(1e-3)  # adam + wd | trust ratio + lr
+    tx.update(params, tx.init(params), params)
+    assert len(calls) == 2 * len(RAGGED_SHAPES)
+
+
+def test_mixed_chain_equals_optax_chain(key):
+    params = random_tree(key)
+    ours = ox.chain(ox.clip_by_global_norm(0.7), optax.scale_by_adam(), ox.add_decayed_weights(0.01),
+                    optax.scale(-1e-2))
+    theirs = optax.chain(optax.clip_by_global_norm(0.7), optax.scale_by_adam(), optax.add_decayed_weights(0.01),
+                         optax.scale(-1e-2))
+    s1, s2 = ours.init(params), theirs.init(params)
+    for t in range(10):
+        g = random_tree(jax.random.fold_in(key, t), scale=3.0)
+        u1, s1 = ours.update(g, s1, params)
+        u2, s2 = theirs.update(g, s2, params)
+        assert_trees_close(u1, u2)
+    assert_trees_close(s1, s2)
+
+
+def test_nested_chains_flatten_and_keep_nested_state(key):
+    params = random_tree(key)
+    inner = ox.chain(ox.scale_by_adam(), ox.add_decayed_weights(0.1))
+    tx = ox.chain(ox.clip_by_global_norm(1.0), inner, ox.scale_by_learning_rate(0.1))
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(0.1)),
+                      optax.scale_by_learning_rate(0.1))
+    s1, s2 = tx.init(params), ref.init(params)
+    assert jax.tree.structure(s1) == jax.tree.structure(s2)
+    g = random_tree(jax.random.fold_in(key, 7))
+    u1, s1 = tx.update(g, s1, params)
+    u2, s2 = ref.update(g, s2, params)
+    assert_trees_close(u1, u2)
+    assert_trees_close(s1, s2)
+
+
+def test_ours_inside_optax_chain_and_masked(key):
+    params = random_tree(key)
+    mask = {k: (i % 2 == 0) for i, k in enumerate(params)}
+    ours = optax.chain(optax.masked(ox.scale_by_adam(), mask), ox.scale_by_learning_rate(0.1))
+    theirs = optax.chain(optax.masked(optax.scale_by_adam(), mask), optax.scale_by_learning_rate(0.1))
+    s1, s2 = ours.init(params), theirs.init(params)
+    for t in range(3):
+        g = random_tree(jax.random.fold_in(key, t))
+        u1, s1 = jax.jit(ours.update)(g, s1, params)
+        u2, s2 = jax.jit(theirs.update)(g, s2, params)
+    assert_trees_close(u1, u2)
+    assert_trees_close(s1, s2)
+
+
+def test_inject_hyperparams_traces_hyperparameters(key):
+    params = random_tree(key)
+    ours = optax.inject_hyperparams(ox.adamw)(learning_rate=1e-2, b1=0.9, weight_decay=0.1)
+    theirs = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, b1=0.9, weight_decay=0.1)
+    s1, s2 = ours.init(params), theirs.init(params)
+    for t in range(5):
+        g = random_tree(jax.random.fold_in(key, t))
+        # Change a hyperparameter between steps without recompiling.
+        s1.hyperparams["b1"] = s2.hyperparams["b1"] = jnp.asarray(0.9 - 0.1 * t)
+        u1, s1 = jax.jit(ours.update)(g, s1, params)
+        u2, s2 = jax.jit(theirs.update)(g, s2, params)
+        assert_trees_close(u1, u2, rtol=2e-6)
+
+
+def test_init_on_shape_dtype_structs_under_eval_shape():
+    shapes = {"a": jax.ShapeDtypeStruct((3, 5), jnp.bfloat16), "b": jax.ShapeDtypeStruct((), jnp.float32)}
+    state = jax.eval_shape(ox.adamw(1e-3, mu_dtype=jnp.float32).init, shapes)
+    mu, nu = optax.tree.get(state, "mu"), optax.tree.get(state, "nu")
+    assert mu["a"].shape == (3, 5) and mu["a"].dtype == jnp.float32
+    assert nu["a"].shape == (3, 5) and nu["a"].dtype == jnp.bfloat16
+    assert mu["b"].shape == ()
+
+
+def test_none_leaves_pass_through(key):
+    params = {"a": jnp.ones((3,)), "frozen": None, "b": jnp.ones((2, 2))}
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(0.1))
+    state = tx.init(params)
+    grads = {"a": jnp.full((3,), 2.0), "frozen": None, "b": jnp.full((2, 2), -1.0)}
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    assert updates["frozen"] is None
+    new_params, _ = tx.update_and_apply(grads, state, params)
+    assert new_params["frozen"] is None and new_params["a"].shape == (3,)
+
+
+def test_vmap_over_independent_problems(key):
+    batch = 4
+    params = jax.vmap(lambda k: random_tree(k))(jax.random.split(key, batch))
+    grads = jax.vmap(lambda k: random_tree(k))(jax.random.split(jax.random.fold_in(key, 1), batch))
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.lamb(1e-2, weight_decay=0.1))
+    states = jax.vmap(tx.init)(params)
+    u_batched, _ = jax.vmap(tx.update)(grads, states, params)
+    for i in range(batch):
+        p_i = jax.tree.map(lambda x: x[i], params)
+        g_i = jax.tree.map(lambda x: x[i], grads)
+        u_i, _ = tx.update(g_i, tx.init(p_i), p_i)
+        assert_trees_close(jax.tree.map(lambda x: x[i], u_batched), u_i, rtol=1e-6, atol=1e-8)
+
+
+def test_dtypes_preserved_moments_in_requested_dtype(key):
+    params = random_tree(key, dtype=jnp.bfloat16)
+    tx = ox.adamw(1e-2, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+    state = tx.init(params)
+    grads = random_tree(jax.random.fold_in(key, 1), dtype=jnp.bfloat16)
+    new_params, state = jax.jit(tx.update_and_apply)(grads, state, params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new_params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(optax.tree.get(state, "mu")))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(optax.tree.get(state, "nu")))
+    default = ox.adam(1e-2).init(params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(optax.tree.get(default, "mu")))
+
+
+def _adamw_f64(p, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.01):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    u = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * p
+    return p - lr * u, m, v
+
+
+def test_bf16_params_within_bf16_storage_error(key):
+    """bf16 params, f32 moments: compare with a float64 run of the same formula that rounds the
+    stored params to bf16 after every step; the only difference allowed is that rounding."""
+    params = random_tree(key, dtype=jnp.bfloat16)
+    tx = ox.adamw(1e-2, weight_decay=0.01, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+    state = tx.init(params)
+    step = jax.jit(tx.update_and_apply)
+    ref = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    ref_f64 = dict(ref)
+    m = {k: np.zeros_like(v) for k, v in ref.items()}
+    v_ = {k: np.zeros_like(v) for k, v in ref.items()}
+    m64, v64 = dict(m), dict(v_)
+    for t in range(1, 31):
+        grads = random_tree(jax.random.fold_in(key, t), dtype=jnp.bfloat16)
+        params, state = step(grads, state, params)
+        for k in ref:
+            g = np.asarray(grads[k], np.float64)
+            p, m[k], v_[k] = _adamw_f64(ref[k], g, m[k], v_[k], t, 1e-2)
+            ref[k] = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16), np.float64)
+            ref_f64[k], m64[k], v64[k] = _adamw_f64(ref_f64[k], g, m64[k], v64[k], t, 1e-2)
+    for k in ref:
+        ours = np.asarray(params[k], np.float64)
+        ulp = np.maximum(np.abs(ref[k]), 1e-3) * 2.0**-8
+        # Same rounding as the emulated bf16 storage, to within one bf16 ulp (f32 vs f64 math can
+        # land on the other side of a rounding boundary).
+        np.testing.assert_array_less(np.abs(ours - ref[k]), ulp + 1e-12)
+        # Against pure f64 arithmetic: bounded by the accumulated storage rounding, half an ulp of
+        # |p_t| per step, where |p_t| <= |p_final| + (steps left) * lr (Adam moves <= ~lr per step).
+        bound = 30 * 2.0**-9 * (np.abs(ref_f64[k]) + 30 * 1e-2 * 1.01)
+        np.testing.assert_array_less(np.abs(ours - ref_f64[k]), bound)
+
+
+def test_update_and_apply_for_optax_transformations(key):
+    params = random_tree(key)
+    g = random_tree(jax.random.fold_in(key, 1))
+    tx = optax.sgd(0.1)
+    new, _ = ox.update_and_apply(tx, g, tx.init(params), params)
+    assert_trees_close(new, jax.tree.map(lambda p, g: p - 0.1 * g, params, g))
+
+
+def test_extra_args_are_forwarded_to_optax_parts(key):
+    params = random_tree(key)
+    seen = {}
+
+    def update(updates, state, params=None, *, loss=None, **kw):
+        seen["loss"] = loss
+        return updates, state
+
+    probe = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    tx = ox.chain(ox.scale_by_adam(), probe, ox.scale_by_learning_rate(0.1))
+    tx.update(params, tx.init(params), params, loss=3.0)
+    assert seen["loss"] == 3.0
+
+
+def test_inputs_are_not_mutated(key):
+    params = random_tree(key)
+    grads = random_tree(jax.random.fold_in(key, 1))
+    copies = jax.tree.map(np.array, (params, grads))
+    tx = ox.adamw(0.1)
+    state = tx.init(params)
+    state_copy = jax.tree.map(np.array, state)
+    tx.update_and_apply(grads, state, params)
+    assert_trees_close((params, grads), copies, rtol=0)
+    assert_trees_close(state, state_copy, rtol=0)
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import optax_ext as ox
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    shard = {"w": NamedSharding(mesh, P("data", "model")), "b": NamedSharding(mesh, P("model"))}
+    params = {"w": jax.device_put(jnp.ones((16, 6)), shard["w"]), "b": jax.device_put(jnp.ones((6,)), shard["b"])}
+    grads = jax.tree.map(lambda p: p * 0.5, params)
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, weight_decay=0.1))
+    state = tx.init(params)  # eager init keeps each leaf's sharding (under jit, pass out_shardings)
+    for leaf, ref in [(state[1][0].mu["w"], shard["w"]), (state[1][0].nu["b"], shard["b"])]:
+        assert leaf.sharding.is_equivalent_to(ref, leaf.ndim), leaf.sharding
+    new_params, state = jax.jit(tx.update_and_apply)(grads, state, params)
+    assert new_params["w"].sharding.is_equivalent_to(shard["w"], 2), new_params["w"].sharding
+    assert state[1][0].mu["w"].sharding.is_equivalent_to(shard["w"], 2), state[1][0].mu["w"].sharding
+    ref_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+    u, _ = ref_tx.update(grads, ref_tx.init(params), params)
+    np.testing.assert_allclose(new_params["w"], optax.apply_updates(params, u)["w"], rtol=1e-6)
+    print("OK")
+""")
+
+
+def test_sharding_preserved_on_8_fake_devices():
+    out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
