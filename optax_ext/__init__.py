@@ -5,7 +5,7 @@ Every optimizer is a pure `optax.GradientTransformation`; adjacent per-element t
 CPU). Import as `import optax_ext as ox`.
 """
 
-from optax_ext import kernels
+from optax_ext import kernels, schedules
 from optax_ext.fusion import FusableTransformation, PerLeaf, Rule, chain, fusable, update_and_apply
 from optax_ext.optimizers import (
     adabelief,
@@ -20,6 +20,25 @@ from optax_ext.optimizers import (
     rmsprop,
     sgd,
     yogi,
+)
+from optax_ext.schedules import (
+    Schedule,
+    constant,
+    cosine_decay,
+    cosine_with_restarts,
+    cyclical,
+    cyclical_momentum,
+    exponential_decay,
+    inverse_sqrt,
+    join,
+    linear_warmup,
+    multistep_decay,
+    noam,
+    one_cycle,
+    one_cycle_momentum,
+    polynomial_decay,
+    step_decay,
+    warmup_cosine,
 )
 from optax_ext.transforms import (
     add_decayed_weights,
@@ -53,6 +72,10 @@ __all__ = [
     "ema", "scale", "scale_by_adam", "scale_by_amsgrad", "scale_by_belief", "scale_by_factored_rms",
     "scale_by_learning_rate", "scale_by_lion", "scale_by_momentum", "scale_by_param_block_rms", "scale_by_rms",
     "scale_by_trust_ratio", "scale_by_yogi",
+    # schedules (plotting: optax_ext.schedules.plot)
+    "Schedule", "constant", "cosine_decay", "cosine_with_restarts", "cyclical", "cyclical_momentum",
+    "exponential_decay", "inverse_sqrt", "join", "linear_warmup", "multistep_decay", "noam", "one_cycle",
+    "one_cycle_momentum", "polynomial_decay", "schedules", "step_decay", "warmup_cosine",
     # optimizers
     "adabelief", "adafactor", "adam", "adamw", "amsgrad", "lamb", "lars", "lion", "nadam", "rmsprop", "sgd", "yogi",
 ]
