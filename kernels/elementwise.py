@@ -27,11 +27,16 @@ def run_elementwise_reference(body: Body, inputs: Sequence[jax.Array], scalars: 
 
 
 def run_elementwise(body: Body, inputs: Sequence[jax.Array], scalars: jax.Array,
-                    out_dtypes: Sequence[jnp.dtype], *, backend: str | None = None) -> list[jax.Array]:
-    """Apply `body` elementwise to `inputs` (all of one shape) with the backend in force."""
+                    out_dtypes: Sequence[jnp.dtype], *, aliases: dict[int, int] | None = None,
+                    backend: str | None = None) -> list[jax.Array]:
+    """Apply `body` elementwise to `inputs` (all of one shape) with the backend in force.
+
+    `aliases` maps an input index to the output written into its buffer (Pallas backends; in place
+    when the caller donates the input under jit). XLA decides buffer reuse itself.
+    """
     name = backend or _backend.get_backend()
     if name == "xla":
         return run_elementwise_reference(body, inputs, scalars, out_dtypes)
     from optax_ext.kernels import fused_pass  # Pallas path; imported lazily.
 
-    return fused_pass.run_elementwise_pallas(body, inputs, scalars, out_dtypes, backend=name)
+    return fused_pass.run_elementwise_pallas(body, inputs, scalars, out_dtypes, backend=name, aliases=aliases)

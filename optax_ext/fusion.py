@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import elementwise as _elementwise
 
 Scalars = dict[str, Any]
@@ -251,6 +253,22 @@ def _flat_scalars(scalars: Scalars, treedef, num_leaves: int, rule_name: str):
     return names, per_leaf
 
 
+SMALL_LEAF = 1 << 16
+"""Leaves with fewer elements are batched into one kernel launch on the Pallas backends."""
+
+BATCH_ALIGN = 1024
+"""Each leaf's segment of a batch starts at a multiple of this (keeps TPU rows lane-dense)."""
+
+
+class _Job(NamedTuple):
+    """One leaf's share of a fused run: its arrays, output dtypes and scalar columns."""
+
+    inputs: list
+    out_dtypes: list
+    scalars: list  # f32 0-d arrays, in the order the composed body reads them
+    aliases: dict
+
+
 def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: bool):
     """Run the composition of `rules` once per leaf; return (updates or new params, new states)."""
     leaves, treedef = jax.tree.flatten(updates)
@@ -276,48 +294,138 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
         scal = rule.scalars(st, updates if rule.reads_updates else None, params)
         scalar_tables.append(_flat_scalars(scal, treedef, n, rule.name))
 
-    def body_for(num_slots):
-        def body(inputs, svec):
-            it = iter(inputs)
-            g = next(it)
-            p = next(it) if needs_params else None
-            si = 0
-            new_slots_all = []
-            for rule, k, (names, _) in zip(rules, num_slots, scalar_tables):
-                slots = tuple(next(it) for _ in range(k))
-                s = {name: svec[si + j] for j, name in enumerate(names)}
-                si += len(names)
-                g, new_slots = rule.element(g, p, slots, s)
-                new_slots_all.extend(new_slots)
-            first = p + g if write_params else g
-            return [first, *new_slots_all]
-        return body
+    body = _compose([r.element for r in rules], [len(r.slots) for r in rules],
+                    [names for names, _ in scalar_tables], needs_params, write_params)
 
-    num_slots = [len(r.slots) for r in rules]
-    body = body_for(num_slots)
-    out_leaves = []
-    new_slot_leaves = [[[] for _ in r.slots] for r in rules]
+    jobs = []
     for i, g in enumerate(leaves):
-        inputs = [g]
+        inputs, out_dtypes = [g], [p_leaves[i].dtype if write_params else g.dtype]
+        aliases = {}
         if needs_params:
             inputs.append(p_leaves[i])
-        out_dtypes = [p_leaves[i].dtype if write_params else g.dtype]
+            if write_params:
+                aliases[1] = 0  # new params overwrite the params' buffer
         for per_slot in slot_leaves:
             for slot in per_slot:
+                aliases[len(inputs)] = len(out_dtypes)  # new slot overwrites the old slot
                 inputs.append(slot[i])
                 out_dtypes.append(slot[i].dtype)
-        svec_parts = [col[i] for (_, table) in scalar_tables for col in table]
-        svec = jnp.stack(svec_parts) if svec_parts else jnp.zeros((0,), jnp.float32)
-        outs = _elementwise.run_elementwise(body, inputs, svec, out_dtypes)
-        out_leaves.append(outs[0])
-        j = 1
-        for r_i, per_slot in enumerate(slot_leaves):
-            for s_i in range(len(per_slot)):
-                new_slot_leaves[r_i][s_i].append(outs[j])
-                j += 1
+        jobs.append(_Job(inputs, out_dtypes, [col[i] for (_, table) in scalar_tables for col in table], aliases))
 
-    new_states = []
-    for rule, st, per_slot in zip(rules, states, new_slot_leaves):
-        trees = tuple(treedef.unflatten(ls) for ls in per_slot)
-        new_states.append(rule.next_state(st, trees))
+    outs = _run_jobs(body, jobs)
+
+    out_leaves = [o[0] for o in outs]
+    new_states, j = [], 1
+    for rule, st, per_slot in zip(rules, states, slot_leaves):
+        trees = []
+        for _ in per_slot:
+            trees.append(treedef.unflatten([o[j] for o in outs]))
+            j += 1
+        new_states.append(rule.next_state(st, tuple(trees)))
     return treedef.unflatten(out_leaves), new_states
+
+
+def _compose(elements, num_slots, scalar_names, needs_params, write_params):
+    """The composed per-element rule: `body(inputs, svec) -> [u or new p, *new slots]`.
+
+    inputs = [g, (p), slots of rule 1, slots of rule 2, ...]; svec[j] = scalar j, rules' scalars
+    concatenated in rule order (each rule's in sorted-name order).
+    """
+
+    def body(inputs, svec):
+        it = iter(inputs)
+        g = next(it)
+        p = next(it) if needs_params else None
+        new_slots_all, si = [], 0
+        for element, k_slots, names in zip(elements, num_slots, scalar_names):
+            slots = tuple(next(it) for _ in range(k_slots))
+            s = {name: svec[si + j] for j, name in enumerate(names)}
+            si += len(names)
+            g, new_slots = element(g, p, slots, s)
+            new_slots_all.extend(new_slots)
+        return [p + g if write_params else g, *new_slots_all]
+
+    return body
+
+
+def _run_jobs(body, jobs: list[_Job]) -> list[list[jax.Array]]:
+    """Execute every leaf's job: one call each on XLA; small leaves batched on Pallas backends."""
+    if not _backend.is_pallas():
+        return [_elementwise.run_elementwise(body, j.inputs, _stack(j.scalars), j.out_dtypes) for j in jobs]
+    results: list = [None] * len(jobs)
+    groups: dict = {}
+    for i, job in enumerate(jobs):
+        if job.inputs[0].size >= SMALL_LEAF:
+            results[i] = _elementwise.run_elementwise(body, job.inputs, _stack(job.scalars), job.out_dtypes,
+                                                      aliases=_safe_aliases(job))
+        else:
+            signature = (tuple(x.dtype for x in job.inputs), tuple(job.out_dtypes))
+            groups.setdefault(signature, []).append(i)
+    for members in groups.values():
+        for i, outs in zip(members, _run_batched(body, [jobs[i] for i in members])):
+            results[i] = outs
+    return results
+
+
+def _run_batched(body, jobs: list[_Job]) -> list[list[jax.Array]]:
+    """One launch for many small leaves: concatenate each input, run, slice the outputs back.
+
+    Scalars that are the same for every leaf stay scalars; those that differ per leaf (a trust
+    ratio, a masked weight decay) become per-element columns, read like any other input.
+    """
+    sizes = [job.inputs[0].size for job in jobs]
+    padded = [-(-max(s, 1) // BATCH_ALIGN) * BATCH_ALIGN for s in sizes]
+    offsets = np.cumsum([0] + padded)
+
+    def concat(arrays):
+        parts = []
+        for a, s, pad in zip(arrays, sizes, padded):
+            parts.append(jnp.ravel(a))
+            if pad > s:
+                parts.append(jnp.zeros((pad - s,), a.dtype))
+        return jnp.concatenate(parts)
+
+    num_inputs = len(jobs[0].inputs)
+    flat_inputs = [concat([job.inputs[k] for job in jobs]) for k in range(num_inputs)]
+    num_scalars = len(jobs[0].scalars)
+    table = jnp.stack([_stack(job.scalars) for job in jobs]) if num_scalars else None  # (leaves, k)
+    shared, varying = [], []
+    for j in range(num_scalars):
+        column = [job.scalars[j] for job in jobs]
+        (shared if all(c is column[0] for c in column) else varying).append(j)
+    columns = [jnp.repeat(table[:, j], np.asarray(padded), total_repeat_length=int(offsets[-1])) for j in varying]
+    shared_vec = table[0, np.asarray(shared, np.int32)] if shared else jnp.zeros((0,), jnp.float32)
+    position = {j: ("shared", k) for k, j in enumerate(shared)} | {j: ("column", k) for k, j in enumerate(varying)}
+
+    def batched_body(inputs, svec):
+        values, cols = inputs[:num_inputs], inputs[num_inputs:]
+        return body(values, _MixedScalars(position, svec, cols))
+
+    aliases = {k: v for k, v in _safe_aliases(jobs[0]).items()}
+    outs = _elementwise.run_elementwise(batched_body, flat_inputs + columns, shared_vec, jobs[0].out_dtypes,
+                                        aliases=aliases)
+    results = []
+    for job, start, size in zip(jobs, offsets[:-1], sizes):
+        shape = job.inputs[0].shape
+        results.append([o[int(start):int(start) + size].reshape(shape) for o in outs])
+    return results
+
+
+class _MixedScalars:
+    """`svec[j]` for a batched body: a shared scalar, or a per-element column of the batch."""
+
+    def __init__(self, position, svec, columns):
+        self._position, self._svec, self._columns = position, svec, columns
+
+    def __getitem__(self, j):
+        kind, k = self._position[j]
+        return self._svec[k] if kind == "shared" else self._columns[k]
+
+
+def _safe_aliases(job: _Job) -> dict:
+    """Aliases whose input and output agree in dtype (a bf16 slot written as f32 cannot alias)."""
+    return {i: o for i, o in job.aliases.items() if job.inputs[i].dtype == job.out_dtypes[o]}
+
+
+def _stack(scalars):
+    return jnp.stack(scalars) if scalars else jnp.zeros((0,), jnp.float32)
