@@ -22,7 +22,6 @@ from optax_ext.optimizers import (
     yogi,
 )
 from optax_ext.schedules import (
-    Schedule,
     constant,
     cosine_decay,
     cosine_with_restarts,
@@ -73,7 +72,7 @@ __all__ = [
     "scale_by_learning_rate", "scale_by_lion", "scale_by_momentum", "scale_by_param_block_rms", "scale_by_rms",
     "scale_by_trust_ratio", "scale_by_yogi",
     # schedules (plotting: optax_ext.schedules.plot)
-    "Schedule", "constant", "cosine_decay", "cosine_with_restarts", "cyclical", "cyclical_momentum",
+    "constant", "cosine_decay", "cosine_with_restarts", "cyclical", "cyclical_momentum",
     "exponential_decay", "inverse_sqrt", "join", "linear_warmup", "multistep_decay", "noam", "one_cycle",
     "one_cycle_momentum", "polynomial_decay", "schedules", "step_decay", "warmup_cosine",
     # optimizers

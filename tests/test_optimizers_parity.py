@@ -30,6 +30,7 @@ PAIRS = {
     "yogi": lambda m: m.yogi(1e-2),
     "lion": lambda m: m.lion(1e-3, weight_decay=0.01),
     "amsgrad": lambda m: m.amsgrad(1e-2),
+    "amsgrad_paper": lambda m: m.amsgrad(1e-2, bias_correction_mu=False, bias_correction_nu=False),
     "lars": lambda m: m.lars(0.5, weight_decay=1e-3, trust_coefficient=0.01),
     "lamb": lambda m: m.lamb(1e-2, weight_decay=0.01),
     "adafactor": lambda m: m.adafactor(1e-2, min_dim_size_to_factor=4),

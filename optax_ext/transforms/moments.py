@@ -207,12 +207,13 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, ne
                       b1, b2, eps, eps_root, nesterov)
 
 
-def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-                     nu_dtype=None) -> optax.GradientTransformation:
+def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, bias_correction_mu: bool = True,
+                     bias_correction_nu: bool = True, *, nu_dtype=None) -> optax.GradientTransformation:
     r"""AMSGrad: Adam with a non-decreasing second moment, :math:`\hat v^{max}_t = \max(\hat v^{max}_{t-1}, \hat v_t)`,
 
-    :math:`u = \hat m_t / (\sqrt{\hat v^{max}_t + \epsilon_{root}} + \epsilon)` (bias-corrected moments,
-    as `optax.scale_by_amsgrad`'s defaults). State: `optax.ScaleByAmsgradState(count, mu, nu, nu_max)`.
+    :math:`u = \hat m_t / (\sqrt{\hat v^{max}_t + \epsilon_{root}} + \epsilon)`. The bias corrections can be
+    turned off (`bias_correction_mu/nu=False`) to match the original paper, as in Optax.
+    State: `optax.ScaleByAmsgradState(count, mu, nu, nu_max)`.
 
     References:
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
@@ -222,8 +223,9 @@ def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
         m, v, v_max = slots
         m = s["1-b1"] * g + s["b1"] * m
         v = s["1-b2"] * (g * g) + s["b2"] * v
-        v_max = jnp.maximum(v_max, v / s["bc2"])
-        return (m / s["bc1"]) / (jnp.sqrt(v_max + s["eps_root"]) + s["eps"]), (m, v, v_max)
+        v_max = jnp.maximum(v_max, v / s["bc2"] if bias_correction_nu else v)
+        m_hat = m / s["bc1"] if bias_correction_mu else m
+        return m_hat / (jnp.sqrt(v_max + s["eps_root"]) + s["eps"]), (m, v, v_max)
 
     init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype),
                   "nu_max": lambda p: zeros_like_params(p, nu_dtype)}
