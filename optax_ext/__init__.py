@@ -5,8 +5,9 @@ Every optimizer is a pure `optax.GradientTransformation`; adjacent per-element t
 CPU). Import as `import optax_ext as ox`.
 """
 
-from optax_ext import kernels, schedules
+from optax_ext import kernels, losses, regularizers, schedules, transfer
 from optax_ext.fusion import FusableTransformation, PerLeaf, Rule, chain, fusable, update_and_apply
+from optax_ext.losses import jensen_shannon_consistency, nt_xent, softmax_cross_entropy
 from optax_ext.optimizers import (
     adabelief,
     adafactor,
@@ -20,6 +21,19 @@ from optax_ext.optimizers import (
     rmsprop,
     sgd,
     yogi,
+)
+from optax_ext.regularizers import (
+    EWCState,
+    L2SPState,
+    add_l1,
+    ewc,
+    ewc_penalty,
+    fisher_diagonal,
+    l1_penalty,
+    l1_shrinkage,
+    l2_penalty,
+    l2_sp,
+    l2_sp_penalty,
 )
 from optax_ext.schedules import (
     constant,
@@ -38,6 +52,16 @@ from optax_ext.schedules import (
     polynomial_decay,
     step_decay,
     warmup_cosine,
+)
+from optax_ext.transfer import (
+    fine_tune,
+    freeze,
+    label_fn,
+    label_params,
+    layerwise_lr_decay,
+    layerwise_multipliers,
+    load_pretrained,
+    partition_by_path,
 )
 from optax_ext.transforms import (
     add_decayed_weights,
@@ -75,6 +99,14 @@ __all__ = [
     "constant", "cosine_decay", "cosine_with_restarts", "cyclical", "cyclical_momentum",
     "exponential_decay", "inverse_sqrt", "join", "linear_warmup", "multistep_decay", "noam", "one_cycle",
     "one_cycle_momentum", "polynomial_decay", "schedules", "step_decay", "warmup_cosine",
+    # regularizers
+    "EWCState", "L2SPState", "add_l1", "ewc", "ewc_penalty", "fisher_diagonal", "l1_penalty", "l1_shrinkage",
+    "l2_penalty", "l2_sp", "l2_sp_penalty", "regularizers",
+    # transfer learning
+    "fine_tune", "freeze", "label_fn", "label_params", "layerwise_lr_decay", "layerwise_multipliers",
+    "load_pretrained", "partition_by_path", "transfer",
+    # losses
+    "jensen_shannon_consistency", "losses", "nt_xent", "softmax_cross_entropy",
     # optimizers
     "adabelief", "adafactor", "adam", "adamw", "amsgrad", "lamb", "lars", "lion", "nadam", "rmsprop", "sgd", "yogi",
 ]

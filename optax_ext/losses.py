@@ -1,0 +1,133 @@
+r"""Losses for supervised, self-supervised and consistency training.
+
+- :func:`softmax_cross_entropy`: integer or soft (mixed, e.g. Mixup/CutMix) labels, with label
+  smoothing.
+- :func:`nt_xent`: SimCLR's contrastive loss, eq. (18), averaged over the 2N views.
+- :func:`jensen_shannon_consistency`: AugMix's consistency between a clean and two augmented views.
+
+All compute in f32 whatever the input dtype and work under `jax.jit` and `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from optax_ext import _validate as check
+
+__all__ = ["jensen_shannon_consistency", "nt_xent", "softmax_cross_entropy"]
+
+
+def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0, num_classes: int | None = None) -> jax.Array:
+    r"""Cross-entropy :math:`-\sum_k \tilde y_k \log\mathrm{softmax}(z)_k` per example.
+
+    `labels` are integers (shape `logits.shape[:-1]`, made one-hot) or soft labels (floats, shape
+    `logits.shape`, each row a distribution, e.g. Mixup's :math:`\lambda y_i + (1-\lambda) y_j`).
+    Label smoothing mixes them with the uniform distribution over the :math:`K` classes,
+    :math:`\tilde y = (1-\alpha)\,y + \alpha/K` (as `optax.smooth_labels`). `num_classes`, when
+    given, must equal `logits.shape[-1]` (a check). Integer labels outside :math:`[0, K)` give an
+    all-zero one-hot row (only the smoothing term remains); they are not checked under `jit`.
+    Returns shape `logits.shape[:-1]`, f32.
+
+    References:
+      Szegedy et al., *Rethinking the Inception Architecture for Computer Vision* (label smoothing),
+      CVPR 2016; Zhang et al., *mixup: Beyond Empirical Risk Minimization*, ICLR 2018.
+    """
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    if logits.ndim < 1:
+        raise ValueError(f"softmax_cross_entropy: logits must have a class axis (last), got shape {logits.shape}.")
+    k = logits.shape[-1]
+    if num_classes is not None and num_classes != k:
+        raise ValueError(f"softmax_cross_entropy: num_classes={num_classes!r} but logits have {k} classes "
+                         f"(shape {logits.shape}).")
+    check.unit_interval("softmax_cross_entropy", "label_smoothing", label_smoothing, closed=True)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(f"softmax_cross_entropy: integer labels must have shape logits.shape[:-1] = "
+                             f"{logits.shape[:-1]}, got {labels.shape}.")
+        targets = jax.nn.one_hot(labels, k, dtype=jnp.float32)
+    elif jnp.issubdtype(labels.dtype, jnp.floating):
+        if labels.shape != logits.shape:
+            raise ValueError(f"softmax_cross_entropy: soft labels must have the logits' shape {logits.shape}, "
+                             f"got {labels.shape}.")
+        targets = labels.astype(jnp.float32)
+    else:
+        raise TypeError(f"softmax_cross_entropy: labels must be integers or floats, got dtype {labels.dtype}.")
+    targets = (1.0 - label_smoothing) * targets + label_smoothing / k
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(targets * log_p, axis=-1)
+
+
+def nt_xent(z1, z2, temperature=0.5) -> jax.Array:
+    r"""SimCLR's NT-Xent loss: the mean over the :math:`2N` views of eq. (18)'s term.
+
+    With :math:`z = [z_1; z_2]` (:math:`2N` rows), :math:`s_{ij} = \cos(z_i, z_j)/\tau` and
+    :math:`j(i)` the other view of example :math:`i` (:math:`i \pm N`),
+
+    .. math:: \mathcal L = \frac{1}{2N}\sum_{i=1}^{2N} -\log
+       \frac{\exp(s_{i\,j(i)})}{\sum_{k \ne i} \exp(s_{ik})}.
+
+    Eq. (18) is the sum over :math:`i` (:math:`2N` times this value) with dot products of
+    normalized :math:`z`. Cosine similarity normalizes each row by
+    :math:`\sqrt{\max(\|z\|^2, \epsilon)}`, :math:`\epsilon` the dtype's machine epsilon (as Optax).
+
+    Relation to Optax: ``optax.losses.ntxent(jnp.concatenate([z1, z2]), labels, temperature)`` with
+    ``labels = jnp.concatenate([jnp.arange(N), jnp.arange(N)])`` averages the same per-view terms
+    over its positive pairs, of which there are exactly :math:`2N` here (each view has one
+    positive, and Optax's denominator, the negatives plus that positive, is :math:`\sum_{k\ne i}`):
+    the two are **equal** for equal temperatures (factor 1; tested). Only the default temperature
+    differs: 0.5 here (SimCLR's CIFAR-10 setting), 0.07 in Optax.
+
+    Args:
+      z1, z2: embeddings of the two views, shape (N, d), row i of both from the same example.
+      temperature: :math:`\tau > 0`.
+
+    Returns:
+      A f32 scalar.
+
+    References:
+      Chen et al., *A Simple Framework for Contrastive Learning of Visual Representations*, ICML 2020.
+    """
+    z1, z2 = jnp.asarray(z1), jnp.asarray(z2)
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"nt_xent: z1 and z2 must both have shape (N, d); got {z1.shape} and {z2.shape}.")
+    if z1.shape[0] < 1:
+        raise ValueError(f"nt_xent: need at least one example, got z1 of shape {z1.shape}.")
+    check.positive("nt_xent", "temperature", temperature)
+    eps = float(jnp.finfo(z1.dtype if jnp.issubdtype(z1.dtype, jnp.floating) else jnp.float32).eps)
+    n = z1.shape[0]
+    z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
+    z = z / jnp.sqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), eps))
+    sim = (z @ z.T) / temperature
+    sim = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, sim)  # no self-similarity in the denominator
+    positive = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+    pos = jnp.take_along_axis(sim, positive[:, None], axis=1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(sim, axis=1) - pos)
+
+
+def jensen_shannon_consistency(logits_clean, logits_aug1, logits_aug2) -> jax.Array:
+    r"""AugMix's Jensen-Shannon consistency between three views, per example:
+
+    .. math:: \mathrm{JS}(p_c, p_1, p_2) = \tfrac13\big(\mathrm{KL}(p_c\|M) + \mathrm{KL}(p_1\|M)
+       + \mathrm{KL}(p_2\|M)\big),\quad M = \tfrac13(p_c + p_1 + p_2),
+
+    :math:`p = \mathrm{softmax}(\text{logits})`, and :math:`M` clipped to :math:`[10^{-7}, 1]` before
+    the log, as the reference implementation. Returns shape `logits.shape[:-1]`, f32: its mean over
+    the batch is AugMix's ``batchmean`` value, which the paper weights by :math:`\lambda = 12`.
+
+    References:
+      Hendrycks et al., *AugMix: A Simple Data Processing Method to Improve Robustness and
+      Uncertainty*, ICLR 2020.
+    """
+    logits = [jnp.asarray(x) for x in (logits_clean, logits_aug1, logits_aug2)]
+    shapes = [x.shape for x in logits]
+    if len(set(shapes)) != 1 or logits[0].ndim < 1:
+        raise ValueError("jensen_shannon_consistency: logits_clean, logits_aug1 and logits_aug2 must have the same "
+                         f"shape (..., num_classes); got {shapes[0]}, {shapes[1]} and {shapes[2]}.")
+    log_ps = [jax.nn.log_softmax(x.astype(jnp.float32), axis=-1) for x in logits]
+    ps = [jnp.exp(lp) for lp in log_ps]
+    log_m = jnp.log(jnp.clip((ps[0] + ps[1] + ps[2]) / 3.0, 1e-7, 1.0))
+    # KL(p || M) = sum p (log p - log M); log p from log_softmax is finite, so p = 0 contributes 0.
+    kls = [jnp.sum(p * (lp - log_m), axis=-1) for p, lp in zip(ps, log_ps)]
+    return (kls[0] + kls[1] + kls[2]) / 3.0
