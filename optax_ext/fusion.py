@@ -52,6 +52,8 @@ class Rule:
       reads_updates: the scalars reduce over the incoming updates (a global or per-leaf norm), so
         the rule must begin a fused run: the updates it sees must exist in memory.
       needs_params: `element` or `scalars` reads the parameters.
+      readonly_slots: the slots are constants (anchors, a Fisher diagonal): the fused pass reads
+        them but never writes them back; `element`'s returned slots are ignored.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Rule:
     next_state: Callable[[Any, tuple], Any]
     reads_updates: bool = False
     needs_params: bool = False
+    readonly_slots: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,8 +297,7 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
         scal = rule.scalars(st, updates if rule.reads_updates else None, params)
         scalar_tables.append(_flat_scalars(scal, treedef, n, rule.name))
 
-    body = _compose([r.element for r in rules], [len(r.slots) for r in rules],
-                    [names for names, _ in scalar_tables], needs_params, write_params)
+    body = _compose(rules, [names for names, _ in scalar_tables], needs_params, write_params)
 
     jobs = []
     for i, g in enumerate(leaves):
@@ -305,31 +307,33 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
             inputs.append(p_leaves[i])
             if write_params:
                 aliases[1] = 0  # new params overwrite the params' buffer
-        for per_slot in slot_leaves:
+        for rule, per_slot in zip(rules, slot_leaves):
             for slot in per_slot:
-                aliases[len(inputs)] = len(out_dtypes)  # new slot overwrites the old slot
+                if not rule.readonly_slots:
+                    aliases[len(inputs)] = len(out_dtypes)  # new slot overwrites the old slot
+                    out_dtypes.append(slot[i].dtype)
                 inputs.append(slot[i])
-                out_dtypes.append(slot[i].dtype)
         jobs.append(_Job(inputs, out_dtypes, [col[i] for (_, table) in scalar_tables for col in table], aliases))
 
     outs = _run_jobs(body, jobs)
 
     out_leaves = [o[0] for o in outs]
     new_states, j = [], 1
-    for rule, st, per_slot in zip(rules, states, slot_leaves):
-        trees = []
-        for _ in per_slot:
-            trees.append(treedef.unflatten([o[j] for o in outs]))
-            j += 1
+    for rule, st in zip(rules, states):
+        if rule.readonly_slots:
+            trees = [getattr(st, field) for field in rule.slots]
+        else:
+            trees = [treedef.unflatten([o[j + k] for o in outs]) for k in range(len(rule.slots))]
+            j += len(rule.slots)
         new_states.append(rule.next_state(st, tuple(trees)))
     return treedef.unflatten(out_leaves), new_states
 
 
-def _compose(elements, num_slots, scalar_names, needs_params, write_params):
+def _compose(rules, scalar_names, needs_params, write_params):
     """The composed per-element rule: `body(inputs, svec) -> [u or new p, *new slots]`.
 
     inputs = [g, (p), slots of rule 1, slots of rule 2, ...]; svec[j] = scalar j, rules' scalars
-    concatenated in rule order (each rule's in sorted-name order).
+    concatenated in rule order (each rule's in sorted-name order). Read-only slots are inputs only.
     """
 
     def body(inputs, svec):
@@ -337,12 +341,13 @@ def _compose(elements, num_slots, scalar_names, needs_params, write_params):
         g = next(it)
         p = next(it) if needs_params else None
         new_slots_all, si = [], 0
-        for element, k_slots, names in zip(elements, num_slots, scalar_names):
-            slots = tuple(next(it) for _ in range(k_slots))
+        for rule, names in zip(rules, scalar_names):
+            slots = tuple(next(it) for _ in range(len(rule.slots)))
             s = {name: svec[si + j] for j, name in enumerate(names)}
             si += len(names)
-            g, new_slots = element(g, p, slots, s)
-            new_slots_all.extend(new_slots)
+            g, new_slots = rule.element(g, p, slots, s)
+            if not rule.readonly_slots:
+                new_slots_all.extend(new_slots)
         return [p + g if write_params else g, *new_slots_all]
 
     return body

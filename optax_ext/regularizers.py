@@ -200,7 +200,7 @@ def l2_sp(strength, anchor_params, mask=None) -> optax.GradientTransformation:
 
     # next_state keeps the old anchor: it is read-only (and under jit XLA drops the unused copy).
     rule = Rule("l2_sp", L2SPState, ("anchor",), lambda st, u, p: _strength_scalars(strength, mask, p), element,
-                lambda st, sl: st, needs_params=True)
+                lambda st, sl: st, needs_params=True, readonly_slots=True)
     return fusable(init, rule)
 
 
@@ -228,7 +228,7 @@ def ewc(fisher, anchor_params, strength, mask=None) -> optax.GradientTransformat
         return g + s["lam"] * f * (p - a), (f, a)
 
     rule = Rule("ewc", EWCState, ("fisher", "anchor"), lambda st, u, p: _strength_scalars(strength, mask, p),
-                element, lambda st, sl: st, needs_params=True)
+                element, lambda st, sl: st, needs_params=True, readonly_slots=True)
     return fusable(init, rule)
 
 

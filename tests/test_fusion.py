@@ -283,3 +283,22 @@ def test_pallas_path_batches_small_leaves_with_per_leaf_scalars(make, monkeypatc
         got, _ = jax.jit(tx.update_and_apply)(grads, tx.init(params), params)
     assert len(calls) in (2, 4)  # (1000,) alone + one batch; lamb: two fused runs of that
     assert_trees_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_readonly_slots_are_read_not_written(monkeypatch, key):
+    params = random_tree(key)
+    anchor = jax.tree.map(lambda p: p + 1.0, params)
+    outputs = []
+    real = elementwise.run_elementwise
+
+    def recording(body, inputs, scalars, out_dtypes, **kw):
+        outputs.append((len(inputs), len(out_dtypes)))
+        return real(body, inputs, scalars, out_dtypes, **kw)
+
+    monkeypatch.setattr(elementwise, "run_elementwise", recording)
+    tx = ox.chain(ox.l2_sp(0.1, anchor), ox.scale_by_adam(), ox.scale_by_learning_rate(0.1))
+    state = tx.init(params)
+    _, new_state = tx.update(params, state, params)
+    # Inputs g, p, anchor, mu, nu; outputs u, mu, nu: the anchor is never written back.
+    assert set(outputs) == {(5, 3)}
+    assert new_state[0].anchor is state[0].anchor
