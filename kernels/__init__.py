@@ -4,5 +4,22 @@ Backend selection lives in `optax_ext.kernels.backend`; see `use_backend` and `O
 """
 
 from optax_ext.kernels.backend import BACKENDS, get_backend, platform_backend, use_backend
+from optax_ext.kernels.batch_norm import batch_norm, batch_norm_reference, batch_norm_stats, batch_norm_stats_reference
+from optax_ext.kernels.layer_norm import (
+    layer_norm,
+    layer_norm_bwd,
+    layer_norm_fwd,
+    layer_norm_reference,
+    rms_norm,
+    rms_norm_bwd,
+    rms_norm_fwd,
+    rms_norm_reference,
+)
+from optax_ext.kernels.reductions import global_sq_norm, leaf_sq_norms
 
-__all__ = ["BACKENDS", "get_backend", "platform_backend", "use_backend"]
+__all__ = [
+    "BACKENDS", "batch_norm", "batch_norm_reference", "batch_norm_stats", "batch_norm_stats_reference",
+    "get_backend", "global_sq_norm", "layer_norm", "layer_norm_bwd", "layer_norm_fwd", "layer_norm_reference",
+    "leaf_sq_norms", "platform_backend", "rms_norm", "rms_norm_bwd", "rms_norm_fwd", "rms_norm_reference",
+    "use_backend",
+]

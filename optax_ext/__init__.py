@@ -5,7 +5,7 @@ Every optimizer is a pure `optax.GradientTransformation`; adjacent per-element t
 CPU). Import as `import optax_ext as ox`.
 """
 
-from optax_ext import kernels, losses, regularizers, schedules, transfer
+from optax_ext import augment, kernels, losses, nn, regularizers, schedules, transfer
 from optax_ext.fusion import FusableTransformation, PerLeaf, Rule, chain, fusable, update_and_apply
 from optax_ext.losses import jensen_shannon_consistency, nt_xent, softmax_cross_entropy
 from optax_ext.optimizers import (
@@ -90,6 +90,8 @@ __version__ = "0.1.0"
 __all__ = [
     # core
     "FusableTransformation", "PerLeaf", "Rule", "chain", "fusable", "kernels", "update_and_apply",
+    # subpackages: image augmentation and Flax NNX normalization layers
+    "augment", "nn",
     # transformations
     "add_decayed_weights", "add_l2", "clip", "clip_by_block_rms", "clip_by_global_norm", "decoupled_weight_decay",
     "ema", "scale", "scale_by_adam", "scale_by_amsgrad", "scale_by_belief", "scale_by_factored_rms",

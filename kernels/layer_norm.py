@@ -1,0 +1,561 @@
+"""LayerNorm and RMSNorm over the last axis: Pallas kernels, jnp references, custom VJPs.
+
+LayerNorm (Ba et al., 2016, https://arxiv.org/abs/1607.06450), per row x of length N:
+
+    mean = sum(x) / N,   var = sum((x - mean)^2) / N,   rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd,   y = xhat * scale + bias
+
+RMSNorm (Zhang & Sennrich, 2019, https://arxiv.org/abs/1910.07467) drops the centring:
+
+    rstd = 1 / sqrt(sum(x^2) / N + eps),   xhat = x * rstd,   y = xhat * scale
+
+Backward, with g = dy * scale (c2 = 0 for RMSNorm):
+
+    c1 = sum(g * xhat) / N,   c2 = sum(g) / N
+    dx = rstd * (g - xhat * c1 - c2),   dscale = sum_rows(dy * xhat),   dbias = sum_rows(dy)
+
+The variance is two-pass inside a row block (mean first, then the centred sum of squares), in
+f32 whatever the input dtype: inputs with mean 1e3 and std 1e-2 normalise to unit std, which the
+one-pass E[x^2] - E[x]^2 cannot do in f32. All statistics and sums are accumulated in f32.
+
+Tiling. The input is viewed as (M, N) rows; one grid step normalises a block of rows.
+- "triton" layout: Triton needs power-of-two block shapes, so the feature block is N rounded up
+  to a power of two and every load/store is masked (`plgpu.load/store(mask=...)`); padded lanes
+  read as 0 and are never written.
+- "mosaic" layout: TPU blocks must have their last two dims divisible by (8, 128) or equal to the
+  array's, so the feature block is the whole row (N) and the row block a multiple of 32; ragged
+  last row blocks are handled by Pallas and masked out of every reduction.
+`interpret` runs the triton layout in the Pallas interpreter (so the masking is exercised on CPU);
+`xla` runs the same math in jnp and lets XLA fuse it; so do arrays explicitly sharded over a mesh
+under jit (`use_pallas`), since a `pallas_call` needs per-device data (use `shard_map` there).
+
+The dscale/dbias reductions over rows are written per row block as f32 partials of shape
+(num_row_blocks, 1, N) and summed by XLA: one pass over x and dy for dx, dscale and dbias together.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from optax_ext.kernels.backend import compiler_params, get_backend
+
+__all__ = [
+    "layer_norm",
+    "layer_norm_fwd",
+    "layer_norm_bwd",
+    "layer_norm_reference",
+    "rms_norm",
+    "rms_norm_fwd",
+    "rms_norm_bwd",
+    "rms_norm_reference",
+]
+
+_F32 = jnp.float32
+
+# Which layout the Pallas interpreter runs; tests switch it to "mosaic" to check that path too.
+_INTERPRET_LAYOUT = "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# Row-block tiling shared by the normalization kernels (also used by batch_norm.py).
+# --------------------------------------------------------------------------------------------
+
+
+class Tiling(NamedTuple):
+    """How an (M, N) array is cut into (block_rows, block_cols) blocks over a 1-D grid of rows."""
+
+    layout: str  # "triton" (power-of-two blocks, masked access) or "mosaic" (whole rows)
+    m: int
+    n: int
+    block_rows: int
+    block_cols: int
+
+    @property
+    def grid(self) -> int:
+        return pl.cdiv(self.m, self.block_rows)
+
+    @property
+    def ragged_rows(self) -> bool:
+        return self.m % self.block_rows != 0
+
+    @property
+    def ragged_cols(self) -> bool:
+        return self.block_cols != self.n
+
+
+def layout_for(backend: str) -> str:
+    """The block layout a Pallas backend runs ("interpret" follows `_INTERPRET_LAYOUT`)."""
+    if backend == "triton":
+        return "triton"
+    if backend == "mosaic":
+        return "mosaic"
+    return _INTERPRET_LAYOUT
+
+
+def make_tiling(m: int, n: int, layout: str, *, block_elems: int) -> Tiling:
+    """Row-block tiling with about `block_elems` elements per block."""
+    if layout == "triton":
+        bc = pl.next_power_of_2(n)
+        br = max(1, min(pl.next_power_of_2(m), max(1, block_elems // bc)))
+        br = 1 << (br.bit_length() - 1)  # round down to a power of two
+        return Tiling(layout, m, n, br, bc)
+    # Mosaic: whole rows; rows in multiples of 32 (sublane tiling of f32/bf16/int8) or all rows.
+    br = max(32, (block_elems // max(n, 1)) // 32 * 32)
+    if br >= m:
+        br = m
+    return Tiling(layout, m, n, br, n)
+
+
+def row_mask(t: Tiling, cols: int) -> jax.Array:
+    """(block_rows, cols) bool: True on rows inside the array."""
+    rows = pl.program_id(0) * t.block_rows + lax.broadcasted_iota(jnp.int32, (t.block_rows, cols), 0)
+    return rows < t.m
+
+
+def col_mask(t: Tiling, rows: int) -> jax.Array:
+    """(rows, block_cols) bool: True on columns inside the array."""
+    return lax.broadcasted_iota(jnp.int32, (rows, t.block_cols), 1) < t.n
+
+
+def block_mask(t: Tiling, rows: int | None = None, cols: int | None = None) -> jax.Array | None:
+    """The validity mask of a (rows or block_rows, cols or block_cols) block, None if all valid.
+
+    `rows=1` means a row-broadcast operand (scale, bias: no row mask); `cols=1` a per-row
+    operand (mean, rstd: no column mask).
+    """
+    r = t.block_rows if rows is None else rows
+    c = t.block_cols if cols is None else cols
+    mask = None
+    if rows is None and t.ragged_rows:
+        mask = row_mask(t, c)
+    if cols is None and t.ragged_cols:
+        cm = col_mask(t, r)
+        mask = cm if mask is None else mask & cm
+    return mask
+
+
+def load_f32(ref, t: Tiling, mask: jax.Array | None) -> jax.Array:
+    """Load a block as f32 with every element outside the array replaced by 0."""
+    if mask is None:
+        return ref[...].astype(_F32)
+    if t.layout == "triton":
+        # Masked pointer load: out-of-bounds addresses are never touched.
+        from jax.experimental.pallas import triton as plgpu
+
+        return plgpu.load(ref, mask=mask, other=0).astype(_F32)
+    # Mosaic/interpreter pad ragged blocks with unspecified values (possibly NaN): select them away.
+    return jnp.where(mask, ref[...].astype(_F32), 0.0)
+
+
+def store(ref, value: jax.Array, t: Tiling, mask: jax.Array | None) -> None:
+    """Store a block, skipping elements outside the array."""
+    value = value.astype(ref.dtype)
+    if mask is not None and t.layout == "triton":
+        from jax.experimental.pallas import triton as plgpu
+
+        plgpu.store(ref, value, mask=mask)
+    else:
+        # Mosaic and the interpreter drop the out-of-bounds part of a ragged block themselves.
+        ref[...] = value
+
+
+def use_pallas(backend: str, *arrays) -> bool:
+    """Whether to run the Pallas kernel rather than the jnp twin of its math.
+
+    Not on the "xla" backend, not for empty arrays, and not for arrays explicitly sharded over a
+    mesh (jit with Explicit mesh axes): a `pallas_call` only runs on per-device data, so there the
+    jnp path lets XLA partition the computation (inside `shard_map` the kernels run per shard).
+    """
+    if backend == "xla":
+        return False
+    for a in arrays:
+        if a is None:
+            continue
+        if a.size == 0:
+            return False
+        sharding = getattr(jax.typeof(a), "sharding", None)
+        if any(p is not None for p in getattr(sharding, "spec", ())):
+            return False
+    return True
+
+
+def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+    """`ShapeDtypeStruct` for a kernel output that varies over the manual mesh axes of `like`.
+
+    Inside `shard_map(check_vma=True)` a `pallas_call` must say how its outputs vary across the
+    mesh; outside it the annotation is ignored. (jax 0.10 spells it `manual_axis_type`, earlier
+    releases `vma`; with neither, a plain struct.)
+    """
+    varying = frozenset()
+    for a in like:
+        if a is None:
+            continue
+        aval = jax.typeof(a)
+        mat = getattr(aval, "mat", None)
+        varying |= frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+    manual_axis_type = getattr(jax.sharding, "ManualAxisType", None)
+    if manual_axis_type is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual_axis_type(varying=varying))
+    try:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=varying)
+    except TypeError:
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def call_params(backend: str, t: Tiling):
+    """Compiler params for a 1-D row grid on `backend`."""
+    if backend == "triton":
+        warps = min(max(t.block_rows * t.block_cols // 512, 1), 8)
+        return compiler_params("triton", num_warps=warps, num_stages=1)
+    if backend == "mosaic":
+        return compiler_params("mosaic", dimension_semantics=("parallel",))
+    return None
+
+
+def row_spec(t: Tiling) -> pl.BlockSpec:
+    return pl.BlockSpec((t.block_rows, t.block_cols), lambda i: (i, 0))
+
+
+def stat_spec(t: Tiling) -> pl.BlockSpec:
+    """Per-row statistics stored as (M, 1)."""
+    return pl.BlockSpec((t.block_rows, 1), lambda i: (i, 0))
+
+
+def feature_spec(t: Tiling) -> pl.BlockSpec:
+    """A (1, N) per-feature operand broadcast to every grid step."""
+    return pl.BlockSpec((1, t.block_cols), lambda i: (0, 0))
+
+
+def partial_spec(t: Tiling) -> pl.BlockSpec:
+    """Per-block partial sums stored as (grid, 1, N), one (1, N) slab per grid step."""
+    return pl.BlockSpec((pl.squeezed, 1, t.block_cols), lambda i: (i, 0, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(x_ref, w_ref, b_ref, y_ref, mean_ref, rstd_ref, *, t: Tiling, eps: float, rms: bool):
+    mask = block_mask(t)
+    x = load_f32(x_ref, t, mask)
+    w = load_f32(w_ref, t, block_mask(t, rows=1))
+    inv_n = 1.0 / t.n
+    if rms:
+        mean = jnp.zeros((t.block_rows, 1), _F32)
+        xc = x
+    else:
+        mean = jnp.sum(x, axis=1, keepdims=True) * inv_n
+        xc = x - mean
+        if t.ragged_cols:
+            xc = jnp.where(col_mask(t, t.block_rows), xc, 0.0)  # padded lanes must not add (0-mean)^2
+    var = jnp.sum(xc * xc, axis=1, keepdims=True) * inv_n
+    rstd = lax.rsqrt(var + eps)
+    y = xc * rstd * w
+    if b_ref is not None:
+        y = y + load_f32(b_ref, t, block_mask(t, rows=1))
+    store(y_ref, y, t, mask)
+    stat_mask = block_mask(t, cols=1)
+    if mean_ref is not None:
+        store(mean_ref, mean, t, stat_mask)
+    store(rstd_ref, rstd, t, stat_mask)
+
+
+def _bwd_kernel(x_ref, w_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dw_ref, db_ref, *, t: Tiling, rms: bool):
+    mask = block_mask(t)
+    stat_mask = block_mask(t, cols=1)
+    x = load_f32(x_ref, t, mask)
+    dy = load_f32(dy_ref, t, mask)
+    w = load_f32(w_ref, t, block_mask(t, rows=1))
+    rstd = load_f32(rstd_ref, t, stat_mask)
+    xc = x if rms else x - load_f32(mean_ref, t, stat_mask)
+    xhat = xc * rstd
+    if mask is not None:
+        xhat = jnp.where(mask, xhat, 0.0)
+    g = dy * w  # zero outside the array since dy is
+    inv_n = 1.0 / t.n
+    c1 = jnp.sum(g * xhat, axis=1, keepdims=True) * inv_n
+    dx = g - xhat * c1
+    if not rms:
+        dx = dx - jnp.sum(g, axis=1, keepdims=True) * inv_n
+    store(dx_ref, dx * rstd, t, mask)
+    pmask = block_mask(t, rows=1)
+    store(dw_ref, jnp.sum(dy * xhat, axis=0, keepdims=True), t, pmask)
+    if db_ref is not None:
+        store(db_ref, jnp.sum(dy, axis=0, keepdims=True), t, pmask)
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers (inputs already (M, N); features (1, N))
+# --------------------------------------------------------------------------------------------
+
+_FWD_BLOCK = {"triton": 4096, "mosaic": 1 << 18}
+_BWD_BLOCK = {"triton": 8192, "mosaic": 1 << 17}
+
+
+def _fwd_pallas(x2, w2, b2, eps: float, rms: bool, backend: str):
+    m, n = x2.shape
+    t = make_tiling(m, n, layout_for(backend), block_elems=_FWD_BLOCK[layout_for(backend)])
+    stat = out_struct((m, 1), _F32, x2, w2, b2)
+    out_shape = [out_struct((m, n), x2.dtype, x2, w2, b2)] + ([] if rms else [stat]) + [stat]
+    out_specs = [row_spec(t)] + ([] if rms else [stat_spec(t)]) + [stat_spec(t)]
+    in_specs = [row_spec(t), feature_spec(t)] + ([] if rms else [feature_spec(t)])
+
+    def kernel(*refs):
+        if rms:
+            x_ref, w_ref, y_ref, rstd_ref = refs
+            b_ref = mean_ref = None
+        else:
+            x_ref, w_ref, b_ref, y_ref, mean_ref, rstd_ref = refs
+        _fwd_kernel(x_ref, w_ref, b_ref, y_ref, mean_ref, rstd_ref, t=t, eps=eps, rms=rms)
+
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(t.grid,),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=call_params(backend, t),
+        interpret=backend == "interpret",
+        name="rms_norm_fwd" if rms else "layer_norm_fwd",
+    )(x2, w2, *([] if rms else [b2]))
+    if rms:
+        y, rstd = outs
+        return y, None, rstd[:, 0]
+    y, mean, rstd = outs
+    return y, mean[:, 0], rstd[:, 0]
+
+
+def _bwd_pallas(x2, w2, mean, rstd, dy2, rms: bool, backend: str):
+    m, n = x2.shape
+    t = make_tiling(m, n, layout_for(backend), block_elems=_BWD_BLOCK[layout_for(backend)])
+    like = (x2, w2, mean, rstd, dy2)
+    part = out_struct((t.grid, 1, n), _F32, *like)
+    out_shape = [out_struct((m, n), dy2.dtype, *like), part] + ([] if rms else [part])
+    out_specs = [row_spec(t), partial_spec(t)] + ([] if rms else [partial_spec(t)])
+    in_specs = [row_spec(t), feature_spec(t)] + ([] if rms else [stat_spec(t)]) + [stat_spec(t), row_spec(t)]
+
+    def kernel(*refs):
+        if rms:
+            x_ref, w_ref, rstd_ref, dy_ref, dx_ref, dw_ref = refs
+            mean_ref = db_ref = None
+        else:
+            x_ref, w_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dw_ref, db_ref = refs
+        _bwd_kernel(x_ref, w_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dw_ref, db_ref, t=t, rms=rms)
+
+    stats = [rstd[:, None]] if rms else [mean[:, None], rstd[:, None]]
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(t.grid,),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=call_params(backend, t),
+        interpret=backend == "interpret",
+        name="rms_norm_bwd" if rms else "layer_norm_bwd",
+    )(x2, w2, *stats, dy2)
+    dx = outs[0]
+    dw = jnp.sum(outs[1], axis=(0, 1))
+    db = None if rms else jnp.sum(outs[2], axis=(0, 1))
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# jnp versions of the same math (the "xla" backend) and the autodiff references
+# --------------------------------------------------------------------------------------------
+
+
+def _fwd_xla(x2, w2, b2, eps: float, rms: bool):
+    x = x2.astype(_F32)
+    if rms:
+        mean = None
+        xc = x
+    else:
+        mean = jnp.mean(x, axis=1)
+        xc = x - mean[:, None]
+    rstd = lax.rsqrt(jnp.mean(xc * xc, axis=1) + eps)
+    y = xc * rstd[:, None] * w2.astype(_F32)
+    if not rms:
+        y = y + b2.astype(_F32)
+    return y.astype(x2.dtype), mean, rstd
+
+
+def _bwd_xla(x2, w2, mean, rstd, dy2, rms: bool):
+    x = x2.astype(_F32)
+    dy = dy2.astype(_F32)
+    xhat = (x if rms else x - mean[:, None]) * rstd[:, None]
+    g = dy * w2.astype(_F32)
+    dx = g - xhat * jnp.mean(g * xhat, axis=1, keepdims=True)
+    if not rms:
+        dx = dx - jnp.mean(g, axis=1, keepdims=True)
+    dx = dx * rstd[:, None]
+    dw = jnp.sum(dy * xhat, axis=0)[None]
+    db = None if rms else jnp.sum(dy, axis=0)[None]
+    return dx.astype(dy2.dtype), dw, db
+
+
+def layer_norm_reference(x, scale=None, bias=None, *, epsilon: float = 1e-6):
+    """Plain-jnp LayerNorm over the last axis (two-pass f32 variance); autodiff gives its VJP.
+
+    y = (x - mean) / sqrt(var + epsilon) * scale + bias, in x's dtype (Ba et al., 2016).
+    """
+    xf = jnp.asarray(x).astype(_F32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * lax.rsqrt(var + epsilon)
+    if scale is not None:
+        y = y * jnp.asarray(scale).astype(_F32)
+    if bias is not None:
+        y = y + jnp.asarray(bias).astype(_F32)
+    return y.astype(jnp.asarray(x).dtype)
+
+
+def rms_norm_reference(x, scale=None, *, epsilon: float = 1e-6):
+    """Plain-jnp RMSNorm over the last axis; autodiff gives its VJP.
+
+    y = x / sqrt(mean(x^2) + epsilon) * scale, in x's dtype (Zhang & Sennrich, 2019).
+    """
+    xf = jnp.asarray(x).astype(_F32)
+    y = xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + epsilon)
+    if scale is not None:
+        y = y * jnp.asarray(scale).astype(_F32)
+    return y.astype(jnp.asarray(x).dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch, validation and the custom VJP
+# --------------------------------------------------------------------------------------------
+
+
+def _fwd2(x2, w2, b2, eps, rms):
+    backend = get_backend()
+    if not use_pallas(backend, x2, w2, b2):
+        return _fwd_xla(x2, w2, b2, eps, rms)
+    return _fwd_pallas(x2, w2, b2, eps, rms, backend)
+
+
+def _bwd2(x2, w2, mean, rstd, dy2, rms):
+    backend = get_backend()
+    if not use_pallas(backend, x2, w2, mean, rstd, dy2):
+        return _bwd_xla(x2, w2, mean, rstd, dy2, rms)
+    dx, dw, db = _bwd_pallas(x2, w2, mean, rstd, dy2, rms, backend)
+    return dx, dw[None], None if db is None else db[None]
+
+
+def _check(name, x, scale, bias, epsilon):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"{name}: x must have at least one axis (features last); got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: x must be a floating-point array; got dtype {x.dtype}.")
+    n = x.shape[-1]
+    for arg, v in (("scale", scale), ("bias", bias)):
+        if v is not None and tuple(jnp.shape(v)) != (n,):
+            raise ValueError(f"{name}: {arg} must have shape ({n},) to match x.shape[-1]; got {jnp.shape(v)}.")
+    if isinstance(epsilon, (int, float)) and not epsilon > 0:
+        raise ValueError(f"{name}: epsilon must be > 0; got {epsilon!r}.")
+    return x
+
+
+def _feature(v, n, fill, dtype):
+    return jnp.full((1, n), fill, dtype) if v is None else jnp.reshape(v, (1, n))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _norm(x, w, b, eps, rms):
+    return _norm_fwd(x, w, b, eps, rms)[0]
+
+
+def _norm_fwd(x, w, b, eps, rms):
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    y, mean, rstd = _fwd2(x2, w, b, eps, rms)
+    return y.reshape(x.shape), (x2, w, b, mean, rstd)
+
+
+def _norm_bwd(eps, rms, res, dy):
+    x2, w, b, mean, rstd = res
+    dx, dw, db = _bwd2(x2, w, mean, rstd, dy.reshape(x2.shape), rms)
+    dx = dx.reshape(dy.shape).astype(dy.dtype)
+    return dx, dw.astype(w.dtype), None if b is None else db.astype(b.dtype)
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def layer_norm(x, scale=None, bias=None, *, epsilon: float = 1e-6):
+    """LayerNorm over the last axis with a fused custom VJP (Ba et al., 2016).
+
+    y = (x - mean) * rsqrt(var + epsilon) * scale + bias, statistics of each row over the last
+    axis in f32 (two-pass variance), y in x's dtype. `scale`/`bias` of shape (x.shape[-1],) or
+    None (no scaling / no shift). Runs on the backend `get_backend()` names at trace time.
+    """
+    x = _check("layer_norm", x, scale, bias, epsilon)
+    n = x.shape[-1]
+    w = _feature(scale, n, 1, x.dtype)
+    b = _feature(bias, n, 0, x.dtype)
+    return _norm(x, w, b, float(epsilon), False)
+
+
+def rms_norm(x, scale=None, *, epsilon: float = 1e-6):
+    """RMSNorm over the last axis with a fused custom VJP (Zhang & Sennrich, 2019).
+
+    y = x * rsqrt(mean(x^2) + epsilon) * scale, statistics in f32, y in x's dtype.
+    """
+    x = _check("rms_norm", x, scale, None, epsilon)
+    n = x.shape[-1]
+    return _norm(x, _feature(scale, n, 1, x.dtype), None, float(epsilon), True)
+
+
+def layer_norm_fwd(x, scale=None, bias=None, *, epsilon: float = 1e-6):
+    """LayerNorm forward returning (y, mean, rstd); mean and rstd are f32 of shape x.shape[:-1].
+
+    rstd = 1 / sqrt(var + epsilon). Not differentiable itself: use `layer_norm` for gradients.
+    """
+    x = _check("layer_norm_fwd", x, scale, bias, epsilon)
+    n = x.shape[-1]
+    y, mean, rstd = _fwd2(x.reshape(-1, n), _feature(scale, n, 1, x.dtype), _feature(bias, n, 0, x.dtype),
+                          float(epsilon), False)
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
+
+
+def layer_norm_bwd(x, scale, mean, rstd, dy):
+    """LayerNorm backward from saved f32 (mean, rstd): returns (dx, dscale, dbias).
+
+    dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) with g = dy * scale, xhat = (x - mean) * rstd;
+    dscale = sum(dy * xhat), dbias = sum(dy) over all leading axes, accumulated in f32.
+    dx has dy's dtype, dscale/dbias are f32. `scale=None` means ones.
+    """
+    x = _check("layer_norm_bwd", x, scale, None, 1.0)
+    n = x.shape[-1]
+    dx, dw, db = _bwd2(x.reshape(-1, n), _feature(scale, n, 1, _F32), mean.reshape(-1).astype(_F32),
+                       rstd.reshape(-1).astype(_F32), jnp.reshape(dy, (-1, n)), False)
+    return dx.reshape(x.shape), dw.reshape(n), db.reshape(n)
+
+
+def rms_norm_fwd(x, scale=None, *, epsilon: float = 1e-6):
+    """RMSNorm forward returning (y, rstd); rstd = 1/sqrt(mean(x^2) + epsilon), f32, x.shape[:-1]."""
+    x = _check("rms_norm_fwd", x, scale, None, epsilon)
+    n = x.shape[-1]
+    y, _, rstd = _fwd2(x.reshape(-1, n), _feature(scale, n, 1, x.dtype), None, float(epsilon), True)
+    return y.reshape(x.shape), rstd.reshape(x.shape[:-1])
+
+
+def rms_norm_bwd(x, scale, rstd, dy):
+    """RMSNorm backward from saved f32 rstd: returns (dx, dscale).
+
+    dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * scale, xhat = x * rstd; dscale = sum(dy * xhat).
+    """
+    x = _check("rms_norm_bwd", x, scale, None, 1.0)
+    n = x.shape[-1]
+    dx, dw, _ = _bwd2(x.reshape(-1, n), _feature(scale, n, 1, _F32), None, rstd.reshape(-1).astype(_F32),
+                      jnp.reshape(dy, (-1, n)), True)
+    return dx.reshape(x.shape), dw.reshape(n)
