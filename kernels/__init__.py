@@ -3,10 +3,10 @@
 Backend selection lives in `optax_ext.kernels.backend`; see `use_backend` and `OPTAX_EXT_BACKEND`.
 """
 
+from optax_ext.kernels import batch_norm, layer_norm  # modules: layer_norm.layer_norm(x, ...), ...
 from optax_ext.kernels.backend import BACKENDS, get_backend, platform_backend, use_backend
-from optax_ext.kernels.batch_norm import batch_norm, batch_norm_reference, batch_norm_stats, batch_norm_stats_reference
+from optax_ext.kernels.batch_norm import batch_norm_reference, batch_norm_stats, batch_norm_stats_reference
 from optax_ext.kernels.layer_norm import (
-    layer_norm,
     layer_norm_bwd,
     layer_norm_fwd,
     layer_norm_reference,

@@ -52,7 +52,7 @@ def _first_moment_hat(g, m, s, nesterov):
     """Bias-corrected first moment; Dozat's Nesterov form looks one step ahead."""
     if nesterov:
         return s["b1"] * (m / s["bc1_next"]) + s["1-b1"] * (g / s["bc1"])
-    return m / s["bc1"]
+    return m * s["1/bc1"]
 
 
 # ---------------------------------------------------------------------------------- momentum
@@ -171,6 +171,7 @@ def _adam_like(name, state_type, init_slots, scalars_extra, element, b1, b2, eps
         b1_t, b2_t = value_at(b1, state.count), value_at(b2, state.count)
         s = {"eps": eps, "eps_root": eps_root, **_with_complement(b1=b1_t, b2=b2_t),
              "bc2": 1 - f32(b2_t) ** t, **_bias_corrections(b1_t, t, nesterov)}
+        s["1/bc1"], s["1/bc2"] = 1 / s["bc1"], 1 / s["bc2"]
         s.update(scalars_extra(state))
         return s
 
@@ -199,7 +200,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, ne
         m = s["1-b1"] * g + s["b1"] * m
         v = s["1-b2"] * (g * g) + s["b2"] * v
         m_hat = _first_moment_hat(g, m, s, nesterov)
-        v_hat = v / s["bc2"]
+        v_hat = v * s["1/bc2"]
         return m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]), (m, v)
 
     init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype)}
