@@ -187,6 +187,12 @@ def _type_names(t):
 
 
 def _check_trees(updates, params):
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        if not jnp.issubdtype(jnp.result_type(u), jnp.floating):
+            raise TypeError(
+                f"update(): updates must be real floating point (f32, bf16, f16, f64); got "
+                f"{jnp.result_type(u)} at {jax.tree_util.keystr(path)}. Integer or complex parameters "
+                f"cannot be optimized by these transformations.")
     if params is None:
         return
     u_def, p_def = jax.tree.structure(updates), jax.tree.structure(params)

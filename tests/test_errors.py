@@ -106,3 +106,10 @@ def test_unknown_backend_lists_valid_ones(monkeypatch):
 def test_traced_hyperparameters_are_not_rejected():
     # Under inject_hyperparams / jit, values are only known at run time: construction must work.
     jax.jit(lambda b1: ox.adam(1e-3, b1=b1).init({"a": jnp.zeros(2)}))(jnp.asarray(0.9))
+
+
+def test_non_float_updates_are_rejected(key):
+    params = {"a": jnp.ones(3), "steps": jnp.zeros((2,), jnp.int32)}
+    tx = ox.adam(1e-3)
+    with pytest.raises(TypeError, match=r"updates must be real floating point .* got int32 at \['steps'\]"):
+        tx.update(params, tx.init(params), params)

@@ -227,6 +227,14 @@ E2E = {
     "lion": lambda m: m.lion(1e-3, weight_decay=0.01),
     "rmsprop": lambda m: m.rmsprop(1e-2),
     "clip_adamw": lambda m: m.chain(m.clip_by_global_norm(1.0), m.adamw(1e-2)),
+    "clip_adamw_schedule": lambda m: m.chain(m.clip_by_global_norm(1.0),
+                                             m.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10))),
+    "nadam": lambda m: m.nadam(1e-2),
+    "adabelief": lambda m: m.adabelief(1e-2),
+    "yogi": lambda m: m.yogi(1e-2),
+    "amsgrad": lambda m: m.amsgrad(1e-2),
+    "lars": lambda m: m.lars(0.5, weight_decay=1e-3, trust_coefficient=0.01),
+    "adafactor": lambda m: m.adafactor(1e-2, min_dim_size_to_factor=4),
 }
 
 
