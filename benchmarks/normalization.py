@@ -26,21 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import optax_ext
 from optax_ext.kernels import batch_norm as bn_k
 from optax_ext.kernels import layer_norm as ln_k
-from optax_ext.kernels.backend import get_backend
+
+from _common import copy_bandwidth, versions  # noqa: E402  (sibling module: run as a script)
 
 PASSES = {("layer_norm", "fwd"): 2, ("layer_norm", "fwd+bwd"): 5, ("rms_norm", "fwd"): 2,
           ("rms_norm", "fwd+bwd"): 5, ("batch_norm", "fwd"): 3, ("batch_norm", "fwd+bwd"): 8}
@@ -132,21 +130,6 @@ def _median_time(fn, args, iters, warmup=2):
     return statistics.median(times)
 
 
-def copy_bandwidth(iters):
-    """Measured copy bandwidth in GB/s: y = x + 1 over 256 MiB of f32 (reads and writes it once)."""
-    x = jnp.zeros((64 * 1024 * 1024,), jnp.float32)
-    nbytes = x.nbytes
-    f = jax.jit(lambda x: x + 1.0, donate_argnums=0)  # donated: no fresh 256 MiB allocation per call
-    x = f(f(x))
-    times = []
-    for _ in range(max(iters, 5)):
-        t0 = time.perf_counter()
-        x = f(x)
-        x.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e9
-
-
 def jax_modes(f):
     fwd = jax.jit(f)
 
@@ -215,19 +198,6 @@ def bench(op, shape, dtype_name, iters):
     for mode, t in bench_torch(op, shape, dtype_name, iters).items():
         results[mode]["torch"] = t
     return results
-
-
-def versions():
-    info = {"jax": jax.__version__, "flax": flax.__version__, "optax_ext": optax_ext.__version__,
-            "python": platform.python_version(), "device": str(jax.devices()[0].device_kind),
-            "platform": jax.default_backend(), "backend": get_backend(), "machine": platform.machine()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def main(argv=None):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import numpy as np
 import optax
 
 import optax_ext as ox
+
+from _common import copy_bandwidth, versions  # noqa: E402  (sibling module: run as a script)
 
 BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32}
 
@@ -103,14 +104,6 @@ def _time(fn, args, iters, warmup=2):
     return statistics.median(times), args
 
 
-def copy_bandwidth(iters):
-    """Measured copy bandwidth in GB/s: y = x + 1 over 256 MiB of f32 (reads and writes it once)."""
-    x = jnp.zeros((64 * 1024 * 1024,), jnp.float32)
-    f = jax.jit(lambda x: (x + 1.0,), donate_argnums=0)
-    t, _ = _time(f, (x,), iters)
-    return 2 * x.nbytes / t / 1e9
-
-
 def ours_step(tx):
     def step(params, state, grads):
         params, state = tx.update_and_apply(grads, state, params)
@@ -160,7 +153,35 @@ def bench_jax(name, iters, clip):
     return results
 
 
+def _torch_seconds(torch, shapes, iters, clip, **adamw_kwargs):
+    """Median seconds of clip_grad_norm_ + AdamW.step() on CUDA, timed with CUDA events."""
+    ps = [torch.randn(s, device="cuda") * 0.02 for s in shapes]
+    for p in ps:
+        p.requires_grad_(True)
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, **adamw_kwargs)
+
+    def step():
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def bench_torch(shapes, iters, clip):
+    """torch.optim.AdamW fused and foreach on the same shapes; {} without CUDA or torch."""
     try:
         import torch
     except ImportError:
@@ -169,45 +190,9 @@ def bench_torch(shapes, iters, clip):
         return {}
     out = {}
     for label, kw in (("torch_fused", {"fused": True}), ("torch_foreach", {"foreach": True})):
-        ps = [torch.randn(s, device="cuda") * 0.02 for s in shapes]
-        for p in ps:
-            p.requires_grad_(True)
-            p.grad = torch.randn_like(p)
-        opt = torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, **kw)
-
-        def step():
-            if clip:
-                torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)
-            opt.step()
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        out[label] = {"seconds": statistics.median(times)}
-        del ps, opt
+        out[label] = {"seconds": _torch_seconds(torch, shapes, iters, clip, **kw)}
         torch.cuda.empty_cache()
     return out
-
-
-def versions():
-    info = {"jax": jax.__version__, "optax": optax.__version__, "optax_ext": ox.__version__,
-            "python": platform.python_version(), "device": str(jax.devices()[0].device_kind),
-            "platform": jax.default_backend(), "backend": ox.kernels.get_backend(), "machine": platform.machine()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def main(argv=None):

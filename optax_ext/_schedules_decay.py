@@ -3,7 +3,7 @@ polynomial, cosine (eqs. (11)-(14) of the notes) and SGDR."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,0 +1,45 @@
+"""What every benchmark script shares: the device's copy bandwidth and the versions it ran with."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def copy_bandwidth(iters: int) -> float:
+    """Measured copy bandwidth in GB/s: y = x + 1 over 256 MiB of f32 (reads and writes it once)."""
+    x = jnp.zeros((64 * 1024 * 1024,), jnp.float32)
+    nbytes = x.nbytes
+    f = jax.jit(lambda x: x + 1.0, donate_argnums=0)  # donated: no fresh 256 MiB allocation per call
+    x = f(f(x))
+    times = []
+    for _ in range(max(iters, 5)):
+        t0 = time.perf_counter()
+        x = f(x)
+        x.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def versions() -> dict:
+    """Library versions, device and backend, for the JSON record of a run."""
+    import flax
+    import optax
+
+    import optax_ext
+
+    info = {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
+            "optax_ext": optax_ext.__version__, "python": platform.python_version(),
+            "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
+            "backend": optax_ext.kernels.get_backend(), "machine": platform.machine()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
