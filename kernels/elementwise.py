@@ -35,7 +35,7 @@ def run_elementwise(body: Body, inputs: Sequence[jax.Array], scalars: jax.Array,
     when the caller donates the input under jit). XLA decides buffer reuse itself.
     """
     name = backend or _backend.get_backend()
-    if name == "xla":
+    if name == "xla" or _backend.explicitly_sharded(*inputs):
         return run_elementwise_reference(body, inputs, scalars, out_dtypes)
     from optax_ext.kernels import fused_pass  # Pallas path; imported lazily.
 

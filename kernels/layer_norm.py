@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from optax_ext.kernels import backend as _backend
 from optax_ext.kernels.backend import compiler_params, get_backend
 
 __all__ = [
@@ -174,15 +175,9 @@ def use_pallas(backend: str, *arrays) -> bool:
     """
     if backend == "xla":
         return False
-    for a in arrays:
-        if a is None:
-            continue
-        if a.size == 0:
-            return False
-        sharding = getattr(jax.typeof(a), "sharding", None)
-        if any(p is not None for p in getattr(sharding, "spec", ())):
-            return False
-    return True
+    if any(a is not None and a.size == 0 for a in arrays):
+        return False
+    return not _backend.explicitly_sharded(*arrays)
 
 
 def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:

@@ -24,7 +24,7 @@ def sq_norm_reference(x: jax.Array) -> jax.Array:
 def leaf_sq_norms(leaves: Sequence[jax.Array], *, backend: str | None = None) -> list[jax.Array]:
     """[sum(x**2) for x in leaves], each a f32 scalar."""
     name = backend or _backend.get_backend()
-    if name == "xla" or not leaves:
+    if name == "xla" or not leaves or _backend.explicitly_sharded(*leaves):
         return [sq_norm_reference(x) for x in leaves]
     from optax_ext.kernels import norms  # Pallas path; imported lazily.
 

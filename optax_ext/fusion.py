@@ -366,7 +366,9 @@ def _run_jobs(body, jobs: list[_Job]) -> list[list[jax.Array]]:
     results: list = [None] * len(jobs)
     groups: dict = {}
     for i, job in enumerate(jobs):
-        if job.inputs[0].size >= SMALL_LEAF:
+        # Explicitly sharded leaves are never concatenated (their shardings differ); each runs alone
+        # and run_elementwise hands it to XLA to partition.
+        if job.inputs[0].size >= SMALL_LEAF or _backend.explicitly_sharded(*job.inputs):
             results[i] = _elementwise.run_elementwise(body, job.inputs, _stack(job.scalars), job.out_dtypes,
                                                       aliases=_safe_aliases(job))
         else:
