@@ -40,6 +40,10 @@ OPTIMIZERS: dict[str, Callable] = {
     "adafactor": lambda lr, wd: ox.adafactor(lr, multiply_by_parameter_scale=False),
 }
 
+# Peak learning rates that train this model well in a few epochs: sign-based (lion) and
+# trust-ratio (lars, lamb) optimizers live on other scales than Adam's.
+DEFAULT_LR = {"sgd": 0.05, "lion": 1e-3, "lars": 1.0, "lamb": 3e-2}
+
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle")
 
 
@@ -197,7 +201,8 @@ def _plot(history, path, title):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m optax_ext.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 3e-3, or a per-optimizer value from DEFAULT_LR)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--schedule", choices=SCHEDULES, default="warmup_cosine")
     p.add_argument("--warmup-steps", type=int, default=50)
@@ -211,6 +216,8 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR.get(args.optimizer, 3e-3)
     if args.lr < 0:
         p.error(f"--lr must be >= 0, got {args.lr}")
     if args.epochs < 1 or args.batch_size < 1:

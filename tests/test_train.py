@@ -21,12 +21,13 @@ def test_demo_trains_digits_above_90_percent(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["sgd", "lion", "lamb"])
-def test_other_optimizers_learn(optimizer):
-    args = train.parse_args(["--optimizer", optimizer, "--epochs", "3", "--warmup-steps", "10", "--quiet",
-                             "--plot", "", "--lr", {"sgd": "0.05", "lion": "3e-3", "lamb": "3e-2"}[optimizer]])
+@pytest.mark.parametrize("optimizer", sorted(train.OPTIMIZERS))
+def test_every_optimizer_learns_with_its_default_learning_rate(optimizer):
+    args = train.parse_args(["--optimizer", optimizer, "--epochs", "4", "--warmup-steps", "10", "--quiet",
+                             "--plot", ""])
     result = train.train(args)
-    assert result["test_accuracy"] > 0.8, result
+    # Chance is 10%; four short epochs reach 88-99% depending on the optimizer.
+    assert result["test_accuracy"] > 0.85, result
 
 
 def test_exit_status_is_nonzero_below_min_accuracy():
