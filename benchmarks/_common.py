@@ -10,6 +10,18 @@ import jax
 import jax.numpy as jnp
 
 
+def median_seconds(call, iters: int, warmup: int = 2) -> float:
+    """Median wall time of `call()` over `iters` runs after `warmup` runs, blocking on its result."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def copy_bandwidth(iters: int) -> float:
     """Measured copy bandwidth in GB/s: y = x + 1 over 256 MiB of f32 (reads and writes it once)."""
     x = jnp.zeros((64 * 1024 * 1024,), jnp.float32)

@@ -38,7 +38,7 @@ from flax import nnx
 from optax_ext.kernels import batch_norm as bn_k
 from optax_ext.kernels import layer_norm as ln_k
 
-from _common import copy_bandwidth, versions  # noqa: E402  (sibling module: run as a script)
+from _common import copy_bandwidth, median_seconds, versions  # noqa: E402  (sibling module: run as a script)
 
 PASSES = {("layer_norm", "fwd"): 2, ("layer_norm", "fwd+bwd"): 5, ("rms_norm", "fwd"): 2,
           ("rms_norm", "fwd+bwd"): 5, ("batch_norm", "fwd"): 3, ("batch_norm", "fwd+bwd"): 8}
@@ -116,20 +116,6 @@ def torch_fn(op, n, dtype_name):
 # ------------------------------------------------------------------------------- timing
 
 
-def _median_time(fn, args, iters, warmup=2):
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def jax_modes(f):
     fwd = jax.jit(f)
 
@@ -194,7 +180,7 @@ def bench(op, shape, dtype_name, iters):
     results = {}
     for label, f in impls.items():
         for mode, g in jax_modes(f).items():
-            results.setdefault(mode, {})[label] = _median_time(g, (x, s, b, dy), iters)
+            results.setdefault(mode, {})[label] = median_seconds(lambda: g(x, s, b, dy), iters)
     for mode, t in bench_torch(op, shape, dtype_name, iters).items():
         results[mode]["torch"] = t
     return results

@@ -34,7 +34,7 @@ import optax
 
 import optax_ext as ox
 
-from _common import copy_bandwidth, versions  # noqa: E402  (sibling module: run as a script)
+from _common import copy_bandwidth, median_seconds, versions  # noqa: E402  (sibling module: run as a script)
 
 BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32}
 
@@ -90,20 +90,6 @@ def make_tree(shapes, seed, dtype=jnp.float32):
 # ------------------------------------------------------------------------------------ timing
 
 
-def _time(fn, args, iters, warmup=2):
-    """Median wall time of `args = fn(*args)` (a donating step), blocking on the outputs."""
-    for _ in range(warmup):
-        args = fn(*args)
-    jax.block_until_ready(args)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        args = fn(*args)
-        jax.block_until_ready(args)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), args
-
-
 def ours_step(tx):
     def step(params, state, grads):
         params, state = tx.update_and_apply(grads, state, params)
@@ -131,7 +117,13 @@ def bench_jax_one(name, lib_name, iters, clip):
     t0 = time.perf_counter()
     compiled = wrap(tx).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
-    t, _ = _time(compiled, (params, state, grads), iters)
+    carry = [(params, state, grads)]  # the step donates params and state: feed each call the last outputs
+
+    def step():
+        carry[0] = compiled(*carry[0])
+        return carry[0]
+
+    t = median_seconds(step, iters)
     return {"seconds": t, "compile_seconds": compile_s}
 
 
