@@ -414,9 +414,8 @@ def _run_batched(body, jobs: list[_Job]) -> list[list[jax.Array]]:
         values, cols = inputs[:num_inputs], inputs[num_inputs:]
         return body(values, _MixedScalars(position, svec, cols))
 
-    aliases = {k: v for k, v in _safe_aliases(jobs[0]).items()}
     outs = _elementwise.run_elementwise(batched_body, flat_inputs + columns, shared_vec, jobs[0].out_dtypes,
-                                        aliases=aliases)
+                                        aliases=_safe_aliases(jobs[0]))
     results = []
     for job, start, size in zip(jobs, offsets[:-1], sizes):
         shape = job.inputs[0].shape
