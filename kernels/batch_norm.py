@@ -8,19 +8,27 @@ the last (feature) axis, for (N, C) and NHWC inputs viewed as (R, C) rows, R = N
 
 Statistics in one pass over the data: each row block computes its own (count, mean, M2) of the
 shifted data x - K (K = the first row, so sums stay small when |mean| >> std) with a two-pass
-centred sum *inside the block* (data already in registers/VMEM), and the per-block partials are
-merged with Chan et al.'s parallel formula (Chan, Golub & LeVeque, 1979):
+centred sum *inside the block* (data already in registers/VMEM), and these are merged with Chan
+et al.'s parallel formula (Chan, Golub & LeVeque, 1979), for two sets a, b with n = n_a + n_b:
 
-    mean = K + sum_b n_b mean_b / R,   M2 = sum_b M2_b + sum_b n_b (mean_b - (mean - K))^2
+    d = mean_b - mean_a,   mean = mean_a + d n_b / n,   M2 = M2_a + M2_b + d^2 n_a n_b / n
 
 so no E[x^2] - E[x]^2 cancellation anywhere (mean 1e3, std 1e-2 in f32 normalises to unit std).
+The reductions run on the persistent grid of `layer_norm.py` (`persistent_row_call`): P programs,
+each merging its own row blocks in a fixed order into one (count_p, mean_p, M2_p) (the running
+count before its k-th block is k * block_rows: only the array's last block can be ragged), and
+the P results are merged in XLA, mean = K + sum_p n_p mean_p / R,
+M2 = sum_p M2_p + sum_p n_p (mean_p - (mean - K))^2. Partials are (P, 1, C) f32 whatever R is;
+one per row block grew with R (at C = 8192 on Triton, 2-row blocks: each of the two partials as
+large as a bf16 x).
 
 Backward of y (and of the returned mean/var, with cotangents dmean, dvar), s = scale:
 
     dbias = sum_r dy,   dscale = sum_r dy * xhat
     dx = s*rstd*dy + (dmean - s*rstd*dbias) / R + 2 (x - mean) (dvar - s*rstd^2*dscale/2) / R
 
-computed as one reduction kernel (per-block partials of dbias/dscale) and one elementwise kernel.
+computed as one reduction kernel (persistent grid: (P, 1, C) partials of dbias/dscale, summed by
+XLA) and one elementwise kernel.
 Every elementwise pass is the same "affine" kernel: out = (x - c) * a + b [+ k * dy].
 Tiling/masking conventions are those of `layer_norm.py`.
 """
@@ -31,7 +39,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -44,9 +51,10 @@ from optax_ext.kernels.layer_norm import (
     layout_for,
     load_f32,
     make_tiling,
-    partial_spec,
-    row_spec,
     out_struct,
+    persistent_row_call,
+    row_loop,
+    row_spec,
     store,
     use_pallas,
 )
@@ -68,35 +76,53 @@ _AFFINE_BLOCK = {"triton": 8192, "mosaic": 1 << 18}
 # --------------------------------------------------------------------------------------------
 
 
-def _block_count(t: Tiling):
-    """Valid rows in this grid step's block, as f32."""
-    return jnp.minimum(t.block_rows, t.m - pl.program_id(0) * t.block_rows).astype(_F32)
+def _block_rows(t: Tiling, row0):
+    """Valid rows in the row block starting at `row0`, as f32."""
+    return jnp.minimum(t.block_rows, t.m - row0).astype(_F32)
 
 
-def _stats_kernel(x_ref, k_ref, mean_ref, m2_ref, *, t: Tiling):
-    mask = block_mask(t)
+def _stats_block(row0, rows, stats, feats, outs, *, t: Tiling):
+    """(mean_b, M2_b) of the shifted rows x - K of the block at `row0` (see `persistent_row_call`)."""
+    del stats, outs
+    (x_ref,), (k_ref,) = rows, feats
+    mask = block_mask(t, row0=row0)
     # Shifted data: x - K (K = the first row) is exact and small when |mean| >> std, so the
     # block sum below loses nothing to the magnitude of the mean.
     xs = load_f32(x_ref, t, mask) - load_f32(k_ref, t, block_mask(t, rows=1))
     if mask is not None:
         xs = jnp.where(mask, xs, 0.0)
-    mean = jnp.sum(xs, axis=0, keepdims=True) / _block_count(t)
+    mean = jnp.sum(xs, axis=0, keepdims=True) / _block_rows(t, row0)
     xc = xs - mean
     if mask is not None:
         xc = jnp.where(mask, xc, 0.0)
-    pmask = block_mask(t, rows=1)
-    store(mean_ref, mean, t, pmask)
-    store(m2_ref, jnp.sum(xc * xc, axis=0, keepdims=True), t, pmask)
+    return mean, jnp.sum(xc * xc, axis=0, keepdims=True)
 
 
-def _bwd_sums_kernel(x_ref, dy_ref, mean_ref, rstd_ref, sdy_ref, sdyx_ref, *, t: Tiling):
-    mask = block_mask(t)
+def _chan_merge(acc, new, k, row0, *, t: Tiling):
+    """Chan et al.'s merge of a program's running (mean_a, M2_a) over k full blocks with a block's.
+
+    n_a = k * block_rows (every block a program merges before its last is full), n = n_a + n_b:
+    mean = mean_a + d * n_b / n,  M2 = M2_a + M2_b + d^2 * n_a * n_b / n,  d = mean_b - mean_a.
+    From acc = 0, k = 0 it returns the block's own (mean_b, M2_b).
+    """
+    (mean_a, m2_a), (mean_b, m2_b) = acc, new
+    n_a = jnp.asarray(k).astype(_F32) * t.block_rows
+    n_b = _block_rows(t, row0)
+    n = n_a + n_b
+    d = mean_b - mean_a
+    return mean_a + d * (n_b / n), m2_a + m2_b + d * d * (n_a * n_b / n)
+
+
+def _bwd_sums_block(row0, rows, stats, feats, outs, *, t: Tiling):
+    """(sum dy, sum dy * xhat) over the rows of the block at `row0`."""
+    del stats, outs
+    (x_ref, dy_ref), (mean_ref, rstd_ref) = rows, feats
+    mask = block_mask(t, row0=row0)
     fmask = block_mask(t, rows=1)
     x = load_f32(x_ref, t, mask)
     dy = load_f32(dy_ref, t, mask)  # 0 outside the array, so padded rows add nothing
     xhat = (x - load_f32(mean_ref, t, fmask)) * load_f32(rstd_ref, t, fmask)
-    store(sdy_ref, jnp.sum(dy, axis=0, keepdims=True), t, fmask)
-    store(sdyx_ref, jnp.sum(dy * xhat, axis=0, keepdims=True), t, fmask)
+    return jnp.sum(dy, axis=0, keepdims=True), jnp.sum(dy * xhat, axis=0, keepdims=True)
 
 
 def _affine_kernel(*refs, t: Tiling, with_dy: bool):
@@ -118,30 +144,24 @@ def _affine_kernel(*refs, t: Tiling, with_dy: bool):
 # --------------------------------------------------------------------------------------------
 
 
-def _block_counts(t: Tiling) -> np.ndarray:
-    counts = np.full((t.grid,), t.block_rows, np.float32)
-    counts[-1] = t.m - (t.grid - 1) * t.block_rows
-    return counts
-
-
 def _stats_pallas(x2, backend):
     m, c = x2.shape
     layout = layout_for(backend)
     t = make_tiling(m, c, layout, block_elems=_STATS_BLOCK[layout])
-    part = out_struct((t.grid, 1, c), _F32, x2)
+    loop = row_loop(t)
     shift = x2[:1]
-    means, m2s = pl.pallas_call(
-        functools.partial(_stats_kernel, t=t),
-        out_shape=[part, part],
-        grid=(t.grid,),
-        in_specs=[row_spec(t), feature_spec(t)],
-        out_specs=[partial_spec(t), partial_spec(t)],
-        compiler_params=call_params(backend, t),
-        interpret=backend == "interpret",
+    _, (means, m2s) = persistent_row_call(
+        functools.partial(_stats_block, t=t),
+        loop,
+        backend,
+        rows=[x2],
+        feats=[shift],
+        num_partials=2,
+        merge=functools.partial(_chan_merge, t=t),
         name="batch_norm_stats",
-    )(x2, shift)
-    # Chan et al. merge of the per-block (count, shifted mean, M2): exact, no cancellation.
-    counts = jnp.asarray(_block_counts(t))[:, None]
+    )
+    # Chan et al. merge of the per-program (count, shifted mean, M2): exact, no cancellation.
+    counts = jnp.asarray(loop.rows())[:, None]
     means, m2s = means[:, 0], m2s[:, 0]
     mean = jnp.sum(counts * means, axis=0) / m
     m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
@@ -201,17 +221,15 @@ def _bwd_sums(x2, dy2, mean, rstd):
     m, n = x2.shape
     layout = layout_for(backend)
     t = make_tiling(m, n, layout, block_elems=_STATS_BLOCK[layout])
-    part = out_struct((t.grid, 1, n), _F32, x2, dy2, mean, rstd)
-    sdy, sdyx = pl.pallas_call(
-        functools.partial(_bwd_sums_kernel, t=t),
-        out_shape=[part, part],
-        grid=(t.grid,),
-        in_specs=[row_spec(t), row_spec(t), feature_spec(t), feature_spec(t)],
-        out_specs=[partial_spec(t), partial_spec(t)],
-        compiler_params=call_params(backend, t),
-        interpret=backend == "interpret",
+    _, (sdy, sdyx) = persistent_row_call(
+        functools.partial(_bwd_sums_block, t=t),
+        row_loop(t),
+        backend,
+        rows=[x2, dy2],
+        feats=[mean[None], rstd[None]],
+        num_partials=2,
         name="batch_norm_bwd_sums",
-    )(x2, dy2, mean[None], rstd[None])
+    )
     return jnp.sum(sdy, axis=(0, 1)), jnp.sum(sdyx, axis=(0, 1))
 
 

@@ -2,6 +2,8 @@
 and the jnp references (several row blocks, ragged tails), VJPs against autodiff of the
 references, the mean-1e3/std-1e-2 case, and Triton/Mosaic lowering."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,8 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 
 def _set_layout(monkeypatch, layout):
     monkeypatch.setattr(ln, "_INTERPRET_LAYOUT", layout)
+    # Few persistent programs, so that the multi-block shapes have programs looping over blocks.
+    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
     monkeypatch.setattr(bn, "_STATS_BLOCK", {"triton": 64, "mosaic": 64})
     monkeypatch.setattr(bn, "_AFFINE_BLOCK", {"triton": 64, "mosaic": 64})
 
@@ -96,6 +100,8 @@ def test_check_grads_reference_and_xla_path():
 def test_large_mean_small_std(monkeypatch, backend, shape):
     """Mean 1e3, std 1e-2 in f32: E[x^2] - E[x]^2 has no correct digits; ours must be exact."""
     monkeypatch.setattr(bn, "_STATS_BLOCK", {"triton": 1024, "mosaic": 1024})
+    # 3 programs merging 5-6 blocks each (Chan et al. in the kernel loop), then 3 partials in XLA.
+    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(1e3, 1e-2, size=shape).astype(np.float32))
     x64 = np.asarray(x, np.float64).reshape(-1, shape[-1])
@@ -156,3 +162,92 @@ def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
         with use_backend(backend):
             text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
         assert text.count(marker) == calls
+
+
+# --------------------------------------------------------------------------------------------
+# Persistent grid of the statistics and backward sums (partials per program, not per row block)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_tpu(monkeypatch):
+    """Register the CPU as a TPU v5e for Mosaic lowering rules that ask for the chip generation
+    (copied from tests/test_kernels_lowering.py; private API, tests only)."""
+    try:
+        from jax._src.pallas.mosaic import tpu_info
+    except ImportError:  # pragma: no cover - layout of jax internals changed
+        return
+    kind = jax.devices()[0].device_kind
+    if tpu_info.chip_version_from_device_kind(kind) is None and kind not in tpu_info.registry:
+        monkeypatch.setitem(tpu_info.registry, kind,
+                            lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1))
+
+
+# (interpreter layout, shape) with 64-element blocks and 3 programs: every program loops over
+# 2-9 row blocks, with a ragged last row block and/or power-of-two-padded columns.
+PERSISTENT_CASES = [("triton", (200, 5)), ("triton", (3, 50, 7)), ("triton", (64, 16)), ("mosaic", (300, 6)),
+                    ("mosaic", (5, 40, 3))]
+
+
+@pytest.mark.parametrize("layout,shape", PERSISTENT_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_persistent_stats_and_bwd_sums_match_reference(monkeypatch, layout, shape, dtype):
+    _set_layout(monkeypatch, layout)
+    r, c = int(np.prod(shape[:-1])), shape[-1]
+    loop = ln.row_loop(ln.make_tiling(r, c, layout, block_elems=64))
+    assert loop.programs == 3 and loop.steps >= 2
+    x, scale, _, cts = _inputs(shape, dtype, seed=200 + r + c)
+    x = x + 50.0  # |mean| >> std: the in-loop merges must keep the shifted sums exact
+    x64 = np.asarray(x, np.float64).reshape(r, c)
+    mean64, var64 = x64.mean(0), x64.var(0)
+    dy = cts[0]
+    dy64 = np.asarray(dy, np.float64).reshape(r, c)
+
+    def stats_and_sums(x, dy):  # one jit: a single compile of both interpreted kernels
+        mean, var = bn.batch_norm_stats(x)
+        rstd = jax.lax.rsqrt(var + 1e-5)
+        return mean, var, rstd, bn._bwd_sums(x.reshape(r, c), dy.reshape(r, c), mean, rstd)
+
+    with use_backend("interpret"):
+        mean, var, rstd, (sdy, sdyx) = jax.jit(stats_and_sums)(x, dy)
+    np.testing.assert_allclose(mean, mean64, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(var, var64, rtol=1e-5, atol=1e-5)
+    xhat64 = (x64 - np.asarray(mean, np.float64)) * np.asarray(rstd, np.float64)
+    np.testing.assert_allclose(sdy, dy64.sum(0), rtol=1e-5, atol=1e-5 * np.sqrt(r))
+    np.testing.assert_allclose(sdyx, (dy64 * xhat64).sum(0), rtol=1e-4, atol=1e-4 * np.sqrt(r))
+
+
+def _kernel_results(text):
+    """{kernel name: its result types ("8192x1x8192xf32", ...)} for the Pallas custom calls of a module."""
+    results = {}
+    for line in text.splitlines():
+        if "custom_call" not in line:
+            continue
+        line = re.sub(r'\bir = "(?:[^"\\]|\\.)*"', "", line)  # the Triton IR blob
+        name = re.search(r'name = "(\w+)"', line)
+        if name:
+            results[name.group(1)] = re.findall(r"tensor<([^>]*)>", line.rsplit("->", 1)[1])
+    return results
+
+
+@pytest.mark.parametrize("rows", [8192, 65536])
+def test_partials_are_per_program_not_per_row_block(fake_tpu, rows):
+    """Statistics and backward-sum partials are (P, 1, C) f32 for any number of rows R.
+
+    One partial per row block (2-row blocks on Triton at C = 8192) made each of them as large as
+    the bf16 input: 134 MB at 8192 x 8192, four of them per training step."""
+    c = 8192
+    x = jax.ShapeDtypeStruct((rows, c), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((c,), jnp.float32)
+    for backend, platform in (("triton", "cuda"), ("mosaic", "tpu")):
+        def loss(x, s):  # fresh per backend: jit caches traces, the backend is read at trace time
+            y, mean, var = bn.batch_norm(x, s, s)
+            return jnp.sum(y.astype(jnp.float32)) + jnp.sum(mean * var)
+
+        with use_backend(backend):
+            text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(
+                lowering_platforms=(platform,)).as_text()
+        results = _kernel_results(text)
+        partial = f"{ln._PERSISTENT_PROGRAMS[backend]}x1x{c}xf32"
+        assert results["batch_norm_stats"] == [partial, partial]
+        assert results["batch_norm_bwd_sums"] == [partial, partial]

@@ -1,6 +1,8 @@
 """LayerNorm / RMSNorm kernels: interpreter parity with float64 numpy and the jnp references,
 VJPs against autodiff of the references, numerically hard inputs, and Triton/Mosaic lowering."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,8 @@ CASES = [("triton", (3, 100)), ("triton", (5, 7, 1000)), ("triton", (1, 1)), ("t
 
 def _set_layout(monkeypatch, layout):
     monkeypatch.setattr(ln, "_INTERPRET_LAYOUT", layout)
+    # Few persistent programs, so that the multi-block shapes have programs looping over blocks.
+    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
     if layout == "mosaic":
         monkeypatch.setattr(ln, "_FWD_BLOCK", {"triton": 4096, "mosaic": 64})
         monkeypatch.setattr(ln, "_BWD_BLOCK", {"triton": 8192, "mosaic": 64})
@@ -197,3 +201,114 @@ def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
         with use_backend(backend):
             text = jax.jit(f).trace(x, s).lower(lowering_platforms=(platform,)).as_text()
         assert text.count(marker) == calls
+
+
+# --------------------------------------------------------------------------------------------
+# Persistent grid of the backward (dscale/dbias partials: one per program, not per row block)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_tpu(monkeypatch):
+    """Register the CPU as a TPU v5e for Mosaic lowering rules that ask for the chip generation
+    (copied from tests/test_kernels_lowering.py; private API, tests only)."""
+    try:
+        from jax._src.pallas.mosaic import tpu_info
+    except ImportError:  # pragma: no cover - layout of jax internals changed
+        return
+    kind = jax.devices()[0].device_kind
+    if tpu_info.chip_version_from_device_kind(kind) is None and kind not in tpu_info.registry:
+        monkeypatch.setitem(tpu_info.registry, kind,
+                            lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1))
+
+
+@pytest.mark.parametrize("layout", ["triton", "mosaic"])
+@pytest.mark.parametrize("m,block_rows,programs", [(1, 1, 5), (10, 4, 3), (37, 4, 3), (200, 8, 3), (300, 32, 3),
+                                                   (96, 32, 2), (5, 1, 528)])
+def test_row_loop_covers_every_row_block_once(monkeypatch, layout, m, block_rows, programs):
+    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": programs, "mosaic": programs})
+    t = ln.Tiling(layout, m, 7, block_rows, 8)
+    loop = ln.row_loop(t)
+    blocks = [list(loop.blocks(p)) for p in range(loop.programs)]
+    assert loop.programs <= min(programs, t.grid) and all(blocks)  # no program without a block
+    assert sorted(i for b in blocks for i in b) == list(range(t.grid))
+    assert max(map(len, blocks)) == loop.steps
+    # Only the array's last block may be ragged, and it is the last one its program merges.
+    assert all(i != t.grid - 1 for b in blocks for i in b[:-1])
+    np.testing.assert_array_equal(loop.rows().sum(), m)
+
+
+# (interpreter layout, shape) with 64-element blocks and 3 programs: every program loops over
+# 2-9 row blocks; ragged last row block and/or power-of-two-padded columns (triton layout).
+PERSISTENT_CASES = [("triton", (37, 10)), ("triton", (4, 50, 7)), ("triton", (5, 100)), ("triton", (64, 16)),
+                    ("mosaic", (300, 20)), ("mosaic", (200, 7))]
+
+
+@pytest.mark.parametrize("layout,shape", PERSISTENT_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_persistent_bwd_matches_reference(monkeypatch, layout, shape, dtype):
+    monkeypatch.setattr(ln, "_INTERPRET_LAYOUT", layout)
+    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
+    monkeypatch.setattr(ln, "_BWD_BLOCK", {"triton": 64, "mosaic": 64})
+    m, n = int(np.prod(shape[:-1])), shape[-1]
+    loop = ln.row_loop(ln.make_tiling(m, n, layout, block_elems=64))
+    assert loop.programs == 3 and loop.steps >= 2
+    x, scale, bias, dy = _inputs(shape, dtype, seed=100 + m + n)
+
+    @jax.jit  # one compile instead of one per op: keeps the test fast
+    def ref_grads(x, scale, bias, dy):
+        return (jax.vjp(ln.layer_norm_reference, x, scale, bias)[1](dy),
+                jax.vjp(ln.rms_norm_reference, x, scale)[1](dy))
+
+    g_ln, g_rms = ref_grads(x, scale, bias, dy)
+    mean, rstd = (jnp.asarray(v, jnp.float32) for v in _np_stats(x, False, 1e-6))
+    _, rstd_rms = _np_stats(x, True, 1e-6)
+
+    def bwd(x, scale, mean, rstd, rstd_rms, dy):  # one jit: a single compile of both interpreted kernels
+        return ln.layer_norm_bwd(x, scale, mean, rstd, dy), ln.rms_norm_bwd(x, scale, rstd_rms, dy)
+
+    with use_backend("interpret"):
+        out_ln, out_rms = jax.jit(bwd)(x, scale, mean, rstd, jnp.asarray(rstd_rms, jnp.float32), dy)
+    for out, ref in ((out_ln, g_ln), (out_rms, g_rms)):
+        assert out[0].dtype == dtype and out[0].shape == shape
+        _close(out[0], ref[0], dtype, scale=8)
+        for a, b in zip(out[1:], ref[1:]):  # f32 sums over all m rows
+            assert a.dtype == jnp.float32 and a.shape == (n,)
+            _close(a, b, dtype, scale=8 * np.sqrt(m))
+
+
+def _kernel_results(text):
+    """{kernel name: its result types ("8192x1x8192xf32", ...)} for the Pallas custom calls of a module."""
+    results = {}
+    for line in text.splitlines():
+        if "custom_call" not in line:
+            continue
+        line = re.sub(r'\bir = "(?:[^"\\]|\\.)*"', "", line)  # the Triton IR blob
+        name = re.search(r'name = "(\w+)"', line)
+        if name:
+            results[name.group(1)] = re.findall(r"tensor<([^>]*)>", line.rsplit("->", 1)[1])
+    return results
+
+
+@pytest.mark.parametrize("rows", [8192, 65536])
+def test_bwd_partials_are_per_program_not_per_row_block(fake_tpu, rows):
+    """The lowered backward's dscale/dbias partials are (P, 1, N) f32 for any number of rows M.
+
+    One partial per row block made them (M, 1, N) on Triton at N = 8192 (one-row blocks):
+    537 MB for dscale + dbias at 8192 x 8192, more than the bf16 activations (134 MB)."""
+    n = 8192
+    x = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((n,), jnp.float32)
+    for backend, platform in (("triton", "cuda"), ("mosaic", "tpu")):
+        programs = ln._PERSISTENT_PROGRAMS[backend]
+        for rms, name in ((False, "layer_norm_bwd"), (True, "rms_norm_bwd")):
+            def loss(x, s, rms=rms):  # fresh per backend: jit caches traces, the backend is read at trace
+                y = ln.rms_norm(x, s) if rms else ln.layer_norm(x, s, s)
+                return jnp.sum(y.astype(jnp.float32))
+
+            with use_backend(backend):
+                text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(
+                    lowering_platforms=(platform,)).as_text()
+            partials = [f"{programs}x1x{n}xf32"] * (1 if rms else 2)
+            assert _kernel_results(text)[name] == [f"{rows}x{n}xbf16", *partials]
+    assert ln._PERSISTENT_PROGRAMS["triton"] * n * 4 < 20e6  # bytes per partial, whatever M is
