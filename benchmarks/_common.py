@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the device's copy bandwidth and the versions it ran with."""
+"""What every benchmark script shares: one timing method, the device's copy bandwidth, the versions it ran with."""
 
 from __future__ import annotations
 
@@ -10,16 +10,41 @@ import jax
 import jax.numpy as jnp
 
 
-def median_seconds(call, iters: int, warmup: int = 2) -> float:
-    """Median wall time of `call()` over `iters` runs after `warmup` runs, blocking on its result."""
+def median_seconds(call, iters: int, warmup: int = 2, sync=None) -> float:
+    """Median host wall time of one synchronized `call()` over `iters` runs, after `warmup` runs.
+
+    The one timing method for every library, so their numbers compare like for like: the clock is
+    read on the host before `call()` and after `sync(result)` returns, i.e. dispatch + device time
+    of one step. `sync` defaults to `jax.block_until_ready`; torch passes `torch_sync(torch)`.
+    The warm-up runs end synchronized, so no earlier work leaks into the first timed run.
+    """
+    sync = jax.block_until_ready if sync is None else sync
     for _ in range(warmup):
-        jax.block_until_ready(call())
+        sync(call())
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        jax.block_until_ready(call())
+        sync(call())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def cuda_torch():
+    """`torch` when it is installed and sees a CUDA device, else None (imported lazily: optional)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def torch_sync(torch):
+    """The `sync` for `median_seconds` on torch: wait for all queued CUDA work (the result is ignored)."""
+
+    def sync(_result):
+        torch.cuda.synchronize()
+
+    return sync
 
 
 def copy_bandwidth(iters: int) -> float:

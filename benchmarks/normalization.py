@@ -16,6 +16,8 @@ needs (E = elements x itemsize): LayerNorm/RMSNorm forward read x, write y (2E);
 adds read x, read dy, write dx (5E). BatchNorm forward needs the statistics before normalising:
 read x twice, write y (3E); forward+backward adds two reads of x and dy and a write of dx (8E).
 Achieved GB/s is shown as a share of the measured copy bandwidth (y = x + 1 over 256 MiB).
+Every implementation is timed the same way (`_common.median_seconds`): median host wall time of one
+call followed by the library's synchronization (`jax.block_until_ready`, `torch.cuda.synchronize`).
 
     python benchmarks/normalization.py                # small sizes, table + benchmarks/normalization.json
     python benchmarks/normalization.py --full         # the issue's sizes
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ from flax import nnx
 from optax_ext.kernels import batch_norm as bn_k
 from optax_ext.kernels import layer_norm as ln_k
 
-from _common import copy_bandwidth, median_seconds, versions  # noqa: E402  (sibling module: run as a script)
+# sibling module: run as a script
+from _common import copy_bandwidth, cuda_torch, median_seconds, torch_sync, versions  # noqa: E402
 
 PASSES = {("layer_norm", "fwd"): 2, ("layer_norm", "fwd+bwd"): 5, ("rms_norm", "fwd"): 2,
           ("rms_norm", "fwd+bwd"): 5, ("batch_norm", "fwd"): 3, ("batch_norm", "fwd+bwd"): 8}
@@ -95,22 +97,23 @@ def flax_layer(op, n, dtype):
 
 
 def torch_fn(op, n, dtype_name):
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
+    """(f(x, scale, bias) -> y, torch dtype, the inputs f differentiates) for torch on CUDA, or None."""
+    torch = cuda_torch()
+    if torch is None:
         return None
-    if not torch.cuda.is_available():
-        return None
+    import torch.nn.functional as F
+
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     if op == "layer_norm":
-        return lambda x, s, b: F.layer_norm(x, (n,), s, b, eps=1e-6), tdtype
+        return (lambda x, s, b: F.layer_norm(x, (n,), s, b, eps=1e-6)), tdtype, "xsb"
     if op == "rms_norm":
-        if not hasattr(F, "rms_norm"):
+        if not hasattr(F, "rms_norm"):  # torch < 2.4
             return None
-        return lambda x, s, b: F.rms_norm(x, (n,), s, eps=1e-6), tdtype
+        # RMSNorm has no bias: b is not an input of the graph, so it is not differentiated (torch.autograd.grad
+        # raises on an unused input unless allow_unused=True).
+        return (lambda x, s, b: F.rms_norm(x, (n,), s, eps=1e-6)), tdtype, "xs"
     # NHWC input as channels_last NCHW.
-    return (lambda x, s, b: F.batch_norm(x, None, None, s, b, training=True, eps=1e-5)), tdtype
+    return (lambda x, s, b: F.batch_norm(x, None, None, s, b, training=True, eps=1e-5)), tdtype, "xsb"
 
 
 # ------------------------------------------------------------------------------- timing
@@ -127,12 +130,14 @@ def jax_modes(f):
 
 
 def bench_torch(op, shape, dtype_name, iters):
+    """{mode: seconds} for torch on CUDA, timed like the JAX rows (median_seconds: host wall clock around
+    one call followed by torch.cuda.synchronize()); {} without torch or a CUDA device."""
     made = torch_fn(op, shape[-1], dtype_name)
     if made is None:
         return {}
     import torch
 
-    fn, tdtype = made
+    fn, tdtype, wrt_names = made
     n = shape[-1]
     if op == "batch_norm":
         x = torch.randn(shape[0], shape[3], shape[1], shape[2], device="cuda", dtype=tdtype)
@@ -143,29 +148,20 @@ def bench_torch(op, shape, dtype_name, iters):
     b = torch.zeros(n, device="cuda", dtype=tdtype, requires_grad=True)
     dy = torch.randn_like(x)
     x.requires_grad_(True)
+    wrt = tuple({"x": x, "s": s, "b": b}[k] for k in wrt_names)
 
-    def run(mode):
-        y = fn(x, s, b)
-        if mode == "fwd+bwd":
-            torch.autograd.grad(y, (x, s, b), dy)
+    def fwd():
+        with torch.no_grad():
+            return fn(x, s, b)
 
-    out = {}
-    for mode in ("fwd", "fwd+bwd"):
-        for _ in range(3):
-            with torch.set_grad_enabled(mode == "fwd+bwd"):
-                run(mode)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.set_grad_enabled(mode == "fwd+bwd"):
-                start.record()
-                run(mode)
-                end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        out[mode] = statistics.median(times)
-    return out
+    def fwd_bwd():
+        with torch.enable_grad():
+            y = fn(x, s, b)
+            return y, torch.autograd.grad(y, wrt, dy)
+
+    sync = torch_sync(torch)
+    return {"fwd": median_seconds(fwd, iters, warmup=3, sync=sync),
+            "fwd+bwd": median_seconds(fwd_bwd, iters, warmup=3, sync=sync)}
 
 
 def bench(op, shape, dtype_name, iters):

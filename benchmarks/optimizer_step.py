@@ -8,7 +8,9 @@ Workloads (parameter pytrees with real shapes):
 
 Columns: optax_ext (`tx.update_and_apply`, jit, params and state donated), Optax (jit, donated,
 `update` + `apply_updates`), and where a CUDA GPU and PyTorch are present `torch.optim.AdamW` with
-`fused=True` and `foreach=True` (plus `clip_grad_norm_(foreach=True)`) on the same shapes. Bytes
+`fused=True` and `foreach=True` (plus `clip_grad_norm_(foreach=True)`) on the same shapes. Every row
+is timed the same way (`_common.median_seconds`): median host wall time of one step followed by the
+library's synchronization (`jax.block_until_ready`, `torch.cuda.synchronize`), after warm-up. Bytes
 moved per parameter are counted, not measured: fp32 AdamW reads p, g, m, v and writes p, m, v
 (28 B); global-norm clipping reads g once more (32 B). Achieved GB/s is reported as a share of the
 device's measured copy bandwidth (y = x + 1 over 256 MiB: read + write).
@@ -21,20 +23,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# Each JAX row runs in its own process beside this one (which times the copy bandwidth and torch on the
+# same GPU): with JAX's default preallocation of 75% of GPU memory per process, the second could not start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import optax_ext as ox
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
-from _common import copy_bandwidth, median_seconds, versions  # noqa: E402  (sibling module: run as a script)
+import optax_ext as ox  # noqa: E402
+
+# sibling module: run as a script
+from _common import copy_bandwidth, cuda_torch, median_seconds, torch_sync, versions  # noqa: E402
 
 BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32}
 
@@ -146,7 +153,8 @@ def bench_jax(name, iters, clip):
 
 
 def _torch_seconds(torch, shapes, iters, clip, **adamw_kwargs):
-    """Median seconds of clip_grad_norm_ + AdamW.step() on CUDA, timed with CUDA events."""
+    """Median seconds of clip_grad_norm_ + AdamW.step() on CUDA, timed like the JAX rows (median_seconds:
+    host wall clock around one step followed by torch.cuda.synchronize())."""
     ps = [torch.randn(s, device="cuda") * 0.02 for s in shapes]
     for p in ps:
         p.requires_grad_(True)
@@ -158,31 +166,20 @@ def _torch_seconds(torch, shapes, iters, clip, **adamw_kwargs):
             torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)
         opt.step()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return median_seconds(step, iters, warmup=3, sync=torch_sync(torch))
 
 
 def bench_torch(shapes, iters, clip):
-    """torch.optim.AdamW fused and foreach on the same shapes; {} without CUDA or torch."""
-    try:
-        import torch
-    except ImportError:
-        return {}
-    if not torch.cuda.is_available():
+    """torch.optim.AdamW fused and foreach on the same shapes; {} without torch or a CUDA device."""
+    torch = cuda_torch()
+    if torch is None:
         return {}
     out = {}
     for label, kw in (("torch_fused", {"fused": True}), ("torch_foreach", {"foreach": True})):
-        out[label] = {"seconds": _torch_seconds(torch, shapes, iters, clip, **kw)}
+        try:
+            out[label] = {"seconds": _torch_seconds(torch, shapes, iters, clip, **kw)}
+        except Exception as e:  # one failing variant must not take the table with it
+            out[label] = {"error": f"{type(e).__name__}: {e}"}
         torch.cuda.empty_cache()
     return out
 
@@ -221,7 +218,8 @@ def main(argv=None):
 
     print(f"device: {versions()['device']} ({jax.default_backend()}, backend={ox.kernels.get_backend()}), "
           f"copy bandwidth {bw:.1f} GB/s, step: {step_name}")
-    header = f"{'workload':10s} {'leaves':>6s} {'params':>11s} {'impl':14s} {'ms/step':>9s} {'GB/s':>8s} {'%copy':>6s} {'compile s':>9s}"
+    header = (f"{'workload':10s} {'leaves':>6s} {'params':>11s} {'impl':14s} {'ms/step':>9s} {'GB/s':>8s} "
+              f"{'%copy':>6s} {'compile s':>9s}")
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -1,0 +1,302 @@
+"""What one optimizer step lowers to on a CUDA GPU, read from its StableHLO without a GPU.
+
+For each parameter tree (resnet50, gpt2, small2000 from `optimizer_step.py`, as ShapeDtypeStructs:
+nothing is allocated) and optimizer (adamw, clip+adamw, lion, lamb, sgd-momentum), one training step
+`tx.update_and_apply(grads, state, params)` is jitted with params and state donated, traced under
+`optax_ext.kernels.use_backend("triton")` and lowered for CUDA from this machine:
+
+    jax.jit(step, donate_argnums=(0, 1)).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+and the StableHLO text is read for:
+  kernels        Triton kernels launched (`stablehlo.custom_call @__gpu$xla.gpu.triton` ops)
+  kernel B/param bytes through the kernels per parameter: the byte sizes of every Triton call's operand
+                 and result types, from the op's signature `(tensor<...>, ...) -> (tensor<...>, ...)`,
+                 summed and divided by the number of parameters (an in-place slot counts once read, once
+                 written, which is the traffic it costs)
+  floor          the physical floor, fp32, update applied (below); kernel B/param / floor = the excess
+  copied/param   elements copied by layout ops, per parameter: the result elements of every
+                 concatenate, slice, pad, dynamic_slice, dynamic_update_slice and gather (the JSON has
+                 them per op, plus scatter)
+  XLA ops        StableHLO ops outside the kernels (all but Triton calls, constants and returns): each
+                 is work XLA must schedule, most become small fusions or launches of their own
+  aliased        inputs that alias an output (`tf.aliasing_output`): donation taking effect
+  trace+lower s  seconds to trace and lower the step (a proxy for the Python-side cost per leaf)
+Ops in private functions count once per call. A loop body counts once.
+
+Physical floors, bytes per parameter, fp32 params, grads and slots, update applied in the same step:
+  adamw         28  read p, g, m, v; write p, m, v
+  clip+adamw    32  adamw + read g once more for the global norm (needed before any update)
+  lion          20  read p, g, m; write p, m
+  sgd-momentum  20  read p, g, m; write p, m
+  lamb          40  the trust ratio ||p|| / ||u|| of a leaf needs all of u before any p can be written, so
+                    at least two passes: pass 1 reads g, p, m, v and writes m, v and u (28), with the leaf's
+                    ||u||^2 and ||p||^2 as partial sums of the same pass (no extra read); pass 2 reads u, p
+                    and writes p (12). Recomputing u in pass 2 instead of storing it reads g, m, v again
+                    (48). Where pass 1 needs no p (no weight decay), ||p|| still needs p read once before
+                    pass 2, so 40 holds either way. The library's structure, norms as their own small
+                    reduction kernels, reads u and p once more (+8): 44 without weight decay (pass 1 reads
+                    g, m, v only), 48 with it.
+
+    python benchmarks/lowering_report.py                     # all trees and optimizers: table + lowering_report.json
+    python benchmarks/lowering_report.py --trees gpt2 --optimizers adamw lamb --out /tmp/l.json
+    python benchmarks/lowering_report.py --smoke             # a tiny tree, a few seconds
+
+The optimizers run with their defaults beside a 1e-3 learning rate (lamb: no weight decay). On the
+project's 2-core CPU the full run takes 3 to 6 minutes, most of it small2000 (20 s to 2 minutes per
+optimizer to trace and lower 2,000 leaves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optax_ext as ox
+from optax_ext.kernels import use_backend
+
+# sibling modules: run as a script
+from _common import versions  # noqa: E402
+from optimizer_step import gpt2_small_shapes, resnet50_shapes, small_leaves_shapes  # noqa: E402
+
+TRITON_TARGET = "__gpu$xla.gpu.triton"
+COPY_OPS = ("concatenate", "slice", "pad", "dynamic_slice", "dynamic_update_slice", "gather")
+EXTRA_COPY_OPS = ("scatter",)  # reported per op in the JSON, not in the headline copied/param
+
+OPTIMIZERS = {
+    "adamw": lambda: ox.adamw(1e-3),
+    "clip+adamw": lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)),
+    "lion": lambda: ox.lion(1e-3),
+    "lamb": lambda: ox.lamb(1e-3),
+    "sgd-momentum": lambda: ox.sgd(1e-3, momentum=0.9),
+}
+FLOOR_BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32, "lion": 20, "lamb": 40, "sgd-momentum": 20}
+
+TREES = {
+    "resnet50": resnet50_shapes,
+    "gpt2": gpt2_small_shapes,
+    "small2000": small_leaves_shapes,
+    # --smoke: a scalar, small leaves (batched on the Pallas backends) and large ones, ragged sizes.
+    "tiny": lambda: [(), (7,), (3, 5), (1000,), (70_001,), (64, 1000)],
+}
+FULL_TREES = ("resnet50", "gpt2", "small2000")
+
+
+# ------------------------------------------------------------------------------------ StableHLO parsing
+
+_FUNC_RE = re.compile(r"^\s*func\.func\s+(?:(?:public|private|nested)\s+)?@([\w$.\-]+)")
+_CALL_RE = re.compile(r"\bcall\s+@([\w$.\-]+)\s*\(")
+_OP_RE = re.compile(r'^\s*(?:%[^=]*=\s*)?"?stablehlo\.(\w+)')
+_CUSTOM_TARGET_RE = re.compile(r"stablehlo\.custom_call\s+@([\w$.\-]+)")
+# The op's functional type, the last thing on its line: `: (operand types) -> result type(s)`.
+_SIGNATURE_RE = re.compile(r":\s*\(([^()]*)\)\s*->\s*(\([^()]*\)|tensor<[^()]*?>)\s*(?:loc\(.*\))?\s*$")
+_TENSOR_RE = re.compile(r"tensor<((?:[^<>]|<[^<>]*>)*)>")
+
+
+def _dtype_bytes(dtype: str) -> float:
+    """Bytes of one element: f32 -> 4, bf16 -> 2, ui8 -> 1, i1 (pred, stored as a byte) -> 1, complex<f32> -> 8."""
+    complex_ = dtype.startswith("complex<")
+    m = re.match(r"[a-zA-Z]*?(\d+)", dtype.removeprefix("complex<"))
+    if m is None:
+        raise ValueError(f"unknown element type {dtype!r}")
+    bits = int(m.group(1))
+    size = 1.0 if bits == 1 else bits / 8
+    return 2 * size if complex_ else size
+
+
+def tensor_elements_and_bytes(tensor_type: str) -> tuple[int, float]:
+    """(elements, bytes) of the body of one `tensor<...>` type, e.g. "4096x100xf32" -> (409600, 1638400)."""
+    body = tensor_type.split(",")[0].strip()  # drop an encoding: tensor<4xf32, #enc>
+    m = re.fullmatch(r"((?:[0-9?]+x)*)(.+)", body)  # dims "AxBx" (? if dynamic), then the element type
+    dims, dtype = m.group(1).split("x")[:-1], m.group(2)
+    if any(not d.isdigit() for d in dims):
+        raise ValueError(f"dynamic or unparsable shape in tensor<{tensor_type}>")
+    elements = int(np.prod([int(d) for d in dims], dtype=np.int64)) if dims else 1
+    return elements, elements * _dtype_bytes(dtype)
+
+
+def signature_types(line: str) -> tuple[list[str], list[str]] | None:
+    """(operand tensor types, result tensor types) of an op's trailing signature, or None."""
+    m = _SIGNATURE_RE.search(line)
+    if m is None:
+        return None
+    return _TENSOR_RE.findall(m.group(1)), _TENSOR_RE.findall(m.group(2))
+
+
+def _function_stats(lines: list[str]) -> dict:
+    stats = {"triton_kernels": 0, "kernel_bytes": 0.0, "copied_elements": dict.fromkeys(COPY_OPS + EXTRA_COPY_OPS, 0),
+             "xla_ops": 0, "other_custom_calls": 0, "calls": []}
+    for line in lines:
+        stats["calls"] += _CALL_RE.findall(line)
+        m = _OP_RE.match(line)
+        if m is None:
+            continue
+        op = m.group(1)
+        if op == "custom_call":
+            target = _CUSTOM_TARGET_RE.search(line)
+            if target is not None and target.group(1) == TRITON_TARGET:
+                sig = signature_types(line)
+                if sig is None:
+                    raise ValueError(f"Triton custom call without a type signature: {line[:200]}...{line[-200:]}")
+                stats["triton_kernels"] += 1
+                stats["kernel_bytes"] += sum(tensor_elements_and_bytes(t)[1] for t in sig[0] + sig[1])
+                continue
+            stats["other_custom_calls"] += 1
+        if op in stats["copied_elements"]:
+            sig = signature_types(line)
+            if sig is None:
+                raise ValueError(f"stablehlo.{op} without a type signature: {line[:300]}")
+            stats["copied_elements"][op] += sum(tensor_elements_and_bytes(t)[0] for t in sig[1])
+        if op not in ("constant", "return"):
+            stats["xla_ops"] += 1
+    return stats
+
+
+def analyze_stablehlo(text: str, entry: str = "main") -> dict:
+    """Counts over the entry function of a StableHLO module, with each called function counted per call.
+
+    Returns {"triton_kernels", "kernel_bytes", "copied_elements" (the COPY_OPS total),
+    "copied_elements_by_op", "xla_ops", "other_custom_calls", "aliased_inputs", "unaliased_donors"}.
+    """
+    functions: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _FUNC_RE.match(line)
+        if m is not None:
+            current = m.group(1)
+            functions[current] = [line]
+        elif current is not None:
+            functions[current].append(line)
+    if entry not in functions:
+        raise ValueError(f"no function @{entry} in the module (found {sorted(functions)})")
+    local = {name: _function_stats(lines) for name, lines in functions.items()}
+    memo: dict[str, dict] = {}
+
+    def total(name: str, stack: tuple = ()) -> dict:
+        if name in memo:
+            return memo[name]
+        if name in stack:
+            raise ValueError(f"recursive call to @{name}")
+        s = local[name]
+        out = {"triton_kernels": s["triton_kernels"], "kernel_bytes": s["kernel_bytes"],
+               "copied_elements_by_op": dict(s["copied_elements"]), "xla_ops": s["xla_ops"],
+               "other_custom_calls": s["other_custom_calls"]}
+        for callee in s["calls"]:
+            if callee not in local:  # an external declaration: nothing to count
+                continue
+            c = total(callee, stack + (name,))
+            for key in ("triton_kernels", "kernel_bytes", "xla_ops", "other_custom_calls"):
+                out[key] += c[key]
+            for op, n in c["copied_elements_by_op"].items():
+                out["copied_elements_by_op"][op] += n
+        memo[name] = out
+        return out
+
+    out = dict(total(entry))
+    out["copied_elements"] = sum(out["copied_elements_by_op"][op] for op in COPY_OPS)
+    out["aliased_inputs"] = functions[entry][0].count("tf.aliasing_output")
+    out["unaliased_donors"] = functions[entry][0].count("jax.buffer_donor")  # donated, no output matched at lowering
+    return out
+
+
+# ------------------------------------------------------------------------------------ lowering
+
+
+def avals(shapes, dtype=jnp.float32) -> dict:
+    """The parameter tree of `optimizer_step.make_tree` as ShapeDtypeStructs (nothing allocated)."""
+    return {f"p{i:04d}": jax.ShapeDtypeStruct(tuple(s), dtype) for i, s in enumerate(shapes)}
+
+
+def lower_step(tx, params) -> tuple[str, float]:
+    """StableHLO text of one donated, jitted `update_and_apply` step lowered for CUDA (Triton), and the
+    seconds it took to trace and lower. A fresh `step` per call: jit caches traces per function object,
+    and the kernel backend is read at trace time."""
+
+    def step(params, state, grads):
+        return tx.update_and_apply(grads, state, params)
+
+    with use_backend("triton"):
+        state = jax.eval_shape(tx.init, params)
+        t0 = time.perf_counter()
+        text = jax.jit(step, donate_argnums=(0, 1)).trace(params, state, params).lower(
+            lowering_platforms=("cuda",)).as_text()
+        seconds = time.perf_counter() - t0
+    return text, seconds
+
+
+def report_one(tree: str, optimizer: str) -> dict:
+    shapes = TREES[tree]()
+    params = avals(shapes)
+    n = int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes))
+    text, seconds = lower_step(OPTIMIZERS[optimizer](), params)
+    stats = analyze_stablehlo(text)
+    floor = FLOOR_BYTES_PER_PARAM[optimizer]
+    per_param = stats["kernel_bytes"] / n
+    return {"tree": tree, "optimizer": optimizer, "leaves": len(shapes), "params": n,
+            "triton_kernels": stats["triton_kernels"], "kernel_bytes_per_param": per_param,
+            "floor_bytes_per_param": floor, "kernel_over_floor": per_param / floor,
+            "copied_elements_per_param": stats["copied_elements"] / n,
+            "copied_elements_by_op": stats["copied_elements_by_op"], "xla_ops": stats["xla_ops"],
+            "other_custom_calls": stats["other_custom_calls"], "aliased_inputs": stats["aliased_inputs"],
+            "unaliased_donors": stats["unaliased_donors"],
+            "trace_lower_seconds": seconds, "stablehlo_chars": len(text)}
+
+
+COLUMNS = [("tree", "tree", "{}"), ("optimizer", "optimizer", "{}"), ("leaves", "leaves", "{:,d}"),
+           ("params", "params", "{:,d}"), ("kernels", "triton_kernels", "{:,d}"),
+           ("kernel B/param", "kernel_bytes_per_param", "{:.2f}"), ("floor", "floor_bytes_per_param", "{:d}"),
+           ("kernel/floor", "kernel_over_floor", "{:.2f}"), ("copied/param", "copied_elements_per_param", "{:.3f}"),
+           ("XLA ops", "xla_ops", "{:,d}"), ("aliased", "aliased_inputs", "{:,d}"),
+           ("trace+lower s", "trace_lower_seconds", "{:.2f}")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['tree']} | {r['optimizer']} | failed: {r['error'][:200]} |")
+            continue
+        lines.append("| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trees", nargs="+", choices=sorted(TREES), default=None,
+                    help=f"default: {' '.join(FULL_TREES)} ('tiny' with --smoke)")
+    ap.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    ap.add_argument("--smoke", action="store_true", help="the tiny tree only: runs in a few seconds")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("lowering_report.json"))
+    args = ap.parse_args(argv)
+    trees = args.trees or (["tiny"] if args.smoke else list(FULL_TREES))
+
+    rows = []
+    for tree in trees:
+        for optimizer in args.optimizers:
+            try:
+                rows.append(report_one(tree, optimizer))
+            except Exception as e:  # noqa: BLE001  one configuration failing to lower is a result too
+                rows.append({"tree": tree, "optimizer": optimizer, "error": f"{type(e).__name__}: {e}"})
+    info = versions()
+    print(f"one donated update_and_apply step, backend triton lowered for cuda on {info['device']} "
+          f"(jax {info['jax']}, optax_ext {info['optax_ext']}); floor: fp32 bytes per param, update applied")
+    print(markdown_table(rows))
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": info,
+              "backend": "triton", "lowering_platform": "cuda", "smoke": args.smoke,
+              "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM, "copy_ops": list(COPY_OPS), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
