@@ -1,271 +1,309 @@
-"""The fused optimizer pass as one Pallas kernel: read every input once, write every output once.
+"""The fused optimizer pass as Pallas kernels: every element read once and written once.
 
-`run_elementwise_pallas(body, inputs, scalars, out_dtypes, backend=...)` runs a per-element
-`body(inputs_f32, scalars) -> outputs_f32` (the composed rule of an `optax_ext.chain` run, see
-`optax_ext.kernels.elementwise`) over arrays of one shape. Inputs are stored in any float dtype
-(f32, bf16, f16); the kernel upcasts each block to f32, runs the body, and casts each output to
-its storage dtype, so the math is the same as `run_elementwise_reference` (mixed precision as in
-Micikevicius et al., 2018, "Mixed Precision Training").
+`fused_pass_pallas(body, jobs, shared, backend=...)` runs one composed per-element rule (the
+`body` of an `optax_ext.chain` run, see `optax_ext.kernels.elementwise`) over many leaves. Each
+`Job` is one leaf: its input arrays (g, p, slots; any float storage dtype), its output dtypes, its
+own scalars (a mask, a trust ratio: one value per leaf) and which inputs its outputs overwrite.
+For every element e of leaf k:
 
-Memory layout (why two):
-  * "flat" (Triton, and the interpreter by default): every array is viewed as 1-D (a free
-    reshape) and cut into blocks of `GPU_BLOCK` elements, one program each. A ragged last block
-    is handled by masked loads and stores (`pallas.triton.load/store(mask=...)`), so no array
-    is ever padded or sliced. Triton keeps a whole block in registers, hence blocks of a few
-    thousand elements, not tens of thousands.
-  * "rows" (Mosaic): the array is viewed as a lane-dense slab (n // 128, 128), blocks of
-    (`TPU_BLOCK_ROWS`, 128) -- the native (8, 128) vreg tiling. Mosaic has no masked vector
-    loads for a ragged lane dimension, but handles a ragged *row* count itself (padding reads,
-    dropping out-of-bounds writes). So when n % 128 == 0 (every weight of a typical model, and
-    every batch the caller pads) the reshape is free and there is no copy; otherwise the
-    128-divisible prefix runs in the kernel and the < 128-element tail through the jnp
-    reference (that slice and the final concatenate are copies: the price of ragged leaves on
-    TPU; callers that batch leaves pad the batch to a multiple of 128 and never pay it).
+    outs_k[j][e] = body([x[e] as f32 for x in inputs_k], shared, leaf_scalars_k)[j]  cast to out_dtypes_k[j]
 
-Scalars (step-wide values: bias corrections, learning rate, clip factor) are one small f32 vector
-input: in SMEM on TPU, a tiny full block on GPU. The body receives an object whose `[j]` reads
-scalar `j` from that ref, so scalars stay scalars inside the kernel.
+exactly `run_elementwise_reference`, computed blockwise (mixed precision: storage in f32, bf16 or
+f16, math in f32, as in Micikevicius et al., 2018, "Mixed Precision Training").
+
+Two forms:
+  * "multi_tensor" (Triton, and the Pallas interpreter by default): up to `MAX_LEAVES` leaves per
+    launch, each leaf its own refs, one program per block of any leaf, a `lax.switch` on the leaf
+    (`optax_ext.kernels.multi_tensor`). Outputs overwrite their inputs in place
+    (`input_output_aliases`, in place when the caller donates them under jit). A GPT-2-small
+    AdamW step is 3 launches instead of 148; nothing is concatenated, sliced or padded.
+  * "per_leaf" (Mosaic, TPU): one call per leaf. Mosaic pipelines BlockSpec'd refs through VMEM,
+    and a K-leaf launch with blocked refs would keep a double-buffered block of every ref of all K
+    leaves resident (hundreds of MiB for 36 leaves), while the switch over `pl.ANY` refs needs
+    hand-written double-buffered DMA per branch that cannot be checked without a TPU. A leaf whose
+    size is a multiple of 128 is viewed as a lane-dense (rows, 128) slab in (`TPU_BLOCK_ROWS`, 128)
+    blocks; any other leaf as 1-D blocks of `TPU_FLAT_BLOCK` elements (a multiple of 1024, one f32
+    vreg), whose partial last block Pallas reads padded and writes clipped. Both views are free
+    reshapes: no concatenation, slicing or padding copies on TPU either.
+
+Scalars are two small f32 vectors per launch: `shared` (the same for every leaf: bias corrections,
+learning rate, clip factor) and a per-leaf table (leaf k's values at [k * width, (k + 1) * width)),
+in SMEM on TPU and as whole-array (`pl.ANY`) refs read one scalar at a time on GPU. The body receives indexable objects whose `[j]`
+reads one scalar from those refs, so scalars stay scalars inside the kernel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from optax_ext.kernels import backend as _backend
-from optax_ext.kernels.elementwise import run_elementwise_reference
+from optax_ext.kernels import multi_tensor as mt
+from optax_ext.kernels.elementwise import Job
 
-__all__ = ["run_elementwise_pallas", "GPU_BLOCK", "GPU_NUM_WARPS", "TPU_BLOCK_ROWS", "LANES"]
+__all__ = ["FORMS", "GPU_BLOCK", "GPU_NUM_WARPS", "LANES", "TPU_BLOCK_ROWS", "TPU_FLAT_BLOCK", "ScalarRef",
+           "default_form", "fused_pass_pallas"]
 
-# Tunables. GPU: elements per Triton program (power of 2); with 8 warps a thread holds
-# 16 elements per array (four 128-bit loads of f32), which keeps a 4-input/3-output Adam body in
-# registers. TPU: rows per (rows, 128) block; 512 rows of f32 = 256 KiB per buffer, so even a
-# 5-input/4-output body double-buffered stays below 5 MiB of VMEM.
+# Tunables. GPU: elements per Triton program (power of 2); with 8 warps a thread holds 16
+# elements per array (four 128-bit loads of f32), which keeps a 4-input/3-output Adam body in
+# registers. TPU: 512 rows of f32 (or 64K elements of a 1-D view) = 256 KiB per buffer, so even
+# a 5-input/4-output body double-buffered stays below 5 MiB of VMEM.
 GPU_BLOCK = 4096
 GPU_NUM_WARPS = 8
 GPU_NUM_STAGES = 1
 TPU_BLOCK_ROWS = 512
+TPU_FLAT_BLOCK = 512 * 128
+TPU_FLAT_ALIGN = 1024
 LANES = 128
 INTERPRET_BLOCK = 4096
 
+FORMS = ("multi_tensor", "per_leaf")
+BACKENDS = ("interpret", "triton", "mosaic")
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
-_MAX_FLAT = 2**31 - 2**24  # element indices are int32 inside the kernel
 
 
 class ScalarRef:
-    """`svec[j]` inside a kernel: reads scalar j of the scalar input (SMEM on TPU) as f32."""
+    """`s[j]` inside a kernel: scalar `offset + j` of a f32 scalar ref (SMEM on TPU)."""
 
-    def __init__(self, ref, size: int):
-        self._ref = ref
-        self._size = size
+    def __init__(self, ref, size: int, offset: int = 0):
+        self._ref, self._size, self._offset = ref, size, offset
 
     def __len__(self) -> int:
         return self._size
 
     def __getitem__(self, j):
-        if isinstance(j, int) and not -self._size <= j < self._size:
-            raise IndexError(f"scalar index {j} out of range for {self._size} scalars.")
-        return self._ref[j % self._size if isinstance(j, int) else j]
+        if not isinstance(j, int) or not -self._size <= j < self._size:
+            raise IndexError(f"scalar index {j!r} out of range for {self._size} scalars.")
+        return self._ref[self._offset + j % self._size]
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def default_form(backend: str) -> str:
+    """Mosaic runs one call per leaf; Triton and the interpreter run multi-tensor launches."""
+    return "per_leaf" if backend == "mosaic" else "multi_tensor"
 
 
-def _validate(inputs, scalars, out_dtypes, backend, aliases):
-    if backend not in ("interpret", "triton", "mosaic"):
-        raise ValueError(
-            f"run_elementwise_pallas(backend={backend!r}): expected 'interpret', 'triton' or 'mosaic'.")
-    if not inputs:
-        raise ValueError("run_elementwise_pallas(inputs=[]): expected at least one input array.")
-    shape = jnp.shape(inputs[0])
-    for i, x in enumerate(inputs):
-        if jnp.shape(x) != shape:
+def _validate(jobs: Sequence[Job], shared, backend: str, form: str, block):
+    if backend not in BACKENDS:
+        raise ValueError(f"fused_pass_pallas(backend={backend!r}): expected 'interpret', 'triton' or 'mosaic'.")
+    if form not in FORMS:
+        raise ValueError(f"fused_pass_pallas(form={form!r}): expected 'multi_tensor' or 'per_leaf'.")
+    if form == "multi_tensor" and backend == "mosaic":
+        raise ValueError("fused_pass_pallas(form='multi_tensor'): Mosaic runs the 'per_leaf' form (see module doc).")
+    if block is not None and (not isinstance(block, int) or block < 1):
+        raise ValueError(f"fused_pass_pallas(block={block!r}): expected a positive int.")
+    if block is not None and form == "multi_tensor" and block & (block - 1):
+        raise ValueError(f"fused_pass_pallas(block={block}): multi-tensor blocks must be a power of 2.")
+    if block is not None and form == "per_leaf" and block % 8:
+        raise ValueError(f"fused_pass_pallas(block={block}): per-leaf blocks (rows) must be a multiple of 8.")
+    if jnp.ndim(shared) != 1:
+        raise ValueError(f"fused_pass_pallas(shared): expected a 1-D vector, got shape {jnp.shape(shared)}.")
+    if not jobs:
+        return
+    n_in, n_out, width = len(jobs[0].inputs), len(jobs[0].out_dtypes), jnp.shape(jobs[0].scalars)
+    for k, job in enumerate(jobs):
+        where = f"fused_pass_pallas(jobs[{k}])"
+        if not job.inputs:
+            raise ValueError(f"{where}: expected at least one input array.")
+        if not job.out_dtypes:
+            raise ValueError(f"{where}: expected at least one output dtype.")
+        if (len(job.inputs), len(job.out_dtypes), jnp.shape(job.scalars)) != (n_in, n_out, width):
             raise ValueError(
-                f"run_elementwise_pallas(inputs): all inputs must have one shape; input 0 has "
-                f"{shape}, input {i} has {jnp.shape(x)}.")
-        if jnp.result_type(x) not in _FLOATS:
-            raise TypeError(
-                f"run_elementwise_pallas(inputs): input {i} has dtype {jnp.result_type(x)}; "
-                f"expected one of float32, bfloat16, float16.")
-    if jnp.ndim(scalars) != 1:
-        raise ValueError(
-            f"run_elementwise_pallas(scalars): expected a 1-D vector, got shape {jnp.shape(scalars)}.")
-    if not out_dtypes:
-        raise ValueError("run_elementwise_pallas(out_dtypes=[]): expected at least one output dtype.")
-    for j, d in enumerate(out_dtypes):
-        if jnp.dtype(d) not in _FLOATS:
-            raise TypeError(
-                f"run_elementwise_pallas(out_dtypes): output {j} has dtype {jnp.dtype(d)}; "
-                f"expected one of float32, bfloat16, float16.")
-    aliases = dict(aliases or {})
-    for i, o in aliases.items():
-        if not (0 <= i < len(inputs) and 0 <= o < len(out_dtypes)):
-            raise ValueError(
-                f"run_elementwise_pallas(aliases): {{{i}: {o}}} out of range for "
-                f"{len(inputs)} inputs and {len(out_dtypes)} outputs.")
-        if jnp.result_type(inputs[i]) != jnp.dtype(out_dtypes[o]):
-            raise ValueError(
-                f"run_elementwise_pallas(aliases): input {i} ({jnp.result_type(inputs[i])}) cannot "
-                f"alias output {o} ({jnp.dtype(out_dtypes[o])}); dtypes must match.")
-    if len(set(aliases.values())) != len(aliases):
-        raise ValueError(f"run_elementwise_pallas(aliases={aliases}): an output is aliased twice.")
-    return shape, aliases
+                f"{where}: every job of one body needs the same number of inputs, outputs and scalars; job 0 "
+                f"has {n_in}, {n_out}, {width}, this one {len(job.inputs)}, {len(job.out_dtypes)}, "
+                f"{jnp.shape(job.scalars)}.")
+        if jnp.ndim(job.scalars) != 1:
+            raise ValueError(f"{where}.scalars: expected a 1-D vector, got shape {jnp.shape(job.scalars)}.")
+        shape = jnp.shape(job.inputs[0])
+        for i, x in enumerate(job.inputs):
+            if jnp.shape(x) != shape:
+                raise ValueError(
+                    f"{where}.inputs: all inputs must have one shape; input 0 has {shape}, input {i} has "
+                    f"{jnp.shape(x)}.")
+            if jnp.result_type(x) not in _FLOATS:
+                raise TypeError(
+                    f"{where}.inputs: input {i} has dtype {jnp.result_type(x)}; expected one of float32, "
+                    f"bfloat16, float16.")
+        for j, d in enumerate(job.out_dtypes):
+            if jnp.dtype(d) not in _FLOATS:
+                raise TypeError(
+                    f"{where}.out_dtypes: output {j} has dtype {jnp.dtype(d)}; expected one of float32, "
+                    f"bfloat16, float16.")
+        for i, o in job.aliases.items():
+            if not (0 <= i < n_in and 0 <= o < n_out):
+                raise ValueError(
+                    f"{where}.aliases: {{{i}: {o}}} out of range for {n_in} inputs and {n_out} outputs.")
+            if jnp.result_type(job.inputs[i]) != jnp.dtype(job.out_dtypes[o]):
+                raise ValueError(
+                    f"{where}.aliases: input {i} ({jnp.result_type(job.inputs[i])}) cannot alias output {o} "
+                    f"({jnp.dtype(job.out_dtypes[o])}); dtypes must match.")
+        if len(set(job.aliases.values())) != len(job.aliases):
+            raise ValueError(f"{where}.aliases={dict(job.aliases)}: an output is aliased twice.")
 
 
-def _make_kernel(body, n_in, n_out, k, block_shape, n_valid, grid):
-    """Kernel over one block. `n_valid` (flat layout, ragged size only) masks the last block."""
+def _scalar_vector(values: jax.Array) -> jax.Array:
+    """A f32 vector of at least one element (a kernel operand may not be empty)."""
+    values = jnp.asarray(values, jnp.float32).reshape(-1)
+    return values if values.shape[0] else jnp.zeros((1,), jnp.float32)
 
-    def run(in_refs, s_ref, out_refs, mask):
-        if mask is not None:
-            from jax.experimental.pallas import triton as plt
 
-            # Masked-off lanes hold garbage; they are never stored.
-            xs = [plt.load(r, mask=mask).astype(jnp.float32) for r in in_refs]
-        else:
-            xs = [r[...].astype(jnp.float32) for r in in_refs]
-        outs = list(body(xs, ScalarRef(s_ref, k)))
-        if len(outs) != n_out:
-            raise ValueError(
-                f"run_elementwise_pallas(body): body returned {len(outs)} outputs, "
-                f"out_dtypes has {n_out}.")
-        for r, o in zip(out_refs, outs):
-            o = jnp.broadcast_to(jnp.asarray(o, jnp.float32), block_shape).astype(r.dtype)
-            if mask is not None:
-                plt.store(r, o, mask=mask)
-            else:
-                r[...] = o
+def _compiler_params(backend: str):
+    if backend == "triton":
+        return _backend.compiler_params("triton", num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
+    if backend == "mosaic":
+        return _backend.compiler_params("mosaic", dimension_semantics=("parallel",))
+    return None
+
+
+def _check_outputs(outs, n_out):
+    if len(outs) != n_out:
+        raise ValueError(f"fused_pass_pallas(body): body returned {len(outs)} outputs, out_dtypes has {n_out}.")
+
+
+# --------------------------------------------------------------------------------------------
+# "multi_tensor": many leaves per launch (Triton, interpreter)
+
+
+def _multi_tensor_kernel(body, launch: mt.Launch, n_in, n_out, n_shared, width):
+    num = len(launch.segments)
 
     def kernel(*refs):
-        in_refs, s_ref, out_refs = refs[:n_in], refs[n_in], refs[n_in + 1:]
-        if n_valid is None:
-            run(in_refs, s_ref, out_refs, None)
-            return
-        # Only the last program masks: a mask against an odd bound would stop Triton from
-        # vectorizing the loads of every block, not just the ragged one.
-        last = pl.program_id(0) == grid - 1
-
-        @pl.when(jnp.logical_not(last))
-        def _():
-            run(in_refs, s_ref, out_refs, None)
-
-        @pl.when(last)
-        def _():
-            idx = (grid - 1) * block_shape[0] + jax.lax.broadcasted_iota(jnp.int32, block_shape, 0)
-            run(in_refs, s_ref, out_refs, idx < n_valid)
+        ins, s_ref, t_ref, outs = refs[:num * n_in], refs[num * n_in], refs[num * n_in + 1], refs[num * n_in + 2:]
+        leaf, program = mt.locate(launch)
+        xs = mt.load_blocks(launch, [ins[k * n_in:(k + 1) * n_in] for k in range(num)], leaf, program)
+        # The body is emitted once per launch, not once per leaf: only loads and stores switch.
+        ys = list(body(xs, ScalarRef(s_ref, n_shared), ScalarRef(t_ref, width, leaf * width)))
+        _check_outputs(ys, n_out)
+        ys = [jnp.broadcast_to(jnp.asarray(y, jnp.float32), (launch.block,)) for y in ys]
+        mt.store_blocks(launch, [outs[k * n_out:(k + 1) * n_out] for k in range(num)], leaf, program, ys)
 
     return kernel
 
 
-def _pallas(body, flat_inputs, svec, out_dtypes, *, backend, aliases, block_shape, grid,
-            n_valid, k, name):
-    """One pallas_call over arrays already in their 1-D or (rows, 128) view."""
-    arr_shape = flat_inputs[0].shape
-    rank = len(block_shape)
-    index_map = (lambda i: (i,)) if rank == 1 else (lambda i: (i, 0))
+def _multi_tensor_launch(body, jobs: Sequence[Job], launch: mt.Launch, shared, backend):
+    """One pallas_call over the leaves of `launch` (indices into `jobs`); outputs per leaf."""
+    members = [jobs[i] for i in launch.leaves]
+    n_in, n_out, width = len(members[0].inputs), len(members[0].out_dtypes), members[0].scalars.shape[0]
+    table = _scalar_vector(jnp.concatenate([job.scalars for job in members]) if width else jnp.zeros((0,)))
+    svec = _scalar_vector(shared)
+    inputs, out_shape, aliases = [], [], {}
+    for k, (job, seg) in enumerate(zip(members, launch.segments)):
+        inputs.extend(jnp.reshape(x, seg.view) for x in job.inputs)
+        out_shape.extend(jax.ShapeDtypeStruct(seg.view, jnp.dtype(d)) for d in job.out_dtypes)
+        aliases.update({k * n_in + i: k * n_out + o for i, o in job.aliases.items()})
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    outs = pl.pallas_call(
+        _multi_tensor_kernel(body, launch, n_in, n_out, shared.shape[0], width),
+        out_shape=out_shape,
+        grid=(launch.num_programs,),
+        in_specs=[any_spec] * (len(inputs) + 2),  # scalars too: read one at a time, any length
+        out_specs=[any_spec] * len(out_shape),
+        input_output_aliases=aliases,
+        interpret=backend == "interpret",
+        compiler_params=_compiler_params(backend),
+        name=f"fused_pass_{len(members)}_leaves",
+    )(*inputs, svec, table)
+    return [[o.reshape(jnp.shape(job.inputs[0])) for o in outs[k * n_out:(k + 1) * n_out]]
+            for k, job in enumerate(members)]
+
+
+# --------------------------------------------------------------------------------------------
+# "per_leaf": one call per leaf (Mosaic)
+
+
+def _per_leaf_kernel(body, n_in, n_out, n_shared, width, block_shape):
+    def kernel(*refs):
+        ins, s_ref, t_ref, outs = refs[:n_in], refs[n_in], refs[n_in + 1], refs[n_in + 2:]
+        ys = list(body([r[...].astype(jnp.float32) for r in ins], ScalarRef(s_ref, n_shared),
+                       ScalarRef(t_ref, width)))
+        _check_outputs(ys, n_out)
+        for r, y in zip(outs, ys):
+            r[...] = jnp.broadcast_to(jnp.asarray(y, jnp.float32), block_shape).astype(r.dtype)
+
+    return kernel
+
+
+def per_leaf_view(n: int, block: int | None) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(view, block shape) of an n-element leaf on TPU: (rows, 128) slabs or 1-D blocks; None if too big."""
+    rows, tail = divmod(n, LANES)
+    if not tail:
+        r = block or TPU_BLOCK_ROWS
+        return (rows, LANES), (min(r, rows), LANES)  # a block equal to the full array is always legal
+    if n > mt.INDEX_LIMIT:
+        return None
+    b = (block * LANES) if block else TPU_FLAT_BLOCK
+    # Below one aligned block, the whole array is the block (always legal); above, aligned blocks
+    # and a partial last block.
+    return (n,), ((n,) if n < TPU_FLAT_ALIGN else (min(b, n // TPU_FLAT_ALIGN * TPU_FLAT_ALIGN),))
+
+
+def _per_leaf_call(body, job, shared, backend, block):
+    shape = jnp.shape(job.inputs[0])
+    n = job.inputs[0].size
+    view, block_shape = per_leaf_view(n, block)
+    grid = pl.cdiv(view[0], block_shape[0])
+    index_map = (lambda i: (i,)) if len(view) == 1 else (lambda i: (i, 0))
     data_spec = pl.BlockSpec(block_shape, index_map)
+    svec, table = _scalar_vector(shared), _scalar_vector(job.scalars)
     if backend == "mosaic":
         from jax.experimental.pallas import tpu as pltpu
 
-        s_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+        s_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)] * 2
     else:
-        s_spec = pl.BlockSpec(svec.shape, lambda i: (0,))
-    if backend == "triton":
-        params = _backend.compiler_params("triton", num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES)
-    elif backend == "mosaic":
-        params = _backend.compiler_params("mosaic", dimension_semantics=("parallel",))
-    else:
-        params = None
-    n_in = len(flat_inputs)
-    call = pl.pallas_call(
-        _make_kernel(body, n_in, len(out_dtypes), k, block_shape, n_valid, grid),
-        out_shape=[jax.ShapeDtypeStruct(arr_shape, jnp.dtype(d)) for d in out_dtypes],
+        s_specs = [pl.BlockSpec(svec.shape, lambda i: (0,)), pl.BlockSpec(table.shape, lambda i: (0,))]
+    n_in, n_out = len(job.inputs), len(job.out_dtypes)
+    outs = pl.pallas_call(
+        _per_leaf_kernel(body, n_in, n_out, shared.shape[0], job.scalars.shape[0], block_shape),
+        out_shape=[jax.ShapeDtypeStruct(view, jnp.dtype(d)) for d in job.out_dtypes],
         grid=(grid,),
-        in_specs=[data_spec] * n_in + [s_spec],
-        out_specs=[data_spec] * len(out_dtypes),
-        input_output_aliases=dict(aliases),
+        in_specs=[data_spec] * n_in + s_specs,
+        out_specs=[data_spec] * n_out,
+        input_output_aliases=dict(job.aliases),
         interpret=backend == "interpret",
-        compiler_params=params,
-        name=name,
-    )
-    return call(*flat_inputs, svec)
+        compiler_params=_compiler_params(backend),
+        name="fused_pass_rows" if len(view) == 2 else "fused_pass_flat",
+    )(*[jnp.reshape(x, view) for x in job.inputs], svec, table)
+    return [o.reshape(shape) for o in outs]
 
 
-def run_elementwise_pallas(body: Callable, inputs: Sequence[jax.Array], scalars: jax.Array,
-                           out_dtypes: Sequence, *, backend: str,
-                           aliases: Mapping[int, int] | None = None,
-                           layout: str | None = None, block: int | None = None) -> list[jax.Array]:
-    """Apply `body` elementwise to `inputs` in one Pallas kernel; same result as the reference.
+# --------------------------------------------------------------------------------------------
 
-    For every element index e: `outs[j][e] = body([x[e] as f32 for x in inputs], scalars)[j]`
-    cast to `out_dtypes[j]` -- exactly `run_elementwise_reference`, computed blockwise.
+
+def fused_pass_pallas(body: Callable, jobs: Sequence[Job], shared: jax.Array, *, backend: str,
+                      form: str | None = None, block: int | None = None) -> list[list[jax.Array] | None]:
+    """Apply `body` elementwise to every job's leaf with Pallas kernels; same result as the reference.
 
     Args:
-      body: `(list of f32 blocks, svec) -> list of f32 blocks`; `svec[j]` is scalar j.
-      inputs: arrays of one shape (any rank, 0-d included), dtypes f32/bf16/f16.
-      scalars: 1-D f32 vector of step-wide values (may be empty).
-      out_dtypes: storage dtype of each output.
+      body: `(list of f32 blocks, shared, leaf) -> list of f32 blocks`; `shared[j]` and `leaf[j]` are
+        scalars (leaf: this job's `scalars[j]`).
+      jobs: one `Job` per leaf; every job has the same number of inputs, outputs and scalars. Input
+        dtypes, output dtypes and shapes may differ between jobs.
+      shared: 1-D f32 vector of step-wide values (may be empty).
       backend: "interpret" (Pallas interpreter, any device), "triton" or "mosaic".
-      aliases: `{input index: output index}` for `input_output_aliases`: the output is written
-        into the input's buffer (in place when the caller donates it). Dtypes must match.
-      layout: "flat" or "rows" (see the module docstring); default: "rows" on Mosaic, else "flat".
-      block: elements per block ("flat") or rows per block ("rows"); default: the tunables above.
+      form: "multi_tensor" or "per_leaf" (see the module docstring); default: per backend.
+      block: elements per program (multi_tensor, a power of 2) or rows per block (per_leaf, a
+        multiple of 8; 1-D views use `block * 128` elements); default: the tunables above.
 
     Returns:
-      The outputs, each shaped like the inputs.
+      Per job, its outputs shaped like its inputs; None for a job the kernels cannot address (a leaf
+      over 2^31 elements without a usable 2-D view; the caller runs it on XLA).
     """
-    shape, aliases = _validate(inputs, scalars, out_dtypes, backend, aliases)
-    layout = layout or ("rows" if backend == "mosaic" else "flat")
-    if layout not in ("flat", "rows"):
-        raise ValueError(f"run_elementwise_pallas(layout={layout!r}): expected 'flat' or 'rows'.")
-    if block is not None and (not isinstance(block, int) or block < 1):
-        raise ValueError(f"run_elementwise_pallas(block={block!r}): expected a positive int.")
-    scalars = jnp.asarray(scalars, jnp.float32)
-    k = scalars.shape[0]
-    n = 1
-    for d in shape:
-        n *= d
-    if n == 0:
-        return [jnp.zeros(shape, d) for d in out_dtypes]
-    # Pad the scalar vector (a few floats) to a power of 2, at least 1: Triton blocks must be
-    # powers of 2, and a 0-length input is not allowed.
-    svec = jnp.zeros((_pow2_at_least(max(k, 1)),), jnp.float32).at[:k].set(scalars)
-    flat = [jnp.reshape(x, (n,)) for x in inputs]
-
-    if layout == "flat":
-        if n > _MAX_FLAT:
-            raise ValueError(
-                f"run_elementwise_pallas(inputs): {n} elements exceed the int32 index range of "
-                f"the flat layout ({_MAX_FLAT}); split the array.")
+    form = form or default_form(backend)
+    _validate(jobs, shared, backend, form, block)
+    shared = jnp.asarray(shared, jnp.float32)
+    jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
+    results: list = [None] * len(jobs)
+    for i, job in enumerate(jobs):
+        if job.inputs[0].size == 0:
+            results[i] = [jnp.zeros(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes]
+        elif form == "per_leaf" and per_leaf_view(job.inputs[0].size, block) is not None:
+            results[i] = _per_leaf_call(body, job, shared, backend, block)
+    if form == "multi_tensor":
+        refs = len(jobs[0].inputs) + len(jobs[0].out_dtypes) if jobs else 0
         b = block or (GPU_BLOCK if backend == "triton" else INTERPRET_BLOCK)
-        if backend == "triton" and b & (b - 1):
-            raise ValueError(f"run_elementwise_pallas(block={b}): Triton blocks must be a power of 2.")
-        b = min(b, _pow2_at_least(n))
-        grid = pl.cdiv(n, b)
-        outs = _pallas(body, flat, svec, out_dtypes, backend=backend, aliases=aliases,
-                       block_shape=(b,), grid=grid, n_valid=None if n % b == 0 else n, k=k,
-                       name="fused_elementwise_flat")
-        return [o.reshape(shape) for o in outs]
-
-    # "rows": kernel over the 128-divisible prefix viewed as (rows, 128); tail via jnp.
-    rows, tail = divmod(n, LANES)
-    outs_main = []
-    if rows:
-        r = block or TPU_BLOCK_ROWS
-        if r % 8:
-            raise ValueError(f"run_elementwise_pallas(block={r}): rows per block must be a multiple of 8.")
-        r = rows if rows <= r else r  # a block equal to the full array is always legal
-        main = [(x if not tail else x[: rows * LANES]).reshape(rows, LANES) for x in flat]
-        outs_main = _pallas(body, main, svec, out_dtypes, backend=backend,
-                            aliases=aliases, block_shape=(r, LANES),
-                            grid=pl.cdiv(rows, r), n_valid=None, k=k, name="fused_elementwise_rows")
-        outs_main = [o.reshape(rows * LANES) for o in outs_main]
-    if not tail:
-        return [o.reshape(shape) for o in outs_main]
-    outs_tail = run_elementwise_reference(body, [x[rows * LANES:] for x in flat], scalars, out_dtypes)
-    if not rows:
-        return [o.reshape(shape) for o in outs_tail]
-    return [jnp.concatenate([a, b]).reshape(shape) for a, b in zip(outs_main, outs_tail)]
+        for launch in mt.plan([job.inputs[0].size for job in jobs], refs, b, extra_refs=2):
+            for i, outs in zip(launch.leaves, _multi_tensor_launch(body, jobs, launch, shared, backend)):
+                results[i] = outs
+    return results

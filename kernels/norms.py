@@ -1,15 +1,20 @@
-"""Per-leaf sums of squares as Pallas kernels: the reductions that feed the fused pass.
+"""Sums of squares over many leaves as Pallas kernels: the reductions that feed the fused pass.
 
-`leaf_sq_norms_pallas(leaves, backend=...)` returns `[sum(x**2) in f32 for x in leaves]`; the
-square roots are global-norm clipping (Pascanu et al., 2013, "On the difficulty of training
-recurrent neural networks") and the LARS/LAMB trust ratios (You et al., 2017/2019).
+`leaf_sq_norms_pallas(leaves, backend=...)` returns `[sum(x**2) in f32 for x in leaves]` and
+`global_sq_norm_pallas` their total; the square roots are global-norm clipping (Pascanu et al.,
+2013, "On the difficulty of training recurrent neural networks") and the LARS/LAMB trust ratios
+(You et al., 2017/2019).
 
-Each leaf is one kernel over a 1-D grid of blocks; program i writes the partial sum of block i
-to its own output slot, and a tiny jnp sum adds the partials. No atomics, so the result is
-deterministic run to run. Layouts follow `optax_ext.kernels.fused_pass`: "flat" 1-D blocks on
-Triton and in the interpreter, (rows, 128) lane-dense blocks on Mosaic (a < 128-element ragged
-tail is summed in jnp). Elements past the end of the array in a ragged last block are zeroed by
-an explicit mask (`jnp.where`), never trusted, on every backend.
+Every program writes the f32 partial sum of one block to its own slot of a `partials` vector;
+a tiny jnp reduction adds the partials, leaf by leaf for per-leaf norms (a static slice of the
+partials per leaf) or all at once for the global norm. No atomics and a fixed order: the result
+is deterministic run to run. Same two forms as `optax_ext.kernels.fused_pass`:
+  * "multi_tensor" (Triton, interpreter): up to `multi_tensor.MAX_LEAVES` leaves per launch, each
+    its own `pl.ANY` ref, one program per block of any leaf, a switch on the leaf; elements past
+    a ragged block's end are masked to zero.
+  * "per_leaf" (Mosaic): one call per leaf, as a (rows, 128) slab reduced over sublanes to one
+    (1, 128) partial per block, or (sizes not divisible by 128) as 1-D blocks whose partial sum is
+    stored in lane 0 of a (1, 128) row; Pallas pads the last block's reads, the mask zeroes them.
 """
 
 from __future__ import annotations
@@ -21,142 +26,173 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from optax_ext.kernels import backend as _backend
-from optax_ext.kernels.fused_pass import LANES, _MAX_FLAT, _pow2_at_least
+from optax_ext.kernels import multi_tensor as mt
+from optax_ext.kernels.fused_pass import BACKENDS, FORMS, LANES, default_form, per_leaf_view
 
-__all__ = ["leaf_sq_norms_pallas", "sq_norm_pallas", "NORM_GPU_BLOCK", "NORM_TPU_BLOCK_ROWS"]
+__all__ = ["NORM_GPU_BLOCK", "global_sq_norm_pallas", "leaf_sq_norms_pallas"]
 
-# One input and no outputs to speak of: blocks can be larger than the fused pass's.
+# One input and one scalar out per block: blocks can be larger than the fused pass's.
 NORM_GPU_BLOCK = 8192
 NORM_GPU_NUM_WARPS = 8
 NORM_TPU_BLOCK_ROWS = 1024
 NORM_INTERPRET_BLOCK = 4096
+# Twice the fused pass's leaves per launch: a branch is one load, so the module stays small, and
+# finding the leaf (~3 scalar ops per leaf of the launch, see multi_tensor.locate) stays a few
+# instructions per element of an 8192-element block.
+NORM_MAX_LEAVES = 128
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _flat_kernel(n_valid, block, grid):
-    def partial_sum(x_ref, o_ref, mask):
-        if mask is not None:
-            from jax.experimental.pallas import triton as plt
+def _validate(leaves, backend, form, block):
+    if backend not in BACKENDS:
+        raise ValueError(f"leaf_sq_norms_pallas(backend={backend!r}): expected 'interpret', 'triton' or 'mosaic'.")
+    if form not in FORMS:
+        raise ValueError(f"leaf_sq_norms_pallas(form={form!r}): expected 'multi_tensor' or 'per_leaf'.")
+    if form == "multi_tensor" and backend == "mosaic":
+        raise ValueError("leaf_sq_norms_pallas(form='multi_tensor'): Mosaic runs the 'per_leaf' form.")
+    if block is not None and (not isinstance(block, int) or block < 1):
+        raise ValueError(f"leaf_sq_norms_pallas(block={block!r}): expected a positive int.")
+    if block is not None and form == "multi_tensor" and block & (block - 1):
+        raise ValueError(f"leaf_sq_norms_pallas(block={block}): multi-tensor blocks must be a power of 2.")
+    if block is not None and form == "per_leaf" and block % 8:
+        raise ValueError(f"leaf_sq_norms_pallas(block={block}): per-leaf blocks (rows) must be a multiple of 8.")
+    for i, x in enumerate(leaves):
+        if jnp.result_type(x) not in _FLOATS:
+            raise TypeError(
+                f"leaf_sq_norms_pallas(leaves): leaf {i} has dtype {jnp.result_type(x)}; expected one of "
+                f"float32, bfloat16, float16.")
 
-            x = jnp.where(mask, plt.load(x_ref, mask=mask).astype(jnp.float32), 0.0)
-        else:
-            x = x_ref[...].astype(jnp.float32)
+
+# --------------------------------------------------------------------------------------------
+# "multi_tensor"
+
+
+def _multi_tensor_kernel(launch: mt.Launch):
+    num = len(launch.segments)
+
+    def kernel(*refs):
+        ins, o_ref = refs[:num], refs[num]
+        leaf, program = mt.locate(launch)
+        (x,) = mt.load_blocks(launch, [[r] for r in ins], leaf, program)  # lanes past a leaf's end read 0
         o_ref[...] = jnp.broadcast_to(jnp.sum(x * x), (1,))
 
-    def kernel(x_ref, o_ref):
-        if n_valid is None:
-            partial_sum(x_ref, o_ref, None)
-            return
-        # Only the last block masks, so the others keep vectorized loads (see fused_pass).
-        last = pl.program_id(0) == grid - 1
-
-        @pl.when(jnp.logical_not(last))
-        def _():
-            partial_sum(x_ref, o_ref, None)
-
-        @pl.when(last)
-        def _():
-            idx = (grid - 1) * block + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
-            partial_sum(x_ref, o_ref, idx < n_valid)
-
     return kernel
 
 
-def _rows_kernel(rows, block_rows):
-    def kernel(x_ref, o_ref):
-        x = x_ref[...].astype(jnp.float32)
-        if rows % block_rows:
-            row = pl.program_id(0) * block_rows + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-            x = jnp.where(row < rows, x, 0.0)
-        # Sublane reduction to one (1, 128) row per block; lanes are added in jnp afterwards.
-        o_ref[...] = jnp.sum(x * x, axis=0, keepdims=True).reshape(o_ref.shape)
-
-    return kernel
-
-
-def sq_norm_pallas(x: jax.Array, *, backend: str, layout: str | None = None,
-                   block: int | None = None) -> jax.Array:
-    """sum(x**2) of one array in f32, computed blockwise by a Pallas kernel.
-
-    Args:
-      x: array of any shape, dtype f32/bf16/f16.
-      backend: "interpret", "triton" or "mosaic".
-      layout: "flat" or "rows"; default "rows" on Mosaic, else "flat".
-      block: elements ("flat") or rows ("rows") per block; default: the tunables above.
-    """
-    if backend not in ("interpret", "triton", "mosaic"):
-        raise ValueError(f"sq_norm_pallas(backend={backend!r}): expected 'interpret', 'triton' or 'mosaic'.")
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"sq_norm_pallas(x): dtype {x.dtype}; expected one of float32, bfloat16, float16.")
-    layout = layout or ("rows" if backend == "mosaic" else "flat")
-    if layout not in ("flat", "rows"):
-        raise ValueError(f"sq_norm_pallas(layout={layout!r}): expected 'flat' or 'rows'.")
-    if block is not None and (not isinstance(block, int) or block < 1):
-        raise ValueError(f"sq_norm_pallas(block={block!r}): expected a positive int.")
-    n = x.size
-    if n == 0:
-        return jnp.zeros((), jnp.float32)
-    flat = x.reshape(n)
-    interpret = backend == "interpret"
-
-    if layout == "flat":
-        if n > _MAX_FLAT:
-            raise ValueError(f"sq_norm_pallas(x): {n} elements exceed the flat layout's int32 range.")
-        b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
-        if backend == "triton" and b & (b - 1):
-            raise ValueError(f"sq_norm_pallas(block={b}): Triton blocks must be a power of 2.")
-        b = min(b, _pow2_at_least(n))
-        grid = pl.cdiv(n, b)
-        params = (_backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1)
-                  if backend == "triton" else None)
+def _multi_tensor_partials(leaves, backend, block) -> list[tuple[mt.Launch, jax.Array]]:
+    """Per launch, its plan and `partials[j]` = the sum of squares of its program j's block."""
+    params = (_backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1)
+              if backend == "triton" else None)
+    out = []
+    for launch in mt.plan([x.size for x in leaves], 1, block, extra_refs=1, max_leaves=NORM_MAX_LEAVES):
+        grid = launch.num_programs
         partials = pl.pallas_call(
-            _flat_kernel(None if n % b == 0 else n, b, grid),
+            _multi_tensor_kernel(launch),
             out_shape=jax.ShapeDtypeStruct((grid,), jnp.float32),
             grid=(grid,),
-            in_specs=[pl.BlockSpec((b,), lambda i: (i,))],
+            in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(launch.leaves),
             out_specs=pl.BlockSpec((1,), lambda i: (i,)),
-            interpret=interpret,
+            interpret=backend == "interpret",
             compiler_params=params,
-            name="leaf_sq_norm_flat",
-        )(flat)
-        return jnp.sum(partials)
-
-    rows, tail = divmod(n, LANES)
-    total = jnp.zeros((), jnp.float32)
-    if rows:
-        r = block or NORM_TPU_BLOCK_ROWS
-        if r % 8:
-            raise ValueError(f"sq_norm_pallas(block={r}): rows per block must be a multiple of 8.")
-        r = rows if rows <= r else r
-        grid = pl.cdiv(rows, r)
-        main = (flat if not tail else flat[: rows * LANES]).reshape(rows, LANES)
-        params = (_backend.compiler_params("mosaic", dimension_semantics=("parallel",))
-                  if backend == "mosaic" else None)
-        # (grid, 1, 128): a (1, 128) block whose last two dims equal the array's, as Mosaic needs.
-        partials = pl.pallas_call(
-            _rows_kernel(rows, r),
-            out_shape=jax.ShapeDtypeStruct((grid, 1, LANES), jnp.float32),
-            grid=(grid,),
-            in_specs=[pl.BlockSpec((r, LANES), lambda i: (i, 0))],
-            out_specs=pl.BlockSpec((None, 1, LANES), lambda i: (i, 0, 0)),
-            interpret=interpret,
-            compiler_params=params,
-            name="leaf_sq_norm_rows",
-        )(main)
-        total = jnp.sum(partials)
-    if tail:
-        t = flat[rows * LANES:].astype(jnp.float32)
-        total = total + jnp.sum(t * t)
-    return total
+            name=f"sq_norm_{len(launch.leaves)}_leaves",
+        )(*[jnp.reshape(leaves[i], seg.view) for i, seg in zip(launch.leaves, launch.segments)])
+        out.append((launch, partials))
+    return out
 
 
-def leaf_sq_norms_pallas(leaves: Sequence[jax.Array], *, backend: str) -> list[jax.Array]:
-    """`[sum(x**2) for x in leaves]`, each a f32 scalar, one deterministic kernel per leaf.
+# --------------------------------------------------------------------------------------------
+# "per_leaf"
+
+
+def _per_leaf_kernel(view, block_shape):
+    def kernel(x_ref, o_ref):
+        x = x_ref[...].astype(jnp.float32)
+        first = pl.program_id(0) * block_shape[0]
+        if view[0] % block_shape[0]:  # ragged last block: Pallas pads its reads; zero them
+            pos = first + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+            x = jnp.where(pos < view[0], x, 0.0)
+        if len(view) == 2:
+            # Sublane reduction to one (1, 128) row per block; lanes are added in jnp afterwards.
+            o_ref[...] = jnp.sum(x * x, axis=0, keepdims=True).reshape(o_ref.shape)
+        else:
+            lane = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, len(o_ref.shape) - 1)
+            o_ref[...] = jnp.where(lane == 0, jnp.sum(x * x), 0.0)
+
+    return kernel
+
+
+def _per_leaf_sq_norm(x, backend, block):
+    view, block_shape = per_leaf_view(x.size, block)
+    grid = pl.cdiv(view[0], block_shape[0])
+    params = (_backend.compiler_params("mosaic", dimension_semantics=("parallel",))
+              if backend == "mosaic" else None)
+    index_map = (lambda i: (i,)) if len(view) == 1 else (lambda i: (i, 0))
+    # (grid, 1, 128): a (1, 128) block whose last two dims equal the array's, as Mosaic needs.
+    partials = pl.pallas_call(
+        _per_leaf_kernel(view, block_shape),
+        out_shape=jax.ShapeDtypeStruct((grid, 1, LANES), jnp.float32),
+        grid=(grid,),
+        in_specs=[pl.BlockSpec(block_shape, index_map)],
+        out_specs=pl.BlockSpec((None, 1, LANES), lambda i: (i, 0, 0)),
+        interpret=backend == "interpret",
+        compiler_params=params,
+        name="sq_norm_rows" if len(view) == 2 else "sq_norm_flat",
+    )(jnp.reshape(x, view))
+    return jnp.sum(partials)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _reference(x):
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.sum(x * x)
+
+
+def leaf_sq_norms_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str | None = None,
+                         block: int | None = None) -> list[jax.Array]:
+    """`[sum(x**2) for x in leaves]`, each a f32 scalar, from deterministic Pallas kernels.
 
     Args:
-      leaves: arrays of any shapes (0-d included), dtypes f32/bf16/f16.
+      leaves: arrays of any shapes (0-d and empty included), dtypes f32/bf16/f16.
       backend: "interpret", "triton" or "mosaic".
+      form: "multi_tensor" or "per_leaf" (see the module docstring); default: per backend.
+      block: elements per program (multi_tensor, a power of 2) or rows per block (per_leaf, a
+        multiple of 8; 1-D views use `block * 128` elements); default: the tunables above.
     """
-    return [sq_norm_pallas(x, backend=backend) for x in leaves]
+    form = form or default_form(backend)
+    _validate(leaves, backend, form, block)
+    sums: list = [None] * len(leaves)
+    if form == "per_leaf":
+        rows = block or NORM_TPU_BLOCK_ROWS
+        for i, x in enumerate(leaves):
+            if x.size and per_leaf_view(x.size, rows) is not None:
+                sums[i] = _per_leaf_sq_norm(x, backend, rows)
+    else:
+        b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
+        for launch, partials in _multi_tensor_partials(leaves, backend, b):
+            for i, seg in zip(launch.leaves, launch.segments):
+                sums[i] = jnp.sum(partials[seg.start:seg.start + launch.num_blocks(seg)])
+    # Empty leaves, and a huge leaf the kernels cannot address, in jnp.
+    return [s if s is not None else _reference(x) for s, x in zip(sums, leaves)]
+
+
+def global_sq_norm_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str | None = None,
+                          block: int | None = None) -> jax.Array:
+    """`sum over leaves of sum(x**2)` in f32: one partial per block, one reduction per launch."""
+    form = form or default_form(backend)
+    _validate(leaves, backend, form, block)
+    if form == "per_leaf":
+        parts = leaf_sq_norms_pallas(leaves, backend=backend, form=form, block=block)
+        return sum(parts, jnp.zeros((), jnp.float32))
+    b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
+    total = jnp.zeros((), jnp.float32)
+    covered = set()
+    for launch, partials in _multi_tensor_partials(leaves, backend, b):
+        total = total + jnp.sum(partials)
+        covered.update(launch.leaves)
+    for i, x in enumerate(leaves):
+        if i not in covered:
+            total = total + _reference(x)
+    return total

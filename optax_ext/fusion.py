@@ -4,8 +4,9 @@ Every per-element transformation of optax_ext carries, beside `init`/`update`, i
 `Rule`: a function of one element `(g, p, slots, scalars) -> (u, new_slots)` plus how to read its
 per-parameter slots (m, v, ...) and its step-wide scalars (bias corrections, learning rate, clip
 factor) from its state. `chain` composes the rules of adjacent transformations into one rule and
-runs it once per leaf through `optax_ext.kernels.elementwise.run_elementwise`: plain XLA on CPU,
-one Pallas kernel on GPU/TPU. Transformations without a rule (Optax's own, Adafactor's factored
+runs it over every leaf through `optax_ext.kernels.elementwise.run_fused`: plain XLA per leaf on
+CPU, a few multi-tensor Pallas launches on GPU (many leaves per launch), one Pallas call per leaf
+on TPU. Transformations without a rule (Optax's own, Adafactor's factored
 moments) run through their own `update` and simply end a fused run.
 
 State layout is unchanged by fusion: `chain(a, b).init(params) == (a.init(params), b.init(params))`,
@@ -21,10 +22,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import elementwise as _elementwise
 
 Scalars = dict[str, Any]
@@ -89,7 +88,12 @@ class FusableTransformation(optax.GradientTransformationExtraArgs):
         """Return `(new_params, new_state)`; the last fused run writes the parameters directly.
 
         Equivalent to `u, s = tx.update(updates, state, params); optax.apply_updates(params, u)`
-        but without materializing `u` when the chain ends with per-element transformations.
+        but without materializing `u` when the chain ends with per-element transformations: on the
+        Pallas backends the new parameters and slots overwrite the old ones in place.
+
+        Jit the step with params and state donated, `jax.jit(step, donate_argnums=(0, 1))`: a
+        kernel that writes into a buffer the caller did not donate makes XLA copy that buffer
+        first, which adds about 24 bytes per parameter to a 28-byte AdamW step.
         """
         return _execute(self.atoms, updates, state, params, apply=True, extra_args=extra_args)
 
@@ -245,37 +249,25 @@ def _execute(atoms, updates, state, params, *, apply: bool, extra_args):
     return updates, state
 
 
-def _flat_scalars(scalars: Scalars, treedef, num_leaves: int, rule_name: str):
-    """Turn a rule's scalars into per-leaf lists of f32 0-d arrays, keys in sorted order."""
-    names = sorted(scalars)
-    per_leaf = []
-    for name in names:
+def _scalar_columns(rule: Rule, scalars: Scalars, treedef, shared: list, per_leaf: list) -> dict:
+    """File a rule's scalars: step-wide values into `shared`, `PerLeaf` trees into `per_leaf` columns.
+
+    Returns `{name: ("shared" | "leaf", index)}`: where the composed body reads each scalar.
+    """
+    where = {}
+    for name in sorted(scalars):
         v = scalars[name]
         if isinstance(v, PerLeaf):
             leaves = treedef.flatten_up_to(v.tree)
+            where[name] = ("leaf", len(per_leaf))
             per_leaf.append([jnp.asarray(x, jnp.float32).reshape(()) for x in leaves])
         else:
             v = jnp.asarray(v, jnp.float32)
             if v.shape != ():
-                raise ValueError(f"{rule_name}: hyperparameter {name!r} must be a scalar, got shape {v.shape}.")
-            per_leaf.append([v] * num_leaves)
-    return names, per_leaf
-
-
-SMALL_LEAF = 1 << 16
-"""Leaves with fewer elements are batched into one kernel launch on the Pallas backends."""
-
-BATCH_ALIGN = 1024
-"""Each leaf's segment of a batch starts at a multiple of this (keeps TPU rows lane-dense)."""
-
-
-class _Job(NamedTuple):
-    """One leaf's share of a fused run: its arrays, output dtypes and scalar columns."""
-
-    inputs: list
-    out_dtypes: list
-    scalars: list  # f32 0-d arrays, in the order the composed body reads them
-    aliases: dict
+                raise ValueError(f"{rule.name}: hyperparameter {name!r} must be a scalar, got shape {v.shape}.")
+            where[name] = ("shared", len(shared))
+            shared.append(v)
+    return where
 
 
 def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: bool):
@@ -288,7 +280,7 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
         raise ValueError(f"{names} requires params: call update(updates, state, params).")
     p_leaves = treedef.flatten_up_to(params) if needs_params else [None] * n
 
-    slot_leaves, scalar_tables = [], []
+    slot_leaves, positions, shared, per_leaf = [], [], [], []
     for rule, st in zip(rules, states):
         per_slot = []
         for field in rule.slots:
@@ -301,9 +293,9 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
                     f"structure ({treedef}); was the state made by init on these params? ({e})") from None
         slot_leaves.append(per_slot)
         scal = rule.scalars(st, updates if rule.reads_updates else None, params)
-        scalar_tables.append(_flat_scalars(scal, treedef, n, rule.name))
+        positions.append(_scalar_columns(rule, scal, treedef, shared, per_leaf))
 
-    body = _compose(rules, [names for names, _ in scalar_tables], needs_params, write_params)
+    body = _compose(rules, positions, needs_params, write_params)
 
     jobs = []
     for i, g in enumerate(leaves):
@@ -319,9 +311,11 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
                     aliases[len(inputs)] = len(out_dtypes)  # new slot overwrites the old slot
                     out_dtypes.append(slot[i].dtype)
                 inputs.append(slot[i])
-        jobs.append(_Job(inputs, out_dtypes, [col[i] for (_, table) in scalar_tables for col in table], aliases))
+        # An output may overwrite an input only of its own dtype (a bf16 slot written as f32 cannot).
+        aliases = {a: o for a, o in aliases.items() if inputs[a].dtype == jnp.dtype(out_dtypes[o])}
+        jobs.append(_elementwise.Job(inputs, out_dtypes, _stack([col[i] for col in per_leaf]), aliases))
 
-    outs = _run_jobs(body, jobs)
+    outs = _elementwise.run_fused(body, jobs, _stack(shared))
 
     out_leaves = [o[0] for o in outs]
     new_states, j = [], 1
@@ -335,108 +329,28 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
     return treedef.unflatten(out_leaves), new_states
 
 
-def _compose(rules, scalar_names, needs_params, write_params):
-    """The composed per-element rule: `body(inputs, svec) -> [u or new p, *new slots]`.
+def _compose(rules, positions, needs_params, write_params):
+    """The composed per-element rule: `body(inputs, shared, leaf) -> [u or new p, *new slots]`.
 
-    inputs = [g, (p), slots of rule 1, slots of rule 2, ...]; svec[j] = scalar j, rules' scalars
-    concatenated in rule order (each rule's in sorted-name order). Read-only slots are inputs only.
+    inputs = [g, (p), slots of rule 1, slots of rule 2, ...]; `positions[r][name]` says whether rule
+    r's scalar `name` is `shared[j]` (step-wide) or `leaf[j]` (this leaf's own value). Read-only
+    slots are inputs only.
     """
 
-    def body(inputs, svec):
+    def body(inputs, shared, leaf):
         it = iter(inputs)
         g = next(it)
         p = next(it) if needs_params else None
-        new_slots_all, si = [], 0
-        for rule, names in zip(rules, scalar_names):
+        new_slots_all = []
+        for rule, where in zip(rules, positions):
             slots = tuple(next(it) for _ in range(len(rule.slots)))
-            s = {name: svec[si + j] for j, name in enumerate(names)}
-            si += len(names)
+            s = {name: (shared if kind == "shared" else leaf)[j] for name, (kind, j) in where.items()}
             g, new_slots = rule.element(g, p, slots, s)
             if not rule.readonly_slots:
                 new_slots_all.extend(new_slots)
         return [p + g if write_params else g, *new_slots_all]
 
     return body
-
-
-def _run_jobs(body, jobs: list[_Job]) -> list[list[jax.Array]]:
-    """Execute every leaf's job: one call each on XLA; small leaves batched on Pallas backends."""
-    if not _backend.is_pallas():
-        return [_elementwise.run_elementwise(body, j.inputs, _stack(j.scalars), j.out_dtypes) for j in jobs]
-    results: list = [None] * len(jobs)
-    groups: dict = {}
-    for i, job in enumerate(jobs):
-        # Explicitly sharded leaves are never concatenated (their shardings differ); each runs alone
-        # and run_elementwise hands it to XLA to partition.
-        if job.inputs[0].size >= SMALL_LEAF or _backend.explicitly_sharded(*job.inputs):
-            results[i] = _elementwise.run_elementwise(body, job.inputs, _stack(job.scalars), job.out_dtypes,
-                                                      aliases=_safe_aliases(job))
-        else:
-            signature = (tuple(x.dtype for x in job.inputs), tuple(job.out_dtypes))
-            groups.setdefault(signature, []).append(i)
-    for members in groups.values():
-        for i, outs in zip(members, _run_batched(body, [jobs[i] for i in members])):
-            results[i] = outs
-    return results
-
-
-def _run_batched(body, jobs: list[_Job]) -> list[list[jax.Array]]:
-    """One launch for many small leaves: concatenate each input, run, slice the outputs back.
-
-    Scalars that are the same for every leaf stay scalars; those that differ per leaf (a trust
-    ratio, a masked weight decay) become per-element columns, read like any other input.
-    """
-    sizes = [job.inputs[0].size for job in jobs]
-    padded = [-(-max(s, 1) // BATCH_ALIGN) * BATCH_ALIGN for s in sizes]
-    offsets = np.cumsum([0] + padded)
-
-    def concat(arrays):
-        parts = []
-        for a, s, pad in zip(arrays, sizes, padded):
-            parts.append(jnp.ravel(a))
-            if pad > s:
-                parts.append(jnp.zeros((pad - s,), a.dtype))
-        return jnp.concatenate(parts)
-
-    num_inputs = len(jobs[0].inputs)
-    flat_inputs = [concat([job.inputs[k] for job in jobs]) for k in range(num_inputs)]
-    num_scalars = len(jobs[0].scalars)
-    table = jnp.stack([_stack(job.scalars) for job in jobs]) if num_scalars else None  # (leaves, k)
-    shared, varying = [], []
-    for j in range(num_scalars):
-        column = [job.scalars[j] for job in jobs]
-        (shared if all(c is column[0] for c in column) else varying).append(j)
-    columns = [jnp.repeat(table[:, j], np.asarray(padded), total_repeat_length=int(offsets[-1])) for j in varying]
-    shared_vec = table[0, np.asarray(shared, np.int32)] if shared else jnp.zeros((0,), jnp.float32)
-    position = {j: ("shared", k) for k, j in enumerate(shared)} | {j: ("column", k) for k, j in enumerate(varying)}
-
-    def batched_body(inputs, svec):
-        values, cols = inputs[:num_inputs], inputs[num_inputs:]
-        return body(values, _MixedScalars(position, svec, cols))
-
-    outs = _elementwise.run_elementwise(batched_body, flat_inputs + columns, shared_vec, jobs[0].out_dtypes,
-                                        aliases=_safe_aliases(jobs[0]))
-    results = []
-    for job, start, size in zip(jobs, offsets[:-1], sizes):
-        shape = job.inputs[0].shape
-        results.append([o[int(start):int(start) + size].reshape(shape) for o in outs])
-    return results
-
-
-class _MixedScalars:
-    """`svec[j]` for a batched body: a shared scalar, or a per-element column of the batch."""
-
-    def __init__(self, position, svec, columns):
-        self._position, self._svec, self._columns = position, svec, columns
-
-    def __getitem__(self, j):
-        kind, k = self._position[j]
-        return self._svec[k] if kind == "shared" else self._columns[k]
-
-
-def _safe_aliases(job: _Job) -> dict:
-    """Aliases whose input and output agree in dtype (a bf16 slot written as f32 cannot alias)."""
-    return {i: o for i, o in job.aliases.items() if job.inputs[i].dtype == job.out_dtypes[o]}
 
 
 def _stack(scalars):

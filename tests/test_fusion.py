@@ -16,14 +16,15 @@ from conftest import RAGGED_SHAPES, assert_trees_close, assert_trees_rel_close, 
 
 
 def _count_passes(monkeypatch):
+    """Record each fused pass: the number of inputs of each leaf's job."""
     calls = []
-    real = elementwise.run_elementwise
+    real = elementwise.run_fused
 
-    def counting(body, inputs, scalars, out_dtypes, **kw):
-        calls.append(len(inputs))
-        return real(body, inputs, scalars, out_dtypes, **kw)
+    def counting(body, jobs, shared, **kw):
+        calls.append([len(job.inputs) for job in jobs])
+        return real(body, jobs, shared, **kw)
 
-    monkeypatch.setattr(elementwise, "run_elementwise", counting)
+    monkeypatch.setattr(elementwise, "run_fused", counting)
     return calls
 
 
@@ -33,8 +34,8 @@ def test_adjacent_rules_fuse_into_one_pass_per_leaf(monkeypatch, key):
     tx = ox.chain(ox.clip_by_global_norm(1.0), ox.scale_by_adam(), ox.decoupled_weight_decay(0.1),
                   ox.scale_by_learning_rate(1e-3))
     tx.update(params, tx.init(params), params)
-    # One pass per leaf reading g, p, mu, nu.
-    assert calls == [4] * len(RAGGED_SHAPES)
+    # One pass over all leaves, each reading g, p, mu, nu.
+    assert calls == [[4] * len(RAGGED_SHAPES)]
 
 
 def test_optax_transformation_breaks_the_run(monkeypatch, key):
@@ -42,7 +43,7 @@ def test_optax_transformation_breaks_the_run(monkeypatch, key):
     calls = _count_passes(monkeypatch)
     tx = ox.chain(ox.scale_by_adam(), optax.scale(0.5), ox.scale_by_learning_rate(1e-3))
     tx.update(params, tx.init(params), params)
-    assert len(calls) == 2 * len(RAGGED_SHAPES)
+    assert len(calls) == 2
 
 
 def test_rule_that_reads_updates_starts_a_new_run(monkeypatch, key):
@@ -50,7 +51,7 @@ def test_rule_that_reads_updates_starts_a_new_run(monkeypatch, key):
     calls = _count_passes(monkeypatch)
     tx = ox.lamb(1e-3)  # adam + wd | trust ratio + lr
     tx.update(params, tx.init(params), params)
-    assert len(calls) == 2 * len(RAGGED_SHAPES)
+    assert len(calls) == 2
 
 
 def test_mixed_chain_equals_optax_chain(key):
@@ -299,26 +300,22 @@ def test_pallas_backends_fall_back_to_xla_on_explicitly_sharded_params():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, weight_decay=0.1,
-                                                            mask=lambda p: {k: v.ndim > 1 for k, v in p.items()})),
-    lambda: ox.lamb(1e-2, weight_decay=0.01),
+@pytest.mark.parametrize("make,launches", [
+    (lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, weight_decay=0.1,
+                                                             mask=lambda p: {k: v.ndim > 1 for k, v in p.items()})), 2),
+    (lambda: ox.lamb(1e-2, weight_decay=0.01), 3),
 ], ids=["clip_adamw_masked", "lamb"])
-def test_pallas_path_batches_small_leaves_with_per_leaf_scalars(make, monkeypatch, key):
-    """Interpret backend: leaves under SMALL_LEAF are concatenated into one launch, per-leaf
-    scalars (mask, trust ratio) become per-element columns; results equal the XLA path."""
-    from optax_ext import fusion
-
-    monkeypatch.setattr(fusion, "SMALL_LEAF", 500)  # (1000,) runs alone, the others are batched
-    calls = _count_passes(monkeypatch)
+def test_pallas_path_runs_all_leaves_per_launch_with_per_leaf_scalars(make, launches, key):
+    """Interpret backend: one multi-tensor launch per reduction and per fused run, whatever the
+    number of leaves; per-leaf scalars (mask, trust ratio) stay per leaf; results equal the XLA path."""
     params = random_tree(key)
     tx = make()
     grads = random_tree(jax.random.fold_in(key, 1), scale=2.0)
     expected, _ = tx.update_and_apply(grads, tx.init(params), params)
-    calls.clear()
     with ox.kernels.use_backend("interpret"):
+        jaxpr = jax.make_jaxpr(tx.update_and_apply)(grads, tx.init(params), params)
         got, _ = jax.jit(tx.update_and_apply)(grads, tx.init(params), params)
-    assert len(calls) in (2, 4)  # (1000,) alone + one batch; lamb: two fused runs of that
+    assert sum(eqn.primitive.name == "pallas_call" for eqn in jaxpr.jaxpr.eqns) == launches
     assert_trees_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -326,13 +323,13 @@ def test_readonly_slots_are_read_not_written(monkeypatch, key):
     params = random_tree(key)
     anchor = jax.tree.map(lambda p: p + 1.0, params)
     outputs = []
-    real = elementwise.run_elementwise
+    real = elementwise.run_fused
 
-    def recording(body, inputs, scalars, out_dtypes, **kw):
-        outputs.append((len(inputs), len(out_dtypes)))
-        return real(body, inputs, scalars, out_dtypes, **kw)
+    def recording(body, jobs, shared, **kw):
+        outputs.extend((len(job.inputs), len(job.out_dtypes)) for job in jobs)
+        return real(body, jobs, shared, **kw)
 
-    monkeypatch.setattr(elementwise, "run_elementwise", recording)
+    monkeypatch.setattr(elementwise, "run_fused", recording)
     tx = ox.chain(ox.l2_sp(0.1, anchor), ox.scale_by_adam(), ox.scale_by_learning_rate(0.1))
     state = tx.init(params)
     _, new_state = tx.update(params, state, params)

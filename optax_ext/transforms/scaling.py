@@ -71,8 +71,9 @@ def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0, mask=None
     def scalars(state, updates, params):
         u_leaves = jax.tree.leaves(updates)
         p_leaves = jax.tree.leaves(params)
-        u_norms = [jnp.sqrt(x) for x in reductions.leaf_sq_norms(u_leaves)]
-        p_norms = [jnp.sqrt(x) for x in reductions.leaf_sq_norms(p_leaves)]
+        # Both lists in one call: one multi-tensor launch reads the updates and the params.
+        norms = [jnp.sqrt(x) for x in reductions.leaf_sq_norms(u_leaves + p_leaves)]
+        u_norms, p_norms = norms[:len(u_leaves)], norms[len(u_leaves):]
         flags = mask_leaves(mask, params) if mask is not None else [True] * len(u_leaves)
         ratios = []
         for un, pn, m in zip(u_norms, p_norms, flags):

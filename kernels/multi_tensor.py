@@ -1,0 +1,229 @@
+"""Many leaves, one launch: the block table and the leaf switch of the multi-tensor kernels.
+
+A model is hundreds to thousands of leaves, and on a GPU a kernel launch costs a few microseconds,
+as much as the memory traffic of a mid-size leaf. So, like PyTorch's `multi_tensor_apply`, one
+`pallas_call` serves up to `MAX_LEAVES` leaves, each passed as its own ref (`memory_space=pl.ANY`:
+the whole array, no blocking by Pallas). The launch's 1-D grid runs over every block of every leaf:
+
+    leaf k owns programs [start[k], start[k] + num_blocks[k]),   start[k] = sum_{j<k} num_blocks[j]
+
+Program i finds its leaf k by comparing i with the static starts (`locate`); a `lax.switch` on k
+loads block i - start[k] of leaf k's refs (`load_blocks`, masked when the leaf is not a whole
+number of blocks), the composed per-element math runs once on the loaded values, and a second
+switch stores the results into leaf k's outputs (`store_blocks`). Only loads and stores are
+repeated per leaf, so a launch's code grows by a few ops per leaf, not by a copy of the math.
+Nothing is concatenated, sliced or padded: every element is read once and written once, and
+per-leaf scalars (a mask, a trust ratio) stay one value per leaf, read from a small table.
+
+Leaf views. A leaf is a 1-D ref of its n elements (a free reshape). In-kernel element indices
+are int32, so a leaf with n > `INDEX_LIMIT` is viewed as (rows, cols) (any split n = rows * cols
+with cols <= `INDEX_LIMIT`, also a free reshape), each row cut into blocks like a small leaf;
+Pallas' Triton lowering switches to 64-bit pointer offsets for arrays over 4 GiB. A huge leaf
+with no such split into rows of at least `MIN_HUGE_COLS` elements (e.g. a prime count over 2^31)
+cannot be addressed; `plan` leaves it out and the caller runs it on XLA.
+
+Launch size. Each leaf adds its refs (XLA passes every buffer, input or output, as one 8-byte
+kernel argument), a branch to each switch and ~3 scalar ops to every program's leaf search. So:
+`MAX_REFS` keeps a launch's pointer arguments at 3.75 KiB, under CUDA's classic 4 KiB
+kernel-parameter limit, and `MAX_LEAVES` (64) bounds the module size and the leaf search (about
+200 scalar ops per program of the last leaf, ~12 per element of a 4096-element block, where an
+AdamW step has ~50 per element of its own and is memory-bound). An AdamW step with the update
+applied (7 refs per leaf: g, p, m, v in; p, m, v out) takes 64 leaves per launch; torch's
+`multi_tensor_apply` takes 36 (its tables share the same 4 KiB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+__all__ = ["INDEX_LIMIT", "MAX_LEAVES", "MAX_REFS", "MIN_HUGE_COLS", "Launch", "Segment", "load_blocks",
+           "locate", "plan", "pow2_at_least", "store_blocks", "view_for"]
+
+INDEX_LIMIT = 2**31 - 2**24
+"""Largest row (in elements) a kernel addresses with int32 indices, with room for a block past it."""
+
+MIN_HUGE_COLS = 1 << 16
+"""Rows of a huge leaf's 2-D view are at least this long (shorter rows would waste most of a block)."""
+
+MAX_LEAVES = 64
+"""Leaves (switch branches) per launch, unless a kernel asks otherwise."""
+
+MAX_REFS = 480
+"""Array refs (8-byte pointer arguments) per launch: 3.75 KiB, under CUDA's classic 4 KiB limit."""
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One leaf's place in a launch: the shape of its refs in the kernel and its first program."""
+
+    view: tuple[int, ...]  # (n,) or (rows, cols): a free reshape of the leaf
+    start: int = 0  # the launch's first program for this leaf
+
+    @property
+    def rows(self) -> int:
+        return 1 if len(self.view) == 1 else self.view[0]
+
+    @property
+    def cols(self) -> int:
+        return self.view[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """The leaves of one launch: which leaves (indices into the caller's list), where, what block."""
+
+    leaves: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    block: int  # elements per program, a power of two, the same for every leaf of the launch
+
+    def blocks_per_row(self, seg: Segment) -> int:
+        return -(-seg.cols // self.block)
+
+    def num_blocks(self, seg: Segment) -> int:
+        return seg.rows * self.blocks_per_row(seg)
+
+    @property
+    def num_programs(self) -> int:
+        return self.segments[-1].start + self.num_blocks(self.segments[-1])
+
+
+def view_for(size: int) -> tuple[int, ...] | None:
+    """The view of a leaf of `size` > 0 elements: (size,), (rows, cols) for huge leaves, or None.
+
+    None: too large to address (over `INDEX_LIMIT` without a split into rows of >= `MIN_HUGE_COLS`).
+    """
+    if size <= INDEX_LIMIT:
+        return (size,)
+    rows = -(-size // INDEX_LIMIT)
+    while rows * MIN_HUGE_COLS <= size:
+        if size % rows == 0:
+            return rows, size // rows
+        rows += 1
+    return None
+
+
+def plan(sizes: Sequence[int], refs_per_leaf: int, block: int, *, extra_refs: int = 0,
+         max_leaves: int | None = None, max_refs: int | None = None) -> list[Launch]:
+    """Group leaves, in order, into launches.
+
+    A launch takes leaves while it has fewer than `max_leaves` and its refs (`refs_per_leaf` per
+    leaf plus `extra_refs` shared ones, e.g. the scalar vectors) stay within `max_refs`. Leaves of
+    size 0 and leaves too large to address (`view_for` -> None) are left out: the caller handles
+    them. A launch's block is `block`, or less when all its leaves are smaller.
+    """
+    max_leaves = MAX_LEAVES if max_leaves is None else max_leaves
+    max_refs = MAX_REFS if max_refs is None else max_refs
+    per_launch = max(1, min(max_leaves, (max_refs - extra_refs) // max(refs_per_leaf, 1)))
+    addressable = [(i, view_for(n)) for i, n in enumerate(sizes) if n > 0]
+    addressable = [(i, v) for i, v in addressable if v is not None]
+    launches = []
+    for first in range(0, len(addressable), per_launch):
+        group = addressable[first:first + per_launch]
+        b = min(block, pow2_at_least(max(v[-1] for _, v in group)))
+        segments, start = [], 0
+        for _, view in group:
+            segments.append(Segment(view, start))
+            rows = 1 if len(view) == 1 else view[0]
+            start += rows * -(-view[-1] // b)
+        launches.append(Launch(tuple(i for i, _ in group), tuple(segments), b))
+    return launches
+
+
+def locate(launch: Launch) -> tuple[jax.Array, jax.Array]:
+    """Inside a kernel: (leaf, program id). The leaf is the number of starts at or below the id.
+
+    Static comparisons, no table in memory: O(K) scalar ops per program (and `lax.switch`'s
+    lowering, a chain of K ifs, as many again), which `MAX_LEAVES` keeps small next to a block's
+    per-element work.
+    """
+    i = pl.program_id(0)
+    if len(launch.segments) == 1:
+        return jnp.int32(0), i
+    return sum((i >= seg.start).astype(jnp.int32) for seg in launch.segments[1:]), i
+
+
+class _Cursor(NamedTuple):
+    """What every branch of a launch needs about the current program, computed once outside them."""
+
+    program: jax.Array  # program id
+    iota: jax.Array  # 0, 1, ..., block - 1
+
+
+def _on_block(launch: Launch, seg: Segment, cur: _Cursor, full: Callable, ragged: Callable):
+    """`full(index)` for a leaf whose rows are whole blocks, else `ragged(index, element < row length)`.
+
+    A ragged leaf masks every block, not only its last: one code path per leaf keeps the kernel's
+    size (and trace, lower and compile time) proportional to the number of leaves. Masking costs
+    nothing where Triton can prove the mask constant over 16-byte groups (row lengths that are
+    multiples of 16: every leaf of a typical model); a leaf of odd length loses vectorized loads.
+    """
+    b, bpr = launch.block, launch.blocks_per_row(seg)
+    local = cur.program - seg.start
+    if seg.rows == 1:
+        row, col_start = None, local * b
+    else:
+        row, col_start = local // bpr, local % bpr * b
+    index = (pl.ds(col_start, b),) if row is None else (row, pl.ds(col_start, b))
+    offsets = col_start + cur.iota
+    if seg.cols % b == 0:
+        return full(index)
+    return ragged(index, offsets < seg.cols)
+
+
+def load_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program) -> list[jax.Array]:
+    """The current block of each of leaf `leaf`'s refs (`refs[k]`: leaf k's refs), as f32.
+
+    Lanes past a ragged block's end read 0. One `lax.switch` on the leaf; the loads are the only
+    code repeated per leaf, so whatever the caller computes from the blocks is emitted once.
+    """
+    from jax.experimental.pallas import triton as plt
+
+    def branch(k):
+        seg = launch.segments[k]
+
+        def full(index):
+            return [plt.load(r.at[index]).astype(jnp.float32) for r in refs[k]]
+
+        def ragged(index, mask):
+            return [plt.load(r.at[index], mask=mask, other=0).astype(jnp.float32) for r in refs[k]]
+
+        return lambda cur: _on_block(launch, seg, cur, full, ragged)
+
+    cur = _Cursor(program, jax.lax.broadcasted_iota(jnp.int32, (launch.block,), 0))
+    if len(refs) == 1:
+        return branch(0)(cur)
+    return jax.lax.switch(leaf, [branch(k) for k in range(len(refs))], cur)
+
+
+def store_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, values: Sequence[jax.Array]) -> None:
+    """Store `values[j]` (f32, cast to the ref's dtype) into the current block of leaf `leaf`'s refs[j]."""
+    from jax.experimental.pallas import triton as plt
+
+    def branch(k):
+        seg = launch.segments[k]
+
+        def full(index):
+            for r, v in zip(refs[k], values):
+                plt.store(r.at[index], v.astype(r.dtype))
+
+        def ragged(index, mask):
+            for r, v in zip(refs[k], values):
+                plt.store(r.at[index], v.astype(r.dtype), mask=mask)
+
+        return lambda cur: _on_block(launch, seg, cur, full, ragged)
+
+    cur = _Cursor(program, jax.lax.broadcasted_iota(jnp.int32, (launch.block,), 0))
+    if len(refs) == 1:
+        branch(0)(cur)
+        return
+    jax.lax.switch(leaf, [branch(k) for k in range(len(refs))], cur)
