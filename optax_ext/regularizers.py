@@ -95,7 +95,9 @@ def _copy_like_params(fn_name: str, arg: str, tree, params):
     `optax.partition`, which hide part of the params.
     """
     leaves = match_by_path(params, tree, fn_name, target_name="params", source_name=arg, allow_unexpected=True)
-    return jax.tree.structure(params).unflatten([jnp.asarray(x) for x in leaves])
+    # A copy, not a view: an anchor taken from the current params must survive a step that
+    # donates (and overwrites in place) the params' buffers.
+    return jax.tree.structure(params).unflatten([jnp.array(x, copy=True) for x in leaves])
 
 
 # --------------------------------------------------------------------------------- L1

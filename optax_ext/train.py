@@ -5,12 +5,14 @@
 
 No download: the 1,797 8x8 digit images ship with scikit-learn. The optimizer step is fused:
 `tx.update_and_apply(grads, opt_state, params)` computes the moments and writes the new parameters
-in one pass per leaf. Exits with status 1 if the final test accuracy is below `--min-accuracy`.
+in one pass per leaf, in place: the step is jitted with params and optimizer state donated. Exits
+with status 1 if the final test accuracy is below `--min-accuracy`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -119,7 +121,9 @@ def train(args) -> dict:
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
 
-    @jax.jit
+    # Params and optimizer state are donated: the fused step updates them in place, where an undonated
+    # input that it aliases would be copied first (on a GPU ~24 B/param on top of AdamW's 28 B/param).
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, x, y, key):
         if args.augment:
             x = augment_batch(key, x)

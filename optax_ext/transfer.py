@@ -361,10 +361,12 @@ def match_by_path(target, source, fn_name: str, *, strict: bool = True, target_n
 
 
 def _cast_like(value, like):
+    """`value` as a new array of `like`'s dtype. Always a copy: a training step that donates the
+    loaded model's buffers must not delete the pretrained source's arrays with them."""
     dtype = getattr(like, "dtype", None)
-    if dtype is None or getattr(value, "dtype", None) == dtype or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return value
-    return jnp.asarray(value, dtype)
+    return jnp.array(value, dtype, copy=True)
 
 
 def load_pretrained(model_or_state, pretrained, strict: bool = True):
@@ -382,7 +384,8 @@ def load_pretrained(model_or_state, pretrained, strict: bool = True):
         absent from the target are errors; when False they are skipped (the target keeps its
         value). Shape mismatches are always errors.
 
-    Values are cast to the target's dtype. Errors name every mismatched path with both shapes.
+    Values are cast to the target's dtype and copied (the pretrained arrays stay valid when the
+    training step donates the model's buffers). Errors name every mismatched path with both shapes.
     """
     if isinstance(pretrained, (str, os.PathLike)):
         pretrained = _restore_checkpoint(pretrained)

@@ -316,21 +316,21 @@ def test_regularizers_fuse_with_the_optimizer(monkeypatch, key):
 
     g, p, a, f = _trees(key, 4)
     calls = []
-    real = elementwise.run_elementwise
+    real = elementwise.run_fused
 
-    def counting(body, inputs, scalars, out_dtypes, **kw):
-        calls.append(len(inputs))
-        return real(body, inputs, scalars, out_dtypes, **kw)
+    def counting(body, jobs, shared, **kw):
+        calls.append([len(job.inputs) for job in jobs])
+        return real(body, jobs, shared, **kw)
 
-    monkeypatch.setattr(elementwise, "run_elementwise", counting)
+    monkeypatch.setattr(elementwise, "run_fused", counting)
     tx = ox.chain(R.ewc(f, a, 0.1), R.add_l1(1e-3), ox.scale_by_adam(), R.l2_sp(1e-2, a),
                   ox.scale_by_learning_rate(1e-3), R.l1_shrinkage(1e-2, 1e-3))
     state = tx.init(p)
     calls.clear()
-    with ox.kernels.use_backend("xla"):  # Pallas backends batch small leaves into one launch
+    with ox.kernels.use_backend("xla"):
         fused, _ = tx.update_and_apply(g, state, p)
-    # one pass per leaf reading g, p, fisher, anchor (ewc), mu, nu, anchor (l2_sp)
-    assert calls == [7] * len(RAGGED_SHAPES)
+    # one pass over every leaf, each reading g, p, fisher, anchor (ewc), mu, nu, anchor (l2_sp)
+    assert calls == [[7] * len(RAGGED_SHAPES)]
     with ox.kernels.use_backend("interpret"):  # the same composed rule as one Pallas kernel
         fused_pallas, _ = tx.update_and_apply(g, state, p)
     assert_trees_close(fused_pallas, fused, rtol=1e-6, atol=1e-7)
@@ -340,3 +340,16 @@ def test_regularizers_fuse_with_the_optimizer(monkeypatch, key):
                                                   R.l1_shrinkage(1e-2, 1e-3))])
     u, _ = unfused.update(g, unfused.init(p), p)
     assert_trees_close(fused, optax.apply_updates(p, u), rtol=1e-6, atol=1e-7)
+
+
+def test_anchors_are_copies_that_survive_a_donated_step(key):
+    # The anchor is taken from the params being trained: a donated step overwrites the params'
+    # buffers in place, so the state must hold its own copy ("donate the same buffer twice" else).
+    g, p = _trees(key, 2)
+    tx = ox.chain(R.l2_sp(0.1, p), ox.sgd(0.1))
+    state = tx.init(p)
+    anchor = jax.tree.map(np.asarray, p)
+    step = jax.jit(tx.update_and_apply, donate_argnums=(1, 2))
+    p, state = step(g, state, p)
+    p, state = step(g, state, p)
+    assert_trees_close(state[0].anchor, anchor, rtol=0, atol=0)

@@ -276,3 +276,14 @@ def test_load_pretrained_loads_batch_stats_and_skips_rng_state():
     np.testing.assert_array_equal(model.lin.kernel[...], pre.lin.kernel[...])
     np.testing.assert_array_equal(jax.random.key_data(model.drop.rngs.key[...]), key_before)
     T.load_pretrained(model, nnx.to_pure_dict(nnx.state(pre, nnx.Any(nnx.Param, nnx.BatchStat))))  # strict: no RNG needed
+
+
+def test_loaded_values_are_copies():
+    # Training the loaded model with donated buffers must not delete the pretrained arrays.
+    source = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))}
+    loaded = T.load_pretrained({"w": jnp.zeros((2, 3)), "b": jnp.zeros((3,))}, source)
+    for k in source:
+        assert loaded[k] is not source[k]
+        jax.jit(lambda x: x + 1, donate_argnums=0)(loaded[k])
+        assert not source[k].is_deleted()
+        np.testing.assert_array_equal(source[k], {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3)}[k])
