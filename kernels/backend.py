@@ -69,21 +69,6 @@ def is_pallas(name: str | None = None) -> bool:
     return (name or get_backend()) != "xla"
 
 
-def explicitly_sharded(*arrays) -> bool:
-    """True if any array is sharded over Explicit mesh axes (jit under `jax.set_mesh`).
-
-    A `pallas_call` runs only on per-device data (all mesh axes Manual, as inside `shard_map`); on
-    explicitly sharded global arrays the kernels' callers take their jnp path, which XLA partitions.
-    """
-    for a in arrays:
-        if a is None:
-            continue
-        sharding = getattr(jax.typeof(a), "sharding", None)
-        if any(p is not None for p in getattr(sharding, "spec", ())):
-            return True
-    return False
-
-
 def compiler_params(name: str, *, num_warps: int = 4, num_stages: int = 1, dimension_semantics=None):
     """Compiler params for `pl.pallas_call` on this backend (None for interpret/xla)."""
     if name == "triton":

@@ -52,6 +52,7 @@ from optax_ext.kernels.layer_norm import (
     load_f32,
     make_tiling,
     out_struct,
+    per_rows,
     persistent_row_call,
     row_loop,
     row_spec,
@@ -161,37 +162,71 @@ def _stats_pallas(x2, backend):
         name="batch_norm_stats",
     )
     # Chan et al. merge of the per-program (count, shifted mean, M2): exact, no cancellation.
-    counts = jnp.asarray(loop.rows())[:, None]
+    counts = loop.rows_f32()[:, None]
     means, m2s = means[:, 0], m2s[:, 0]
     mean = jnp.sum(counts * means, axis=0) / m
     m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)
     return shift[0].astype(_F32) + mean, m2 / m
 
 
-def _stats_xla(x2):
+def _stats_xla(x):
     # Two passes (XLA fuses each); no shift here, since slicing out a row is not allowed on an
     # explicitly sharded batch axis.
-    x = x2.astype(_F32)
-    mean = jnp.mean(x, axis=0)
-    return mean, jnp.mean(jnp.square(x - mean), axis=0)
+    xf = x.astype(_F32)
+    lead = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axis=lead)
+    return mean, jnp.mean(jnp.square(xf - mean), axis=lead)
 
 
-def _stats(x2):
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def _stats(x):
+    """Per-feature (mean, biased var) of (..., C) x over all leading axes, f32."""
     backend = get_backend()
-    if not use_pallas(backend, x2):
-        return _stats_xla(x2)
-    return _stats_pallas(x2, backend)
+    if not use_pallas(backend, x):
+        return _stats_xla(x)
+    c = x.shape[-1]
+
+    def local(xs, row_axes):
+        x2 = _rows(xs[0])
+        mean, var = _stats_pallas(x2, backend)
+        if not row_axes:
+            return [mean, var]
+        # SyncBN: merge the devices' (count, mean, M2) exactly (Chan et al.; equal counts per shard):
+        # mean = sum_d n_d mean_d / R, M2 = sum_d M2_d + sum_d n_d (mean_d - mean)^2.
+        n_d = x2.shape[0]
+        total = jax.lax.psum(n_d, row_axes)
+        g_mean = jax.lax.psum(n_d * mean, row_axes) / total
+        m2 = jax.lax.psum(n_d * var + n_d * jnp.square(mean - g_mean), row_axes)
+        return [g_mean, m2 / total]
+
+    return tuple(per_rows(local, [x], ["rows"], [("vec", ((c,), _F32))] * 2, "batch_norm", whole_rows=False))
 
 
-def _affine(x2, c, a, b, dy2=None, k=None, out_dtype=None):
+def _affine(x, c, a, b, dy=None, k=None, out_dtype=None):
     """out = (x - c) * a + b [+ dy * k], per-feature c, a, b, k (f32, shape (C,))."""
-    out_dtype = out_dtype or x2.dtype
+    out_dtype = out_dtype or x.dtype
     backend = get_backend()
-    if not use_pallas(backend, x2, c, a, b, dy2, k):
-        out = (x2.astype(_F32) - c) * a + b
-        if dy2 is not None:
-            out = out + dy2.astype(_F32) * k
+    if not use_pallas(backend, x, c, a, b, dy, k):
+        out = (x.astype(_F32) - c) * a + b
+        if dy is not None:
+            out = out + dy.astype(_F32) * k
         return out.astype(out_dtype)
+    with_dy = dy is not None
+    operands = [x, c, a, b] + ([dy, k] if with_dy else [])
+    kinds = ["rows", "vec", "vec", "vec"] + (["rows", "vec"] if with_dy else [])
+
+    def local(xs, row_axes):
+        dyl, kl = (_rows(xs[4]), xs[5]) if with_dy else (None, None)
+        return [_affine_pallas(_rows(xs[0]), *xs[1:4], dyl, kl, out_dtype, backend).reshape(xs[0].shape)]
+
+    (out,) = per_rows(local, operands, kinds, [("rows", (x.shape, out_dtype))], "batch_norm", whole_rows=False)
+    return out
+
+
+def _affine_pallas(x2, c, a, b, dy2, k, out_dtype, backend):
     m, n = x2.shape
     layout = layout_for(backend)
     t = make_tiling(m, n, layout, block_elems=_AFFINE_BLOCK[layout])
@@ -211,13 +246,26 @@ def _affine(x2, c, a, b, dy2=None, k=None, out_dtype=None):
     )(*rows, *feats)
 
 
-def _bwd_sums(x2, dy2, mean, rstd):
-    """(sum_r dy, sum_r dy * xhat), f32 (C,)."""
+def _bwd_sums(x, dy, mean, rstd):
+    """(sum_r dy, sum_r dy * xhat) over all leading axes, f32 (C,)."""
     backend = get_backend()
-    if not use_pallas(backend, x2, dy2, mean, rstd):
-        dy = dy2.astype(_F32)
-        xhat = (x2.astype(_F32) - mean) * rstd
-        return jnp.sum(dy, axis=0), jnp.sum(dy * xhat, axis=0)
+    if not use_pallas(backend, x, dy, mean, rstd):
+        dyf = dy.astype(_F32)
+        xhat = (x.astype(_F32) - mean) * rstd
+        lead = tuple(range(x.ndim - 1))
+        return jnp.sum(dyf, axis=lead), jnp.sum(dyf * xhat, axis=lead)
+    c = x.shape[-1]
+
+    def local(xs, row_axes):
+        sums = _bwd_sums_pallas(_rows(xs[0]), _rows(xs[1]), xs[2], xs[3], backend)
+        return [jax.lax.psum(v, row_axes) for v in sums] if row_axes else list(sums)
+
+    return tuple(per_rows(local, [x, dy, mean, rstd], ["rows", "rows", "vec", "vec"],
+                          [("vec", ((c,), _F32))] * 2, "batch_norm",
+                          whole_rows=False))
+
+
+def _bwd_sums_pallas(x2, dy2, mean, rstd, backend):
     m, n = x2.shape
     layout = layout_for(backend)
     t = make_tiling(m, n, layout, block_elems=_STATS_BLOCK[layout])
@@ -284,23 +332,20 @@ def _check(name, x, scale=None, bias=None, epsilon=1.0):
 
 @jax.custom_vjp
 def _stats_vjp(x):
-    return _stats(x.reshape(-1, x.shape[-1]))
+    return _stats(x)
 
 
 def _stats_fwd(x):
-    x2 = x.reshape(-1, x.shape[-1])
-    mean, var = _stats(x2)
+    mean, var = _stats(x)
     return (mean, var), (x, mean)
 
 
 def _stats_bwd(res, cts):
     x, mean = res
     dmean, dvar = cts
-    x2 = x.reshape(-1, x.shape[-1])
-    r = x2.shape[0]
+    r = x.size // x.shape[-1]
     # dx = dmean / R + dvar * 2 (x - mean) / R
-    dx = _affine(x2, mean, 2.0 * dvar / r, dmean / r)
-    return (dx.reshape(x.shape),)
+    return (_affine(x, mean, 2.0 * dvar / r, dmean / r),)
 
 
 _stats_vjp.defvjp(_stats_fwd, _stats_bwd)
@@ -323,25 +368,23 @@ def _bn(x, w, b, eps):
 
 
 def _bn_fwd(x, w, b, eps):
-    x2 = x.reshape(-1, x.shape[-1])
-    mean, var = _stats(x2)
+    mean, var = _stats(x)
     rstd = lax.rsqrt(var + eps)
-    y = _affine(x2, mean, rstd * w.astype(_F32), b.astype(_F32))
-    return (y.reshape(x.shape), mean, var), (x2, w, b, mean, rstd)
+    y = _affine(x, mean, rstd * w.astype(_F32), b.astype(_F32))
+    return (y, mean, var), (x, w, b, mean, rstd)
 
 
 def _bn_bwd(eps, res, cts):
-    x2, w, b, mean, rstd = res
+    x, w, b, mean, rstd = res
     dy, dmean, dvar = cts
-    dy2 = dy.reshape(x2.shape)
-    r = x2.shape[0]
+    r = x.size // x.shape[-1]
     wf = w.astype(_F32)
-    sdy, sdyx = _bwd_sums(x2, dy2, mean, rstd)
+    sdy, sdyx = _bwd_sums(x, dy, mean, rstd)
     k = wf * rstd
     gm = dmean - k * sdy
     gv = dvar - 0.5 * k * rstd * sdyx
-    dx = _affine(x2, mean, 2.0 * gv / r, gm / r, dy2, k, out_dtype=dy.dtype)
-    return dx.reshape(dy.shape), (sdyx).astype(w.dtype), sdy.astype(b.dtype)
+    dx = _affine(x, mean, 2.0 * gv / r, gm / r, dy, k, out_dtype=dy.dtype)
+    return dx, sdyx.astype(w.dtype), sdy.astype(b.dtype)
 
 
 _bn.defvjp(_bn_fwd, _bn_bwd)

@@ -52,20 +52,46 @@ def run_fused(body: Body, jobs: Sequence[Job], shared: jax.Array, *,
               backend: str | None = None) -> list[list[jax.Array]]:
     """Apply `body` elementwise to every job's leaf with the backend in force; outputs per job.
 
-    Leaves sharded over explicit mesh axes, and leaves the kernels cannot address, run on XLA
-    (a `pallas_call` needs per-device data; XLA partitions the jnp form itself).
+    On the Pallas backends the kernels run on each device's shard of sharded leaves
+    (`optax_ext.kernels.sharding`): elementwise work needs no communication, and each output
+    keeps its leaf's sharding. Leaves the kernels cannot address (see `fused_pass_pallas`) run
+    through the jnp reference, per shard likewise.
     """
     name = backend or _backend.get_backend()
     shared = jnp.asarray(shared, jnp.float32)
-    results: list = [None] * len(jobs)
-    pallas = [] if name == "xla" else [i for i, j in enumerate(jobs) if not _backend.explicitly_sharded(*j.inputs)]
-    if pallas:
-        from optax_ext.kernels import fused_pass  # Pallas path; imported lazily.
+    jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
+    if name == "xla" or not jobs:
+        return [run_elementwise_reference(body, j.inputs, shared, j.scalars, j.out_dtypes) for j in jobs]
+    from optax_ext.kernels import fused_pass, sharding  # Pallas path; imported lazily.
 
-        outs = fused_pass.fused_pass_pallas(body, [jobs[i] for i in pallas], shared, backend=name)
-        for i, o in zip(pallas, outs):
-            results[i] = o
-    for i, job in enumerate(jobs):
-        if results[i] is None:
-            results[i] = run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
+    n_in = [len(job.inputs) for job in jobs]
+
+    def local(operands, axes):
+        it = iter(operands)
+        local_jobs = [job._replace(inputs=[next(it) for _ in range(n)]) for job, n in zip(jobs, n_in)]
+        local_shared = next(it)
+        local_jobs = [job._replace(scalars=next(it)) for job in local_jobs]
+        outs = fused_pass.fused_pass_pallas(body, local_jobs, local_shared, backend=name)
+        flat = []
+        for job, o in zip(local_jobs, outs):
+            flat.extend(o if o is not None else
+                        run_elementwise_reference(body, job.inputs, local_shared, job.scalars, job.out_dtypes))
+        return flat
+
+    # Leaf k's inputs and outputs share its dims' factors; scalar vectors are never split.
+    operands, op_factors, res_factors, res_avals = [], [], [], []
+    for k, job in enumerate(jobs):
+        dims = tuple(f"l{k}d{d}" for d in range(jnp.ndim(job.inputs[0])))
+        operands.extend(job.inputs)
+        op_factors.extend([dims] * len(job.inputs))
+        res_factors.extend([dims] * len(job.out_dtypes))
+        res_avals.extend(jax.ShapeDtypeStruct(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes)
+    scalar_factors = ("shared",) + tuple(f"scalars{k}" for k in range(len(jobs)))
+    operands += [shared] + [job.scalars for job in jobs]
+    op_factors += [(f,) for f in scalar_factors]
+    rule = sharding.Rule(tuple(op_factors), tuple(res_factors), need_replication=scalar_factors, name="fused pass")
+    flat = sharding.per_shard(local, operands, rule, res_avals)
+    results, it = [], iter(flat)
+    for job in jobs:
+        results.append([next(it) for _ in job.out_dtypes])
     return results

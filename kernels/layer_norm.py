@@ -64,7 +64,6 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from optax_ext.kernels import backend as _backend
 from optax_ext.kernels.backend import compiler_params, get_backend
 
 __all__ = [
@@ -195,15 +194,37 @@ def store(ref, value: jax.Array, t: Tiling, mask: jax.Array | None) -> None:
 def use_pallas(backend: str, *arrays) -> bool:
     """Whether to run the Pallas kernel rather than the jnp twin of its math.
 
-    Not on the "xla" backend, not for empty arrays, and not for arrays explicitly sharded over a
-    mesh (jit with Explicit mesh axes): a `pallas_call` only runs on per-device data, so there the
-    jnp path lets XLA partition the computation (inside `shard_map` the kernels run per shard).
+    Not on the "xla" backend and not for empty arrays. Sharded arrays take the kernel too, on each
+    device's shard (`per_rows`).
     """
     if backend == "xla":
         return False
-    if any(a is not None and a.size == 0 for a in arrays):
-        return False
-    return not _backend.explicitly_sharded(*arrays)
+    return not any(a is not None and a.size == 0 for a in arrays)
+
+
+def per_rows(fn, operands, kinds, results, name, *, whole_rows=True):
+    """Run `fn(local operands, row_axes)` on each device's rows of sharded (..., N) operands.
+
+    `kinds[i]`/`results[j]` say what each array is: "rows" (..., N), "stat" (...,), "feat" (1, N)
+    or "vec" (N,); the leading dims (...) are the rows, left unmerged until `fn` (merging dims
+    sharded over different axes outside would make XLA gather them first). Rows may be split over any mesh axes (batch or sequence sharding): each device
+    works on its own rows; `row_axes` names those axes, for the `psum` of sums over rows. With
+    `whole_rows` (LayerNorm: a row's statistics need all of it) the feature axis is never split:
+    Auto axes reshard it, Explicit axes raise an error naming the axis; without (BatchNorm's
+    per-feature statistics) features may stay split too.
+    """
+    from optax_ext.kernels import sharding
+
+    lead = tuple(f"m{d}" for d in range(operands[kinds.index("rows")].ndim - 1))
+    factors = {"rows": (*lead, "n"), "stat": lead, "feat": ("o", "n"), "vec": ("n",)}
+    rule = sharding.Rule(tuple(factors[k] for k in kinds), tuple(factors[k] for k, _ in results),
+                         need_replication=("n", "o") if whole_rows else ("o",), name=name)
+    avals = [jax.ShapeDtypeStruct(shape, dtype) for _, (shape, dtype) in results]
+
+    def local(xs, axes):
+        return fn(xs, tuple(sorted({a for f in lead for a in axes.get(f, ())})))
+
+    return sharding.per_shard(local, operands, rule, avals)
 
 
 def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
@@ -294,6 +315,18 @@ class RowLoop(NamedTuple):
         t = self.t
         return np.asarray([sum(min(t.block_rows, t.m - i * t.block_rows) for i in self.blocks(p))
                            for p in range(self.programs)], np.float32)
+
+    def rows_f32(self) -> jax.Array:
+        """`rows()` computed from an iota, with no array constant: a function that custom_partitioning
+        wraps (see kernels/sharding.py) may not close over one."""
+        t, nb = self.t, self.t.grid
+        p = jax.lax.iota(jnp.int32, self.programs)
+        if t.layout == "triton":
+            blocks, last = (nb - p + self.programs - 1) // self.programs, (nb - 1) % self.programs
+        else:
+            blocks, last = jnp.minimum(self.steps, nb - p * self.steps), (nb - 1) // self.steps
+        short = nb * t.block_rows - t.m  # rows missing from the ragged last block
+        return (blocks * t.block_rows - jnp.where(p == last, short, 0)).astype(jnp.float32)
 
 
 def row_loop(t: Tiling) -> RowLoop:
@@ -539,33 +572,35 @@ def _bwd_pallas(x2, w2, mean, rstd, dy2, rms: bool, backend: str):
 # --------------------------------------------------------------------------------------------
 
 
-def _fwd_xla(x2, w2, b2, eps: float, rms: bool):
-    x = x2.astype(_F32)
+def _fwd_xla(x, w2, b2, eps: float, rms: bool):
+    """The same math in jnp on (..., N) arrays; XLA fuses (and partitions) it."""
+    xf = x.astype(_F32)
     if rms:
         mean = None
-        xc = x
+        xc = xf
     else:
-        mean = jnp.mean(x, axis=1)
-        xc = x - mean[:, None]
-    rstd = lax.rsqrt(jnp.mean(xc * xc, axis=1) + eps)
-    y = xc * rstd[:, None] * w2.astype(_F32)
+        mean = jnp.mean(xf, axis=-1)
+        xc = xf - mean[..., None]
+    rstd = lax.rsqrt(jnp.mean(xc * xc, axis=-1) + eps)
+    y = xc * rstd[..., None] * w2[0].astype(_F32)
     if not rms:
-        y = y + b2.astype(_F32)
-    return y.astype(x2.dtype), mean, rstd
+        y = y + b2[0].astype(_F32)
+    return y.astype(x.dtype), mean, rstd
 
 
-def _bwd_xla(x2, w2, mean, rstd, dy2, rms: bool):
-    x = x2.astype(_F32)
-    dy = dy2.astype(_F32)
-    xhat = (x if rms else x - mean[:, None]) * rstd[:, None]
-    g = dy * w2.astype(_F32)
-    dx = g - xhat * jnp.mean(g * xhat, axis=1, keepdims=True)
+def _bwd_xla(x, w2, mean, rstd, dy, rms: bool):
+    xf = x.astype(_F32)
+    dyf = dy.astype(_F32)
+    xhat = (xf if rms else xf - mean[..., None]) * rstd[..., None]
+    g = dyf * w2[0].astype(_F32)
+    dx = g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
     if not rms:
-        dx = dx - jnp.mean(g, axis=1, keepdims=True)
-    dx = dx * rstd[:, None]
-    dw = jnp.sum(dy * xhat, axis=0)[None]
-    db = None if rms else jnp.sum(dy, axis=0)[None]
-    return dx.astype(dy2.dtype), dw, db
+        dx = dx - jnp.mean(g, axis=-1, keepdims=True)
+    dx = dx * rstd[..., None]
+    lead = tuple(range(x.ndim - 1))
+    dw = jnp.sum(dyf * xhat, axis=lead)[None]
+    db = None if rms else jnp.sum(dyf, axis=lead)[None]
+    return dx.astype(dy.dtype), dw, db
 
 
 def layer_norm_reference(x, scale=None, bias=None, *, epsilon: float = 1e-6):
@@ -601,19 +636,54 @@ def rms_norm_reference(x, scale=None, *, epsilon: float = 1e-6):
 # --------------------------------------------------------------------------------------------
 
 
-def _fwd2(x2, w2, b2, eps, rms):
+def _fwd2(x, w2, b2, eps, rms):
+    """Forward on (..., N) x: (y, mean or None, rstd), statistics of shape x.shape[:-1]."""
     backend = get_backend()
-    if not use_pallas(backend, x2, w2, b2):
-        return _fwd_xla(x2, w2, b2, eps, rms)
-    return _fwd_pallas(x2, w2, b2, eps, rms, backend)
+    if not use_pallas(backend, x, w2, b2):
+        return _fwd_xla(x, w2, b2, eps, rms)
+    lead, n = x.shape[:-1], x.shape[-1]
+    operands, kinds = [x, w2] + ([] if rms else [b2]), ["rows", "feat"] + ([] if rms else ["feat"])
+    stat = ("stat", (lead, _F32))
+    results = [("rows", (x.shape, x.dtype))] + ([] if rms else [stat]) + [stat]
+
+    def local(xs, row_axes):
+        xl = xs[0]  # this device's rows, viewed as (M, N) only here, per shard
+        y, mean, rstd = _fwd_pallas(xl.reshape(-1, n), xs[1], None if rms else xs[2], eps, rms, backend)
+        stats = [rstd] if rms else [mean, rstd]
+        return [y.reshape(xl.shape)] + [v.reshape(xl.shape[:-1]) for v in stats]
+
+    outs = per_rows(local, operands, kinds, results, "rms_norm" if rms else "layer_norm")
+    return (outs[0], None, outs[1]) if rms else tuple(outs)
 
 
-def _bwd2(x2, w2, mean, rstd, dy2, rms):
+def _bwd2(x, w2, mean, rstd, dy, rms):
+    """Backward on (..., N) arrays: (dx, dscale (1, N) f32, dbias (1, N) f32 or None)."""
     backend = get_backend()
-    if not use_pallas(backend, x2, w2, mean, rstd, dy2):
-        return _bwd_xla(x2, w2, mean, rstd, dy2, rms)
-    dx, dw, db = _bwd_pallas(x2, w2, mean, rstd, dy2, rms, backend)
-    return dx, dw[None], None if db is None else db[None]
+    if not use_pallas(backend, x, w2, mean, rstd, dy):
+        return _bwd_xla(x, w2, mean, rstd, dy, rms)
+    n = x.shape[-1]
+    operands = [x, w2] + ([] if rms else [mean]) + [rstd, dy]
+    kinds = ["rows", "feat"] + ([] if rms else ["stat"]) + ["stat", "rows"]
+    vec = ("vec", ((n,), _F32))
+    results = [("rows", (x.shape, dy.dtype)), vec] + ([] if rms else [vec])
+
+    def local(xs, row_axes):
+        if rms:
+            xl, w, r, dyl = xs
+            mu = None
+        else:
+            xl, w, mu, r, dyl = xs
+            mu = mu.reshape(-1)
+        dx, dw, db = _bwd_pallas(xl.reshape(-1, n), w, mu, r.reshape(-1), dyl.reshape(-1, n), rms, backend)
+        # dscale and dbias sum over all rows: add the other devices' rows.
+        sums = [dw] + ([] if rms else [db])
+        if row_axes:
+            sums = [jax.lax.psum(v, row_axes) for v in sums]
+        return [dx.reshape(dyl.shape), *sums]
+
+    outs = per_rows(local, operands, kinds, results, "rms_norm" if rms else "layer_norm")
+    dx, dw = outs[0], outs[1]
+    return dx, dw[None], None if rms else outs[2][None]
 
 
 def _check(name, x, scale, bias, epsilon):
@@ -642,16 +712,14 @@ def _norm(x, w, b, eps, rms):
 
 
 def _norm_fwd(x, w, b, eps, rms):
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    y, mean, rstd = _fwd2(x2, w, b, eps, rms)
-    return y.reshape(x.shape), (x2, w, b, mean, rstd)
+    y, mean, rstd = _fwd2(x, w, b, eps, rms)
+    return y, (x, w, b, mean, rstd)
 
 
 def _norm_bwd(eps, rms, res, dy):
-    x2, w, b, mean, rstd = res
-    dx, dw, db = _bwd2(x2, w, mean, rstd, dy.reshape(x2.shape), rms)
-    dx = dx.reshape(dy.shape).astype(dy.dtype)
+    x, w, b, mean, rstd = res
+    dx, dw, db = _bwd2(x, w, mean, rstd, dy, rms)
+    dx = dx.astype(dy.dtype)
     return dx, dw.astype(w.dtype), None if b is None else db.astype(b.dtype)
 
 
@@ -689,10 +757,10 @@ def layer_norm_fwd(x, scale=None, bias=None, *, epsilon: float = 1e-6):
     """
     x = _check("layer_norm_fwd", x, scale, bias, epsilon)
     n = x.shape[-1]
-    y, mean, rstd = _fwd2(x.reshape(-1, n), _feature(scale, n, 1, x.dtype), _feature(bias, n, 0, x.dtype),
+    y, mean, rstd = _fwd2(x, _feature(scale, n, 1, x.dtype), _feature(bias, n, 0, x.dtype),
                           float(epsilon), False)
     lead = x.shape[:-1]
-    return y.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
+    return y, mean.reshape(lead), rstd.reshape(lead)
 
 
 def layer_norm_bwd(x, scale, mean, rstd, dy):
@@ -704,17 +772,18 @@ def layer_norm_bwd(x, scale, mean, rstd, dy):
     """
     x = _check("layer_norm_bwd", x, scale, None, 1.0)
     n = x.shape[-1]
-    dx, dw, db = _bwd2(x.reshape(-1, n), _feature(scale, n, 1, _F32), mean.reshape(-1).astype(_F32),
-                       rstd.reshape(-1).astype(_F32), jnp.reshape(dy, (-1, n)), False)
-    return dx.reshape(x.shape), dw.reshape(n), db.reshape(n)
+    lead = x.shape[:-1]
+    dx, dw, db = _bwd2(x, _feature(scale, n, 1, _F32), jnp.reshape(mean, lead).astype(_F32),
+                       jnp.reshape(rstd, lead).astype(_F32), jnp.reshape(dy, x.shape), False)
+    return dx, dw.reshape(n), db.reshape(n)
 
 
 def rms_norm_fwd(x, scale=None, *, epsilon: float = 1e-6):
     """RMSNorm forward returning (y, rstd); rstd = 1/sqrt(mean(x^2) + epsilon), f32, x.shape[:-1]."""
     x = _check("rms_norm_fwd", x, scale, None, epsilon)
     n = x.shape[-1]
-    y, _, rstd = _fwd2(x.reshape(-1, n), _feature(scale, n, 1, x.dtype), None, float(epsilon), True)
-    return y.reshape(x.shape), rstd.reshape(x.shape[:-1])
+    y, _, rstd = _fwd2(x, _feature(scale, n, 1, x.dtype), None, float(epsilon), True)
+    return y, rstd.reshape(x.shape[:-1])
 
 
 def rms_norm_bwd(x, scale, rstd, dy):
@@ -724,6 +793,6 @@ def rms_norm_bwd(x, scale, rstd, dy):
     """
     x = _check("rms_norm_bwd", x, scale, None, 1.0)
     n = x.shape[-1]
-    dx, dw, _ = _bwd2(x.reshape(-1, n), _feature(scale, n, 1, _F32), None, rstd.reshape(-1).astype(_F32),
-                      jnp.reshape(dy, (-1, n)), True)
-    return dx.reshape(x.shape), dw.reshape(n)
+    dx, dw, _ = _bwd2(x, _feature(scale, n, 1, _F32), None, jnp.reshape(rstd, x.shape[:-1]).astype(_F32),
+                      jnp.reshape(dy, x.shape), True)
+    return dx, dw.reshape(n)

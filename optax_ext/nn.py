@@ -19,10 +19,9 @@ changes:
 - BatchNorm with `axis_name` (under `shard_map`/`pmap`): per-device statistics come from the
   kernel, then are combined exactly with `lax.pmean`:
   mean = pmean(mean_d), var = pmean(var_d + (mean_d - mean)^2) (equal per-device batches).
-  Under plain sharded `jit` over a `Mesh` no `axis_name` is needed: the statistics are those of
-  the global array. (On GPU/TPU a `pallas_call` is not partitioned by XLA's SPMD pass, so there
-  the kernel sees the gathered array; wrap the model in `shard_map` with `axis_name` to keep the
-  statistics per shard.)
+  Under plain sharded `jit` over a `Mesh` (Auto or Explicit axes) no `axis_name` is needed: the
+  kernels run on each device's rows and merge the per-device (count, mean, M2) with a psum
+  (SyncBN), so the statistics are those of the global batch without gathering it.
 
 References: Ba et al., 2016 (LayerNorm, https://arxiv.org/abs/1607.06450); Zhang & Sennrich, 2019
 (RMSNorm, https://arxiv.org/abs/1910.07467); Ioffe & Szegedy, 2015 (BatchNorm,

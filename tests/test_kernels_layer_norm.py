@@ -236,6 +236,7 @@ def test_row_loop_covers_every_row_block_once(monkeypatch, layout, m, block_rows
     # Only the array's last block may be ragged, and it is the last one its program merges.
     assert all(i != t.grid - 1 for b in blocks for i in b[:-1])
     np.testing.assert_array_equal(loop.rows().sum(), m)
+    np.testing.assert_array_equal(loop.rows_f32(), loop.rows())
 
 
 # (interpreter layout, shape) with 64-element blocks and 3 programs: every program loops over

@@ -21,6 +21,7 @@ from optax_ext.kernels.fused_pass import fused_pass_pallas
 from optax_ext.kernels.norms import NORM_MAX_LEAVES, global_sq_norm_pallas, leaf_sq_norms_pallas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fake_tpu import pretend_cpu_is_a_tpu_v5e  # noqa: E402
 from lowering_report import analyze_stablehlo  # noqa: E402  (the report's StableHLO reader)
 
 TRITON_MARKERS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
@@ -33,17 +34,7 @@ HUGE = (65_536, 32_771)  # 2.1e9 elements: over the int32 index range, run throu
 
 @pytest.fixture(autouse=True)
 def _pretend_cpu_is_a_tpu_v5e(monkeypatch):
-    """A few Mosaic lowering rules (e.g. `sign`, used by Lion) ask the *current* device's TPU
-    generation; from a CPU there is none, so register the CPU as a TPU v5e for lowering only.
-    Private API, used by tests alone: nothing in the library depends on it."""
-    try:
-        from jax._src.pallas.mosaic import tpu_info
-    except ImportError:  # pragma: no cover - layout of jax internals changed
-        return
-    kind = jax.devices()[0].device_kind
-    if tpu_info.chip_version_from_device_kind(kind) is None and kind not in tpu_info.registry:
-        monkeypatch.setitem(tpu_info.registry, kind,
-                            lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1))
+    pretend_cpu_is_a_tpu_v5e(monkeypatch.setitem)
 
 
 def _count_kernels(text, backend):

@@ -7,8 +7,29 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
+    """`fill` in the shape of `p`'s dims `dims` (indices into p.shape), laid out like those dims of `p`.
+
+    Under `jax.jit` over a mesh the result is sharded like `p`'s dims (Auto axes: a partitioned op
+    whose sharding rule ties the dims; Explicit axes: per shard), so `jax.jit(tx.init)(params)`
+    keeps the params' sharding in the optimizer state, as eager init does. Nothing of `p` is read.
+    """
+    from optax_ext.kernels import sharding
+
+    dtype = jnp.dtype(dtype or p.dtype)
+    factors = tuple(f"d{i}" for i in range(p.ndim))
+    rule = sharding.Rule((factors,), (tuple(factors[i] for i in dims),), name="init")
+    shape = tuple(p.shape[i] for i in dims)
+
+    def local(xs, axes):
+        return [jnp.full(tuple(xs[0].shape[i] for i in dims), fill, dtype)]
+
+    (out,) = sharding.per_shard(local, [p], rule, [jax.ShapeDtypeStruct(shape, dtype)])
+    return out
+
+
 def zeros_like_params(params, dtype=None, fill=0.0):
-    """A tree of `fill` shaped like `params`; keeps sharding; works on ShapeDtypeStruct trees.
+    """A tree of `fill` shaped like `params`; keeps sharding (also under jit); works on ShapeDtypeStruct trees.
 
     `None` and `optax.MaskedNode` leaves pass through (they are empty pytree nodes).
     """
@@ -16,7 +37,7 @@ def zeros_like_params(params, dtype=None, fill=0.0):
 
     def one(p):
         if isinstance(p, jax.Array):
-            return jnp.full_like(p, fill, dtype=dtype)
+            return full_like_dims(p, range(p.ndim), fill, dtype)
         return jnp.full(p.shape, fill, dtype or p.dtype)
 
     return jax.tree.map(one, params)

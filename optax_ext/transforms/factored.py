@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from optax_ext import _validate as check
+from optax_ext.transforms._common import full_like_dims
 
 
 def adafactor_decay_rate(step, exponent=0.8):
@@ -48,11 +49,14 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
         def one(p):
             axes = _factored_axes(p.shape, factored, min_dim_size_to_factor)
             small = jnp.zeros((1,), p.dtype)
+            # Statistics laid out like the dims of p they keep (sharded like p under jit too).
+            zeros = full_like_dims if isinstance(p, jax.Array) else (
+                lambda p, dims: jnp.zeros(tuple(p.shape[i] for i in dims), p.dtype))
             if axes is None:
-                return small, small, jnp.zeros(p.shape, p.dtype)
+                return small, small, zeros(p, range(p.ndim))
             d1, d0 = axes
-            row = jnp.zeros(tuple(s for i, s in enumerate(p.shape) if i != d0), p.dtype)
-            col = jnp.zeros(tuple(s for i, s in enumerate(p.shape) if i != d1), p.dtype)
+            row = zeros(p, [i for i in range(p.ndim) if i != d0])
+            col = zeros(p, [i for i in range(p.ndim) if i != d1])
             return row, col, small
 
         out = jax.tree.map(one, params)
