@@ -2,10 +2,13 @@
 
 Coordinate convention (torchvision's): pixel ``(i, j)`` (row, column) has its
 centre at continuous position ``(x, y) = (j + 0.5, i + 0.5)``; the image centre
-is ``(W / 2, H / 2)``. Every resampling op builds the *inverse* map from an
-output pixel to an input position and samples there with
-``jax.scipy.ndimage.map_coordinates`` (order 0 = nearest, 1 = bilinear); input
-positions outside the image take the ``fill`` value (scalar or one per channel).
+is ``(W / 2, H / 2)``. Every warp (rotation, affine, elastic) builds the
+*inverse* map from an output pixel to an input position and samples there with
+``jax.scipy.ndimage.map_coordinates`` (order 0 = nearest, 1 = bilinear) — see
+``sample`` for the two places where this differs from torchvision's
+``grid_sample``: the tie rule of ``"nearest"`` and how ``fill`` enters a
+bilinear border. Crops that resize (``random_resized_crop``) read only the
+box, as torchvision's crop-then-resize does (``optax_ext.augment.sizing``).
 All shapes are static, so every op runs under ``jax.jit`` and ``jax.vmap``.
 """
 
@@ -16,9 +19,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy import ndimage
 
 from optax_ext.augment import _validate as v
+from optax_ext.augment import sizing as sz
 
 __all__ = [
     "flip_left_right",
@@ -80,19 +85,6 @@ def random_flip(key: jax.Array, image: jax.Array, p: float = 0.5,
 # Crops.
 # ----------------------------------------------------------------------------
 
-def _padding_ltrb(fn: str, padding: Any) -> tuple[int, int, int, int]:
-  """torchvision's padding spec: int, (x, y) or (left, top, right, bottom)."""
-  if isinstance(padding, (int,)) and not isinstance(padding, bool):
-    padding = (padding,) * 4
-  elif isinstance(padding, Sequence) and len(padding) == 2:
-    padding = (padding[0], padding[1], padding[0], padding[1])
-  if not isinstance(padding, Sequence) or len(padding) != 4:
-    raise TypeError(f"{fn}: padding must be an int, (x, y) or (left, top, "
-                    f"right, bottom), got {padding!r}")
-  return tuple(v.check_static_int(fn, "padding", q, minimum=0)
-               for q in padding)  # type: ignore[return-value]
-
-
 def random_crop(key: jax.Array, image: jax.Array, size: int | Sequence[int],
                 padding: int | Sequence[int] = 0, *, fill: Any = 0.0,
                 padding_mode: str = "constant") -> jax.Array:
@@ -108,29 +100,22 @@ def random_crop(key: jax.Array, image: jax.Array, size: int | Sequence[int],
     key: PRNG key.
     image: (H, W, C) float image.
     size: output size, an int or (h, w); static.
-    padding: int, (x, y) or (left, top, right, bottom) pixels; static.
+    padding: int, [p], (x, y) or (left, top, right, bottom) pixels; static
+      (torchvision's spec, see ``pad``).
     fill: value for ``padding_mode="constant"``, scalar or one per channel.
     padding_mode: ``"constant"``, ``"edge"``, ``"reflect"`` or ``"symmetric"``.
   """
   fn = "random_crop"
   h, w, c = v.check_image(fn, image)
   out_h, out_w = v.size_pair(fn, "size", size)
-  left, top, right, bottom = _padding_ltrb(fn, padding)
-  if padding_mode not in ("constant", "edge", "reflect", "symmetric"):
-    raise ValueError(f"{fn}: padding_mode must be 'constant', 'edge', "
-                     f"'reflect' or 'symmetric', got {padding_mode!r}")
+  left, top, right, bottom = sz.padding_ltrb(fn, padding)
+  padding_mode = sz.check_padding_mode(fn, padding_mode)
   ph, pw = h + top + bottom, w + left + right
   if out_h > ph or out_w > pw:
     raise ValueError(f"{fn}: size {(out_h, out_w)} is larger than the padded "
                      f"image {(ph, pw)}")
-  pads = ((top, bottom), (left, right), (0, 0))
-  x = v.as_float32(image)
-  if padding_mode == "constant":
-    # A padded validity mask gives a per-channel fill and keeps x bit-exact.
-    inside = jnp.pad(jnp.ones((h, w, 1), bool), pads)
-    x = jnp.where(inside, jnp.pad(x, pads), v.fill_vector(fn, fill, c))
-  else:
-    x = jnp.pad(x, pads, mode=padding_mode)
+  x = sz.pad_ltrb(v.as_float32(image), (left, top, right, bottom),
+                  v.fill_vector(fn, fill, c), padding_mode)
   k_y, k_x = jax.random.split(key)
   y0 = jax.random.randint(k_y, (), 0, ph - out_h + 1)
   x0 = jax.random.randint(k_x, (), 0, pw - out_w + 1)
@@ -180,34 +165,44 @@ def random_resized_crop(key: jax.Array, image: jax.Array,
                         size: int | Sequence[int],
                         scale: Sequence[float] = (0.08, 1.0),
                         ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0), *,
-                        interpolation: str = "bilinear") -> jax.Array:
+                        interpolation: str = "bilinear",
+                        antialias: bool = True) -> jax.Array:
   """Crops a random box and resizes it to ``size`` (Inception-style crop).
 
   Box (torchvision ``RandomResizedCrop``, Szegedy et al., 2015, "Going Deeper
   with Convolutions"): area ``= U(scale) * H * W``, aspect ratio
   ``w / h = exp(U(log ratio))``, ``w = round(sqrt(area * r))``,
   ``h = round(sqrt(area / r))``, top-left uniform; 10 attempts, then a central
-  fallback. The box is resampled to the output grid with half-pixel centres
-  (``align_corners=False``): ``y_in = top + (i + 0.5) * h / out_h - 0.5``,
-  edges clamped. No antialiasing is applied when downscaling.
+  fallback. ``size``: an int ``s`` gives ``s x s`` (as torchvision's
+  ``RandomResizedCrop``, unlike ``resize``), or ``(h, w)``.
+
+  The box is then resized as torchvision's ``resized_crop`` does, which crops
+  first and resizes the crop: only pixels inside the box are read, so an
+  upscaled box repeats its own edge pixels, never the pixels next to it. With
+  output pixel ``i`` centred at ``c_i = top + (i + 0.5) * box_h / out_h``
+  (half-pixel centres, ``align_corners=False``; columns likewise):
+  ``"bilinear"`` weighs box pixel ``k`` by ``max(0, 1 - |k + 0.5 - c_i| / f)``,
+  renormalised over the box, with ``f = max(box_h / out_h, 1)`` when
+  ``antialias`` (torchvision's default: a reduced box is low-pass filtered)
+  and ``f = 1`` otherwise (plain bilinear); ``"nearest"`` takes box pixel
+  ``floor((i + 0.5) * box_h / out_h)`` (torchvision's ``NEAREST_EXACT``, see
+  ``optax_ext.augment.sizing``).
   """
   fn = "random_resized_crop"
-  h, w, c = v.check_image(fn, image)
+  h, w, _ = v.check_image(fn, image)
   out_h, out_w = v.size_pair(fn, "size", size)
   scale = v.check_interval(fn, "scale", scale, 0.0, 1.0)
   ratio = v.check_interval(fn, "ratio", ratio, 0.0)
   if ratio[0] <= 0:
     raise ValueError(f"{fn}: ratio must be positive, got {ratio}")
   order = v.interpolation_order(fn, interpolation)
-  top, left, box_h, box_w = _resized_crop_box(
-      key, h, w, scale, (math.log(ratio[0]), math.log(ratio[1])))
-  ys = top + (jnp.arange(out_h, dtype=jnp.float32) + 0.5) * box_h / out_h - 0.5
-  xs = left + (jnp.arange(out_w, dtype=jnp.float32) + 0.5) * box_w / out_w - 0.5
-  yy, xx = jnp.meshgrid(ys, xs, indexing="ij")
-  x = v.as_float32(image)
-  out = jax.vmap(
-      lambda ch: ndimage.map_coordinates(ch, [yy, xx], order, mode="nearest"),
-      in_axes=2, out_axes=2)(x)
+  if not isinstance(antialias, (bool, np.bool_)):
+    raise TypeError(f"{fn}: antialias must be a bool, got {antialias!r}")
+  box = _resized_crop_box(key, h, w, scale,
+                          (math.log(ratio[0]), math.log(ratio[1])))
+  # Every box (fallback included) fits in the image: box_h / out_h <= H / out_h.
+  out = sz.resample_box(v.as_float32(image), (out_h, out_w), box, order,
+                        bool(antialias), (h / out_h, w / out_w))
   return out.astype(image.dtype)
 
 
@@ -265,11 +260,37 @@ def warp(image: jax.Array, matrix: jax.Array, order: int,
 def sample(image, y_in, x_in, order, fill):
   """map_coordinates per channel with a constant (per-channel) fill.
 
-  ``out = S(image) + (1 - S(1)) * fill`` where ``S`` samples with zeros
-  outside: inside the image it is plain interpolation (bit-exact at integer
-  points), at the border the bilinear weights of outside taps go to ``fill``
-  (SciPy's ``grid-constant`` mode with ``cval = fill``).
+  Positions are in index coordinates (pixel ``(i, j)`` at ``(i, j)``).
+
+  Bilinear (order 1): ``out = S(image) + (1 - S(1)) * fill`` where ``S``
+  samples with zeros outside: inside the image it is plain interpolation
+  (bit-exact at integer points), at the border the weights of outside taps go
+  to ``fill`` — bilinear interpolation of the image extended by a constant
+  ``fill`` (SciPy's ``grid-constant`` mode with ``cval = fill``). torchvision's
+  ``fill=c`` computes ``S(image) * S(1) + (1 - S(1)) * c`` instead: the image
+  part is weighted by ``S(1)`` twice, so even filling a constant image with
+  its own colour darkens the border ring. Ours keeps a constant image constant
+  for any angle; with ``fill=0`` it equals torchvision's ``fill=None``
+  (zeros padding), not its ``fill=0``, which darkens border pixels by the extra
+  factor ``S(1)``.
+
+  Nearest (order 0): the tap is ``round(position)`` with exact ties (a
+  position ``k + 0.5``) rounded half away from zero — towards ``+inf``
+  everywhere inside the image, so on a tie the whole output moves by the same
+  half pixel, and a tie on the outer edge (``-0.5`` or ``n - 0.5``) takes
+  ``fill`` on both sides. torchvision's ``grid_sample`` rounds half to even
+  (``std::nearbyint``): on a row of ties ``0.5, 1.5, 2.5, 3.5`` it reads
+  pixels ``0, 2, 2, 4`` (every other pixel twice, the rest dropped) where ours
+  reads ``1, 2, 3, 4``. Ties are common: a 90 degree turn of an image whose
+  height and width differ in parity, or 30 degrees on odd sizes. Positions are
+  first snapped to 1/256 pixel so that float32 noise in cos/sin
+  (``cos(pi/2) = -4.4e-8`` in float32) cannot break a tie one way or the
+  other at random.
   """
+  if order == 0:
+    y_in = jnp.round(y_in * 256.0) / 256.0
+    x_in = jnp.round(x_in * 256.0) / 256.0
+
   def one(ch):
     return ndimage.map_coordinates(ch, [y_in, x_in], order, mode="constant",
                                    cval=0.0)
@@ -313,8 +334,11 @@ def affine(image: jax.Array, angle: Any = 0.0,
     translate: (tx, ty) in pixels (positive = right / down).
     scale: isotropic scale factor (> 0).
     shear: degrees; a number (x shear) or (shear_x, shear_y).
-    interpolation: ``"nearest"`` or ``"bilinear"``.
-    fill: value for pixels mapped from outside, scalar or per channel.
+    interpolation: ``"nearest"`` or ``"bilinear"``; nearest rounds exact
+      half-pixel ties up (torchvision: half to even), see ``sample``.
+    fill: value for pixels mapped from outside, scalar or per channel; a
+      bilinear border blends it as interpolation of the image extended by
+      ``fill`` (``fill=0`` is torchvision's ``fill=None``), see ``sample``.
     center: (x, y) in continuous pixel coordinates, (0, 0) = top-left corner
       of the image; ``None`` = image centre.
   """
@@ -338,6 +362,14 @@ def rotate(image: jax.Array, angle: Any, *, interpolation: str = "nearest",
   the output keeps the input size (corners are cut, uncovered pixels take
   ``fill``). ``rotate(x, 0)`` and ``rotate(x, 360)`` are the identity (up to
   float rounding of cos/sin for bilinear; exactly for nearest).
+
+  Where this differs from torchvision (details in ``sample``): ``"nearest"``
+  rounds an exact half-pixel tie up, so a 90 degree turn of an image whose
+  sides differ in parity is ``np.rot90`` shifted by half a pixel, where
+  torchvision's half-to-even reads every other source column twice; a
+  bilinear border blends ``fill`` as interpolation of the image extended by
+  ``fill`` (our ``fill=0`` is torchvision's ``fill=None``; its ``fill=c``
+  weights the image part twice and darkens the border ring).
   """
   fn = "rotate"
   h, w, c = v.check_image(fn, image)

@@ -6,6 +6,11 @@ soft labels (B, K). Labels are first smoothed,
 ``y = (1 - eps) onehot + eps / K``, then mixed. Each image ``i`` is mixed with
 image ``B - 1 - i`` (the batch flipped, timm's pairing: no permutation to
 draw, and every image is used once as partner); one lambda per batch.
+torchvision's v2 ``MixUp`` / ``CutMix`` pair ``i`` with ``i - 1`` instead
+(``batch.roll(1, 0)``), so for the same lambda the two give different
+batches. With the flip, an odd batch's middle image is its own partner and
+comes out unmixed, with its label only smoothed (as in timm); use an even
+batch size to mix every image.
 """
 
 from __future__ import annotations

@@ -30,7 +30,11 @@ def cutout(key: jax.Array, image: jax.Array, size: int, fill: Any = 0.0
   A ``size`` x ``size`` square whose centre is uniform over the image pixels
   is set to ``fill`` (scalar or per channel); the part outside the image is
   dropped, so the erased area can be smaller than ``size**2`` near a border.
-  ``size = 0`` is the identity.
+  ``size = 0`` is the identity. Rows ``[cy - size // 2, cy - size // 2 +
+  size)`` (columns likewise), so an odd size is centred on the drawn pixel.
+  The paper's reference code erases ``[cy - size // 2, cy + size // 2)``, a
+  side of ``2 (size // 2)``: ``size - 1`` for odd sizes (16 is the same in
+  both; pass ``size - 1`` to reproduce the reference with an odd size).
   """
   fn = "cutout"
   h, w, c = v.check_image(fn, image)

@@ -207,6 +207,12 @@ def posterize(image: jax.Array, bits: Any) -> jax.Array:
   ``out = (q & ~(2^(8 - bits) - 1)) / 255`` with ``q`` the 8-bit level;
   ``bits`` in [0, 8] (may be traced); ``bits = 8`` returns the image itself
   unquantised (so magnitude 0 is the identity on any float image).
+
+  This is torchvision on the uint8 image (``convert_image_dtype`` to uint8,
+  posterize, back to float), the path RandAugment's and AugMix's magnitudes
+  were defined on. torchvision v2's float-tensor path is different:
+  ``floor(x * 2^bits) / 2^bits``, levels ``k / 2^bits`` (bits=1: 0 or 0.5)
+  where ours are ``k 2^(8 - bits) / 255`` (bits=1: 0 or 128/255).
   """
   fn = "posterize"
   v.check_image(fn, image)
