@@ -1,7 +1,11 @@
 """optax_ext.nn layers against flax.nnx's (use_fast_variance=False): outputs, gradients, running
 statistics, train/eval switching, fallback axes, multi-device BatchNorm, and whole models trained
-inside `nnx.jit` with the same init and steps."""
+inside `nnx.jit` with the same init and steps.
 
+Outputs, gradients and statistics of both are compared with the float64 value of the formula, within
+tolerances derived from the unit roundoff (`conftest.tolerance`, and the chains of the kernel tests)."""
+
+import functools
 import inspect
 import json
 import os
@@ -17,6 +21,9 @@ import pytest
 from flax import nnx
 
 import optax_ext
+import test_kernels_batch_norm as tbn
+import test_kernels_layer_norm as tln
+from conftest import assert_within, tolerance, unit_roundoff
 from optax_ext import nn as onn
 from optax_ext.kernels.backend import use_backend
 
@@ -66,69 +73,158 @@ def test_outputs_grads_and_stats_match_flax(ours, theirs, dtype, backend):
     _perturb(b, 3)
 
     def loss(model, x):
-        return jnp.sum(model(x).astype(jnp.float32) * w)
+        y = model(x)
+        return jnp.sum(y.astype(jnp.float32) * w), y
 
     with use_backend(backend):
-        la, (ga, gxa) = nnx.value_and_grad(loss, argnums=(0, 1))(a, x)
-    lb, (gb, gxb) = nnx.value_and_grad(loss, argnums=(0, 1))(b, x)
-    tol = 2e-4 if dtype == jnp.float32 else 5e-2
+        (la, ya), (ga, gxa) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(a, x)
+    (lb, yb), (gb, gxb) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(b, x)
     if ours is not onn.BatchNorm:  # (calling a BatchNorm again would move its running statistics)
         assert a(x).dtype == b(x).dtype == dtype
-    assert abs(float(la - lb)) <= tol * max(1.0, abs(float(lb)))
-    assert _err(nnx.state(ga, nnx.Param), nnx.state(gb, nnx.Param)) <= tol * 10
-    assert _err(gxa, gxb) <= tol * 4
+    assert ya.dtype == yb.dtype == dtype
+
+    # float64: the layer computes with its parameters cast to `dtype` (flax's promote_dtype), and y's
+    # cotangent is w rounded to `dtype` (the transpose of y.astype(f32)).
+    params = {k: np.asarray(jnp.asarray(v[...], dtype), np.float64) for k, v in nnx.state(a, nnx.Param).items()}
+    bias = params.get("bias", np.zeros(shape[-1]))
+    dy = np.asarray(w.astype(dtype), np.float64)
     if ours is onn.BatchNorm:
-        assert _err(nnx.state(a, nnx.BatchStat), nnx.state(b, nnx.BatchStat)) <= 1e-5
-        a.eval()
-        b.eval()
-        with use_backend(backend):
-            ya = a(x)
-        assert ya.dtype == dtype
-        assert _err(ya, b(x)) <= tol * 4
+        zeros = np.zeros(shape[-1])
+        exact, scales = tbn._exact(x, params["scale"], bias, (dy, zeros, zeros), a.epsilon)
+        tol = functools.partial(tbn._tol, shape=shape, scales=scales)
+    else:
+        exact, scales = tln._exact(x, params["scale"], bias, dy, a.epsilon, ours is onn.RMSNorm)
+        tol = functools.partial(tln._tol, shape=shape, scales=scales)
+    w64 = np.asarray(w, np.float64)
+    for label, layer, loss_value, y, grads, gx in (("ours", a, la, ya, ga, gxa), ("flax", b, lb, yb, gb, gxb)):
+        y_tol = tol("y", dtype)
+        assert_within(y, exact["y"], y_tol, err_msg=f"y {label}")
+        # The loss sum(y * w): the errors e_i of y, at most atol + rtol |y_i| each, enter as sum w_i e_i;
+        # taken as independent and zero-mean (probabilistic rounding error analysis, Higham & Mary 2019),
+        # Hoeffding bounds that by 6 ||w (atol + rtol |y|)||_2 but with probability 2 exp(-6^2 / 2) = 3e-8.
+        # The f32 tree sum adds ceil(log2 n) u32 of its partial sums, ||y w||_2 for random-sign terms.
+        # Measured: 0.01-0.05 of this (bf16), 2e-3 to 3e-2 (f32); it is 1.0-1.7x (bf16) and 1.5-7.7x
+        # (f32) tighter than the 5e-2 and 2e-4 * max(1, |loss|) it replaced.
+        yw = exact["y"] * w64
+        e_max = y_tol["atol"] + y_tol["rtol"] * np.abs(exact["y"])
+        loss_tol = (6 * np.sqrt(np.sum((w64 * e_max) ** 2))
+                    + np.ceil(np.log2(yw.size)) * unit_roundoff(jnp.float32) * np.sqrt(np.sum(yw**2)))
+        assert abs(float(loss_value) - float(np.sum(exact["y"] * w64))) <= loss_tol, (label, loss_value, loss_tol)
+        # Flax sums dx's paths (through y, the mean, the variance) as separately rounded cotangents in
+        # `dtype`: two more roundings of terms of size scales["dx"] (bf16: flax's dx is 15-40x our
+        # tolerance on some elements without them, within 0.93 of it with them).
+        dx_tol = tol("dx", dtype)
+        dx_tol["atol"] += 2 * unit_roundoff(dtype) * scales["dx"] * (label == "flax")
+        assert_within(gx, exact["dx"], dx_tol, err_msg=f"dx {label}")
+        # Parameter gradients: computed in f32, rounded to `dtype` (the parameters were cast to it).
+        for name, g in nnx.state(grads, nnx.Param).items():
+            assert_within(g[...], exact[f"d{name}"], tol(f"d{name}", dtype), err_msg=f"d{name} {label}")
+        if ours is onn.BatchNorm:
+            # Running statistics (f32): 0.8 * 0 + 0.2 * mean and 0.8 * 1 + 0.2 * var; the kernel sums x - K.
+            shifted = label == "ours" and backend == "interpret"
+            m_tol, v_tol = (tol(name, jnp.float32, shifted=shifted) for name in ("mean", "var"))
+            assert_within(layer.mean[...], 0.2 * exact["mean"], m_tol, err_msg=f"running mean {label}")
+            v_tol = {"rtol": unit_roundoff(jnp.float32), "atol": 0.2 * (v_tol["atol"] + v_tol["rtol"] * exact["var"])
+                         + 2 * unit_roundoff(jnp.float32)}
+            assert_within(layer.var[...], 0.8 + 0.2 * exact["var"], v_tol, err_msg=f"running var {label}")
+            # Eval: both normalise with the running statistics cast to `dtype`, in `dtype` arithmetic:
+            # x - mean, var + eps, rsqrt, scale * rsqrt, * , + bias: 6 roundings of u(dtype) on the terms.
+            layer.eval()
+            with use_backend(backend if label == "ours" else "xla"):
+                y_eval = layer(x)
+            assert y_eval.dtype == dtype
+            m, v = (np.asarray(jnp.asarray(s[...], dtype), np.float64) for s in (layer.mean, layer.var))
+            x64, rstd = np.asarray(x, np.float64), 1.0 / np.sqrt(v + layer.epsilon)
+            terms = np.max((np.abs(x64) + np.abs(m)) * rstd * np.abs(params["scale"]) + np.abs(bias))
+            eval_tol = tolerance(dtype, (), terms, ops=6, compute_dtype=dtype)
+            assert_within(y_eval, (x64 - m) * rstd * params["scale"] + bias, eval_tol, err_msg=f"eval y {label}")
 
 
 def test_batchnorm_train_eval_and_call_override():
     x = jax.random.normal(jax.random.key(0), (16, 3)) + 2.0
     bn = onn.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
     bn(x)  # training mode by default: batch stats, running stats move
-    np.testing.assert_allclose(bn.mean[...], 0.5 * np.asarray(x, np.float64).mean(0), rtol=1e-5)
-    np.testing.assert_allclose(bn.var[...], 0.5 + 0.5 * np.asarray(x, np.float64).var(0), rtol=1e-5)
+    u32, zeros = unit_roundoff(jnp.float32), np.zeros(3)
+    exact, scales = tbn._exact(x, np.ones(3), zeros, (x, zeros, zeros), bn.epsilon)
+    # 0.5 * 0 + 0.5 * mean and 0.5 * 1 + 0.5 * var: halving is exact, the sum rounds once (measured:
+    # 0.8 and 1.7 u32 relative; was rtol 1e-5).
+    assert_within(bn.mean[...], 0.5 * exact["mean"], tbn._tol("mean", jnp.float32, x.shape, scales), err_msg="mean")
+    v_tol = tbn._tol("var", jnp.float32, x.shape, scales)
+    assert_within(bn.var[...], 0.5 + 0.5 * exact["var"],
+                  {"rtol": u32, "atol": 0.5 * (v_tol["atol"] + v_tol["rtol"] * exact["var"].max())}, err_msg="var")
     bn.eval()
     before = nnx.clone(nnx.state(bn, nnx.BatchStat))
     y = bn(x)
     assert _err(nnx.state(bn, nnx.BatchStat), before) == 0.0
-    expected = (np.asarray(x) - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + bn.epsilon)
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    m, v = np.asarray(bn.mean[...], np.float64), np.asarray(bn.var[...], np.float64)
+    x64, rstd = np.asarray(x, np.float64), 1.0 / np.sqrt(v + bn.epsilon)
+    # Eval in f32: x - mean, var + eps, rsqrt (2), * (scale = 1 and bias = 0 are exact): 5 roundings on
+    # the terms (|x| + |mean|) rstd (measured 1.6 u32 * max|y|; was rtol = atol = 1e-5).
+    eval_tol = tolerance(jnp.float32, (), np.max((np.abs(x64) + np.abs(m)) * rstd), ops=5)
+    assert_within(y, (x64 - m) * rstd, eval_tol, err_msg="eval y")
     y_train = bn(x, use_running_average=False)  # the call's flag wins over the module's
-    np.testing.assert_allclose(np.asarray(y_train).mean(0), 0.0, atol=1e-5)
+    # The batch mean of y is exactly 0 (bias 0): y's elements are each within their tolerance of exact
+    # (measured 1.3e-7; was atol = 1e-5).
+    y_tol = tbn._tol("y", jnp.float32, x.shape, scales)
+    np.testing.assert_allclose(np.asarray(y_train, np.float64).mean(0), 0.0, rtol=0,
+                               atol=y_tol["atol"] + y_tol["rtol"] * np.abs(exact["y"]).max())
     bn.train()
     assert bn.use_running_average is False
     with pytest.raises(ValueError, match="use_running_average"):
         onn.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))(x)
 
 
+def _check_fallback(layer, x, y, mask, *, use_mean, reduction_axes, feature_shape, err_msg):
+    """y (and a BatchNorm's running statistics) against the float64 formula over `reduction_axes`, with
+    `mask`; f32 chains of the kernel tests (BatchNorm's y: 16 roundings) over the reduced elements."""
+    x64 = np.asarray(x, np.float64)
+    w = np.ones_like(x64) if mask is None else np.asarray(mask, np.float64)
+
+    def mean(v):
+        return (v * w).sum(reduction_axes, keepdims=True) / w.sum(reduction_axes, keepdims=True)
+
+    mu = mean(x64) if use_mean else np.zeros_like(mean(x64))
+    var = mean(np.square(x64 - mu))
+    rstd = 1.0 / np.sqrt(var + layer.epsilon)
+    params = {k: np.asarray(v[...], np.float64).reshape(feature_shape) for k, v in nnx.state(layer, nnx.Param).items()}
+    s, b = params["scale"], params.get("bias", 0.0)
+    n = int(w.sum(reduction_axes).max())
+    terms = np.max((np.abs(x64) + np.abs(mu)) * rstd * np.abs(s) + np.abs(b))
+    assert_within(y, (x64 - mu) * rstd * s + b, tolerance(jnp.float32, n, terms, ops=16), err_msg=f"y {err_msg}")
+    if isinstance(layer, nnx.BatchNorm):  # momentum 0.8 from 0 and 1
+        u32, (m, v) = unit_roundoff(jnp.float32), (np.squeeze(t) for t in (mu, var))
+        m_tol = tolerance(jnp.float32, n, np.max(mean(np.abs(x64))), ops=8)
+        assert_within(layer.mean[...], 0.2 * m, m_tol, err_msg=f"running mean {err_msg}")
+        v_tol = tolerance(jnp.float32, n, v.max(), ops=10)
+        v_tol = {"rtol": u32, "atol": 0.2 * (v_tol["atol"] + u32 * v.max()) + 2 * u32}
+        assert_within(layer.var[...], 0.8 + 0.2 * v, v_tol, err_msg=f"running var {err_msg}")
+
+
 def test_fallback_axes_and_mask_match_flax():
+    """Ours and flax's, each against float64 (was: within 1e-5 of each other; measured 0 to 2.4e-7)."""
     x = jax.random.normal(jax.random.key(4), (2, 3, 4, 5)) * 3 + 1
     mask = jax.random.bernoulli(jax.random.key(5), 0.7, x.shape)
-    cases = [
-        (dict(reduction_axes=(1, 2, 3), feature_axes=-1), onn.LayerNorm, nnx.LayerNorm, {}),
-        (dict(reduction_axes=(-2, -1), feature_axes=(-2, -1)), onn.RMSNorm, nnx.RMSNorm, {}),
-        (dict(axis=1), onn.BatchNorm, nnx.BatchNorm, {}),  # NCHW
-        ({}, onn.LayerNorm, nnx.LayerNorm, {"mask": mask}),
-        ({}, onn.BatchNorm, nnx.BatchNorm, {"mask": mask}),
+    cases = [  # (constructor kwargs, ours, flax's, mask, mean?, reduction axes, feature shape)
+        ({"reduction_axes": (1, 2, 3), "feature_axes": -1}, onn.LayerNorm, nnx.LayerNorm, None, True, (1, 2, 3),
+         (1, 1, 1, 5)),
+        ({"reduction_axes": (-2, -1), "feature_axes": (-2, -1)}, onn.RMSNorm, nnx.RMSNorm, None, False, (2, 3),
+         (1, 1, 4, 5)),
+        ({"axis": 1}, onn.BatchNorm, nnx.BatchNorm, None, True, (0, 2, 3), (1, 3, 1, 1)),  # NCHW
+        ({}, onn.LayerNorm, nnx.LayerNorm, mask, True, (3,), (1, 1, 1, 5)),
+        ({}, onn.BatchNorm, nnx.BatchNorm, mask, True, (0, 1, 2), (1, 1, 1, 5)),
     ]
-    for kw, ours, theirs, call_kw in cases:
-        n = x.shape[1] if kw.get("axis") == 1 else x.shape[-1]
-        if kw.get("feature_axes") == (-2, -1):
-            n = x.shape[-2] * x.shape[-1]  # flax reshapes the (20,) scale to the (4, 5) feature dims
+    for kw, ours, theirs, m, use_mean, red, feature_shape in cases:
+        n = int(np.prod(feature_shape))  # flax reshapes the (20,) RMSNorm scale to the (4, 5) feature dims
         a, b = _make(ours, n, **kw), _make(theirs, n, **kw)
         _perturb(a, 6)
         _perturb(b, 6)
+        call_kw = {} if m is None else {"mask": m}
         with use_backend("interpret"):
             ya = a(x, **call_kw)
-        assert _err(ya, b(x, **call_kw)) <= 1e-5, (ours, kw)
-        if ours is onn.BatchNorm:
-            assert _err(nnx.state(a, nnx.BatchStat), nnx.state(b, nnx.BatchStat)) <= 1e-5
+        yb = b(x, **call_kw)
+        for layer, y, label in ((a, ya, "ours"), (b, yb, "flax")):
+            _check_fallback(layer, x, y, m, use_mean=use_mean, reduction_axes=red, feature_shape=feature_shape,
+                            err_msg=f"{label} {ours.__name__} {kw} mask={m is not None}")
 
 
 @pytest.mark.parametrize("cls", [onn.LayerNorm, onn.BatchNorm])
@@ -136,12 +232,20 @@ def test_large_mean_small_std_layers(cls):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(1e3, 1e-2, size=(512, 64)).astype(np.float32))
     m = _make(cls, 64, epsilon=1e-12)
+    # mean(y) = -d rstd to first order, d = the error of the computed mean, rstd = 1 / std = 100: the
+    # kernel's shifted mean errs by at most half an ulp of 1e3 (measured mean(y) 3.1e-3), the plain
+    # two-pass mean (xla path, LayerNorm) by up to 14 ulps in the worst case (`tolerance`) and 2 ulps
+    # measured (mean(y) 9e-3 to 1.2e-2). This keeps the 2e-2 (3.3 ulps) it had: not a derived bound.
+    mean_atol = 2e-2
+    # std(y) = 1 - (d rstd)^2 / 2 + rstd's f32 chain (y's, 16 + ceil(log2 512) roundings): from the bound
+    # on mean(y), 2.0e-4 (measured 4.2e-5 to 7.0e-5; was 2e-3).
+    std_atol = mean_atol**2 / 2 + tolerance(jnp.float32, 512, 1.0, ops=16)["atol"]
     for backend in ("xla", "interpret"):
         with use_backend(backend):
             y = np.asarray(m(x), np.float64)
         axis = 0 if cls is onn.BatchNorm else -1
-        np.testing.assert_allclose(y.std(axis), 1.0, atol=2e-3)
-        np.testing.assert_allclose(y.mean(axis), 0.0, atol=2e-2)
+        np.testing.assert_allclose(y.std(axis), 1.0, atol=std_atol)
+        np.testing.assert_allclose(y.mean(axis), 0.0, atol=mean_atol)
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent(
@@ -195,7 +299,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
             out_p = jax.pmap(pbody, axis_name="data", in_axes=(None, 0, 0), out_axes=(0, None, None, 0))(
                 state, split(x), split(wy))
             out_p = (out_p[0].reshape(x.shape), out_p[1], out_p[2], out_p[3].reshape(x.shape))
-        results[label] = {"shard_map": [err(a, b) for a, b in zip(out, ref)],
+        results[label] = {"scale": [max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(r)) for r in ref],
+                          "shard_map": [err(a, b) for a, b in zip(out, ref)],
                           "pmap": [err(a, b) for a, b in zip(out_p, ref)],
                           "sharded_jit": [err(a, b) for a, b in zip(out_jit, ref)],
                           "jit_out_sharded": not out_jit[0].sharding.is_fully_replicated}
@@ -213,11 +318,15 @@ def test_batchnorm_across_devices_matches_full_batch():
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
     results = json.loads(line[len("RESULT"):])
+    # Eval output, running stats, param grads, input grads: the sharded runs sum in another order than the
+    # one-device batch, so each is within two f32 tolerances (both within one of exact): the deepest chain
+    # of the kernel tests (BatchNorm's dx, 14 roundings and two sums over the 72 rows) on the magnitude
+    # of the result: 5.9e-6 to 4.7e-5. Measured: 1.2e-7 to 2.6e-6, 0.02-0.06 of it (was < 1e-4 for all).
     for label, res in results.items():
-        # eval output, running stats, param grads, input grads: all equal to the one-device batch.
-        assert max(res["shard_map"]) < 1e-4, (label, res)
-        assert max(res["sharded_jit"]) < 1e-4, (label, res)
-        assert max(res["pmap"]) < 1e-4, (label, res)
+        tol = [2 * tolerance(jnp.float32, (72, 72), s, ops=14)["atol"] + 2 * unit_roundoff(jnp.float32) * s
+               for s in res["scale"]]
+        for run in ("shard_map", "sharded_jit", "pmap"):
+            assert all(e <= t for e, t in zip(res[run], tol)), (label, run, res, tol)
         assert res["jit_out_sharded"], label
 
 
@@ -299,6 +408,10 @@ def test_cnn_with_our_batchnorm_trains_like_flax(backend):
     lo = _train(ours, _cnn_loss, batches, backend)
     lt = _train(theirs, _cnn_loss, batches, "xla")
     assert lo[-1] < 0.9 * lo[0] and all(np.diff(lo) < 0), lo
+    # Not derived: after the first step the two trajectories differ by what Adam makes of f32-level
+    # gradient differences, and its update g / |g| amplifies them without bound for elements whose
+    # gradient is at the noise level. Measured (CPU, jax 0.10): losses 1.1e-7 relative, params 3.5e-7,
+    # batch stats 1.2e-7, eval output 1.2e-6; the limits below are the ones this test always had.
     np.testing.assert_allclose(lo, lt, rtol=1e-4, atol=1e-5)
     assert _err(nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param)) < 1e-4
     assert _err(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat)) < 1e-4
@@ -318,5 +431,6 @@ def test_transformer_block_with_our_norms_trains_like_flax(backend):
     lo = _train(ours, _block_loss, batches, backend)
     lt = _train(theirs, _block_loss, batches, "xla")
     assert lo[-1] < 0.9 * lo[0] and all(np.diff(lo) < 0), lo
+    # Not derived (see the CNN test). Measured: losses 2.6e-7 relative, params 2.1e-7.
     np.testing.assert_allclose(lo, lt, rtol=1e-4, atol=1e-5)
     assert _err(nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param)) < 1e-4
