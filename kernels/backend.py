@@ -1,15 +1,17 @@
 """Which engine runs the kernels: Triton (CUDA), Mosaic (TPU), the Pallas interpreter, or XLA.
 
-The choice is read when a function is *traced*: a jitted function keeps the backend it was traced
-with. Resolution order: `use_backend(...)` context, then the `OPTAX_EXT_BACKEND` environment
-variable, then the platform of JAX's default device (cuda/rocm -> "triton", tpu -> "mosaic",
-anything else -> "xla").
+The backend is read when a function is *traced*. Resolution order: `use_backend(...)` context,
+then the `OPTAX_EXT_BACKEND` environment variable (read and checked once, when this module is
+imported: a bad value fails there, not deep inside a trace), then the platform of JAX's default
+device (cuda/rocm -> "triton", tpu -> "mosaic", anything else -> "xla").
+
+`use_backend` is a `jax.make_user_context`: its value is part of `jax.jit`'s cache key, so a
+function jitted under one backend is traced again, not silently reused, under another.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Iterator
 
@@ -20,13 +22,22 @@ BACKENDS = ("xla", "interpret", "triton", "mosaic")
 
 ENV_VAR = "OPTAX_EXT_BACKEND"
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("optax_ext_backend", default=None)
 
-
-def _check(name: str, source: str) -> str:
-    if name not in BACKENDS:
+def _check(name, source: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}.")
     return name
+
+
+def _from_environment() -> str | None:
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    return _check(env, f"environment variable {ENV_VAR}") if env else None
+
+
+_ENVIRONMENT = _from_environment()
+
+# Part of jit's cache key (see the module docstring).
+_override = jax.make_user_context(default_value=None)
 
 
 def platform_backend() -> str:
@@ -41,12 +52,11 @@ def platform_backend() -> str:
 
 def get_backend() -> str:
     """The backend in force now (context manager > environment variable > platform)."""
-    name = _override.get()
+    name = _override.value
     if name is not None:
         return name
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return _check(env.strip().lower(), f"environment variable {ENV_VAR}")
+    if _ENVIRONMENT is not None:
+        return _ENVIRONMENT
     return platform_backend()
 
 
@@ -57,11 +67,8 @@ def use_backend(name: str) -> Iterator[str]:
     Forcing "triton" or "mosaic" on a machine without that hardware is allowed: it is how the
     kernels are lowered for CUDA and TPU from a CPU (`.lower(lowering_platforms=...)`).
     """
-    token = _override.set(_check(name, "use_backend(name)"))
-    try:
+    with _override(_check(name, "use_backend(name)")):
         yield name
-    finally:
-        _override.reset(token)
 
 
 def is_pallas(name: str | None = None) -> bool:

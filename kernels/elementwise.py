@@ -39,11 +39,34 @@ class Job(NamedTuple):
     aliases: Mapping[int, int] = {}
 
 
+PALLAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+"""Storage dtypes the Pallas kernels read and write (math in f32); other leaves run the reference."""
+
+
+def compute_dtype(dtypes) -> jnp.dtype:
+    """The dtype the math of a leaf runs in: f32 for f32/bf16/f16 storage, f64 when any input is
+    64-bit, complex when any is complex (second moments then use |g|^2, as Optax)."""
+    dtypes = [jnp.dtype(d) for d in dtypes]
+    real = jnp.dtype(jnp.float32)
+    for d in dtypes:
+        part = jnp.finfo(d).dtype if jnp.issubdtype(d, jnp.complexfloating) else d
+        if jnp.issubdtype(part, jnp.floating) or jnp.issubdtype(part, jnp.integer):
+            real = jnp.promote_types(real, part)
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+        return jnp.promote_types(real, jnp.complex64)
+    return real
+
+
 def run_elementwise_reference(body: Body, inputs: Sequence[jax.Array], shared: jax.Array, leaf: jax.Array,
                               out_dtypes: Sequence[Any]) -> list[jax.Array]:
-    """The jnp reference (and the "xla" backend): the body applied to whole arrays."""
-    outs = body([jnp.asarray(x, jnp.float32) for x in inputs], jnp.asarray(shared, jnp.float32),
-                jnp.asarray(leaf, jnp.float32))
+    """The jnp reference (and the "xla" backend): the body applied to whole arrays.
+
+    Math in `compute_dtype` of the inputs (f32 for the kernels' storage dtypes), scalars in its
+    real counterpart.
+    """
+    dtype = compute_dtype([jnp.result_type(x) for x in inputs])
+    real = jnp.finfo(dtype).dtype
+    outs = body([jnp.asarray(x, dtype) for x in inputs], jnp.asarray(shared, real), jnp.asarray(leaf, real))
     return [jnp.broadcast_to(jnp.asarray(o), jnp.shape(inputs[0])).astype(d)
             for o, d in zip(outs, out_dtypes, strict=True)]
 
@@ -58,12 +81,28 @@ def run_fused(body: Body, jobs: Sequence[Job], shared: jax.Array, *,
     through the jnp reference, per shard likewise.
     """
     name = backend or _backend.get_backend()
-    shared = jnp.asarray(shared, jnp.float32)
-    jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
-    if name == "xla" or not jobs:
-        return [run_elementwise_reference(body, j.inputs, shared, j.scalars, j.out_dtypes) for j in jobs]
+
+    def reference(job):
+        return run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
+
+    on_kernels = [] if name == "xla" else [
+        i for i, job in enumerate(jobs)
+        if all(jnp.dtype(jnp.result_type(x)) in PALLAS_DTYPES for x in job.inputs)
+        and all(jnp.dtype(d) in PALLAS_DTYPES for d in job.out_dtypes)]
+    results = [None if i in set(on_kernels) else reference(job) for i, job in enumerate(jobs)]
+    if not on_kernels:
+        return results
+    for i, outs in zip(on_kernels, _run_kernels(body, [jobs[i] for i in on_kernels], shared, name)):
+        results[i] = outs
+    return results
+
+
+def _run_kernels(body, jobs, shared, name):
+    """The Pallas kernels on every job, per device shard (see run_fused)."""
     from optax_ext.kernels import fused_pass, sharding  # Pallas path; imported lazily.
 
+    shared = jnp.asarray(shared, jnp.float32)
+    jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
     n_in = [len(job.inputs) for job in jobs]
 
     def local(operands, axes):

@@ -68,7 +68,12 @@ def _validate(leaves, backend, form, block):
 # "multi_tensor"
 
 
-def _multi_tensor_kernel(launch: mt.Launch):
+def _nonfinite(x):
+    """How many elements are NaN or infinite (f32 count of one block)."""
+    return jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0))
+
+
+def _multi_tensor_kernel(launch: mt.Launch, count_nonfinite: bool):
     num = len(launch.segments)
 
     def kernel(*refs):
@@ -76,28 +81,31 @@ def _multi_tensor_kernel(launch: mt.Launch):
         leaf, program = mt.locate(launch)
         (x,) = mt.load_blocks(launch, [[r] for r in ins], leaf, program)  # lanes past a leaf's end read 0
         o_ref[...] = jnp.broadcast_to(jnp.sum(x * x), (1,))
+        if count_nonfinite:  # same pass, no second read: apply_if_finite's test
+            refs[num + 1][...] = jnp.broadcast_to(_nonfinite(x), (1,))
 
     return kernel
 
 
-def _multi_tensor_partials(leaves, backend, block) -> list[tuple[mt.Launch, jax.Array]]:
-    """Per launch, its plan and `partials[j]` = the sum of squares of its program j's block."""
+def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> list[tuple[mt.Launch, list]]:
+    """Per launch, its plan and `[partials]` (+ `nonfinite` partials): the sums of program j's block."""
     params = (_backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1)
               if backend == "triton" else None)
+    outputs = 2 if count_nonfinite else 1
     out = []
-    for launch in mt.plan([x.size for x in leaves], 1, block, extra_refs=1, max_leaves=NORM_MAX_LEAVES):
+    for launch in mt.plan([x.size for x in leaves], 1, block, extra_refs=outputs, max_leaves=NORM_MAX_LEAVES):
         grid = launch.num_programs
         partials = pl.pallas_call(
-            _multi_tensor_kernel(launch),
-            out_shape=jax.ShapeDtypeStruct((grid,), jnp.float32),
+            _multi_tensor_kernel(launch, count_nonfinite),
+            out_shape=[jax.ShapeDtypeStruct((grid,), jnp.float32)] * outputs,
             grid=(grid,),
             in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(launch.leaves),
-            out_specs=pl.BlockSpec((1,), lambda i: (i,)),
+            out_specs=[pl.BlockSpec((1,), lambda i: (i,))] * outputs,
             interpret=backend == "interpret",
             compiler_params=params,
             name=f"sq_norm_{len(launch.leaves)}_leaves",
         )(*[jnp.reshape(leaves[i], seg.view) for i, seg in zip(launch.leaves, launch.segments)])
-        out.append((launch, partials))
+        out.append((launch, list(partials)))
     return out
 
 
@@ -105,41 +113,45 @@ def _multi_tensor_partials(leaves, backend, block) -> list[tuple[mt.Launch, jax.
 # "per_leaf"
 
 
-def _per_leaf_kernel(view, block_shape):
-    def kernel(x_ref, o_ref):
+def _per_leaf_kernel(view, block_shape, count_nonfinite):
+    def kernel(x_ref, *o_refs):
         x = x_ref[...].astype(jnp.float32)
         first = pl.program_id(0) * block_shape[0]
         if view[0] % block_shape[0]:  # ragged last block: Pallas pads its reads; zero them
             pos = first + jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
             x = jnp.where(pos < view[0], x, 0.0)
-        if len(view) == 2:
-            # Sublane reduction to one (1, 128) row per block; lanes are added in jnp afterwards.
-            o_ref[...] = jnp.sum(x * x, axis=0, keepdims=True).reshape(o_ref.shape)
-        else:
-            lane = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, len(o_ref.shape) - 1)
-            o_ref[...] = jnp.where(lane == 0, jnp.sum(x * x), 0.0)
+        values = [x * x] + ([jnp.where(jnp.isfinite(x), 0.0, 1.0)] if count_nonfinite else [])
+        for o_ref, v in zip(o_refs, values):
+            if len(view) == 2:
+                # Sublane reduction to one (1, 128) row per block; lanes are added in jnp afterwards.
+                o_ref[...] = jnp.sum(v, axis=0, keepdims=True).reshape(o_ref.shape)
+            else:
+                lane = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, len(o_ref.shape) - 1)
+                o_ref[...] = jnp.where(lane == 0, jnp.sum(v), 0.0)
 
     return kernel
 
 
-def _per_leaf_sq_norm(x, backend, block):
+def _per_leaf_sq_norm(x, backend, block, count_nonfinite=False):
     view, block_shape = per_leaf_view(x.size, block)
     grid = pl.cdiv(view[0], block_shape[0])
     params = (_backend.compiler_params("mosaic", dimension_semantics=("parallel",))
               if backend == "mosaic" else None)
     index_map = (lambda i: (i,)) if len(view) == 1 else (lambda i: (i, 0))
+    outputs = 2 if count_nonfinite else 1
     # (grid, 1, 128): a (1, 128) block whose last two dims equal the array's, as Mosaic needs.
     partials = pl.pallas_call(
-        _per_leaf_kernel(view, block_shape),
-        out_shape=jax.ShapeDtypeStruct((grid, 1, LANES), jnp.float32),
+        _per_leaf_kernel(view, block_shape, count_nonfinite),
+        out_shape=[jax.ShapeDtypeStruct((grid, 1, LANES), jnp.float32)] * outputs,
         grid=(grid,),
         in_specs=[pl.BlockSpec(block_shape, index_map)],
-        out_specs=pl.BlockSpec((None, 1, LANES), lambda i: (i, 0, 0)),
+        out_specs=[pl.BlockSpec((None, 1, LANES), lambda i: (i, 0, 0))] * outputs,
         interpret=backend == "interpret",
         compiler_params=params,
         name="sq_norm_rows" if len(view) == 2 else "sq_norm_flat",
     )(jnp.reshape(x, view))
-    return jnp.sum(partials)
+    sums = [jnp.sum(p) for p in partials]
+    return tuple(sums) if count_nonfinite else sums[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +183,7 @@ def leaf_sq_norms_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str
                 sums[i] = _per_leaf_sq_norm(x, backend, rows)
     else:
         b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
-        for launch, partials in _multi_tensor_partials(leaves, backend, b):
+        for launch, (partials,) in _multi_tensor_partials(leaves, backend, b):
             for i, seg in zip(launch.leaves, launch.segments):
                 sums[i] = jnp.sum(partials[seg.start:seg.start + launch.num_blocks(seg)])
     # Empty leaves, and a huge leaf the kernels cannot address, in jnp.
@@ -179,20 +191,33 @@ def leaf_sq_norms_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str
 
 
 def global_sq_norm_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str | None = None,
-                          block: int | None = None) -> jax.Array:
-    """`sum over leaves of sum(x**2)` in f32: one partial per block, one reduction per launch."""
+                          block: int | None = None, count_nonfinite: bool = False):
+    """`sum over leaves of sum(x**2)` in f32: one partial per block, one reduction per launch.
+
+    With `count_nonfinite`, returns `(sum, count)` where `count` is the number of NaN or infinite
+    elements, from the same pass over the data (`apply_if_finite`'s test: a sum of squares alone
+    would also overflow on large finite values).
+    """
     form = form or default_form(backend)
     _validate(leaves, backend, form, block)
-    if form == "per_leaf":
-        parts = leaf_sq_norms_pallas(leaves, backend=backend, form=form, block=block)
-        return sum(parts, jnp.zeros((), jnp.float32))
-    b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
-    total = jnp.zeros((), jnp.float32)
+    total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     covered = set()
-    for launch, partials in _multi_tensor_partials(leaves, backend, b):
-        total = total + jnp.sum(partials)
-        covered.update(launch.leaves)
+    if form == "per_leaf":
+        rows = block or NORM_TPU_BLOCK_ROWS
+        for i, x in enumerate(leaves):
+            if x.size and per_leaf_view(x.size, rows) is not None:
+                out = _per_leaf_sq_norm(x, backend, rows, count_nonfinite)
+                total, count = (total + out[0], count + out[1]) if count_nonfinite else (total + out, count)
+                covered.add(i)
+    else:
+        b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
+        for launch, partials in _multi_tensor_partials(leaves, backend, b, count_nonfinite):
+            total = total + jnp.sum(partials[0])
+            if count_nonfinite:
+                count = count + jnp.sum(partials[1])
+            covered.update(launch.leaves)
     for i, x in enumerate(leaves):
         if i not in covered:
             total = total + _reference(x)
-    return total
+            count = count + jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0))
+    return (total, count) if count_nonfinite else total

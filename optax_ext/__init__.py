@@ -6,7 +6,7 @@ CPU). Import as `import optax_ext as ox`.
 """
 
 from optax_ext import augment, kernels, losses, nn, regularizers, schedules, transfer
-from optax_ext.fusion import FusableTransformation, PerLeaf, Rule, chain, fusable, update_and_apply
+from optax_ext.fusion import FusableTransformation, PerLeaf, Rule, apply_if_finite, chain, fusable, update_and_apply
 from optax_ext.losses import jensen_shannon_consistency, nt_xent, softmax_cross_entropy
 from optax_ext.optimizers import (
     adabelief,
@@ -89,7 +89,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # core
-    "FusableTransformation", "PerLeaf", "Rule", "chain", "fusable", "kernels", "update_and_apply",
+    "FusableTransformation", "PerLeaf", "Rule", "apply_if_finite", "chain", "fusable", "kernels", "update_and_apply",
     # subpackages: image augmentation and Flax NNX normalization layers
     "augment", "nn",
     # transformations

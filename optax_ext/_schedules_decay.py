@@ -130,63 +130,72 @@ def multistep_decay(
 
 def exponential_decay(
     init_value: Any,
-    rate: Any = None,
-    *,
-    gamma: Any = None,
     transition_steps: int = 1,
+    decay_rate: Any = None,
+    transition_begin: int = 0,
     staircase: bool = False,
     end_value: Any = None,
+    *,
+    rate: Any = None,
+    gamma: Any = None,
 ) -> b.Schedule:
-  r"""Exponential decay, eq. (12), continuous or staircase.
+  r"""Exponential decay, eq. (12), continuous or staircase; Optax's arguments in Optax's order.
 
   .. math::
-    \eta_t = \eta_0 \exp(-\lambda\, p) = \eta_0\, \gamma^{p}, \qquad
-    p = t / K \ \ (\text{or } \lfloor t / K \rfloor \text{ with staircase})
+    \eta_t = \eta_0\, \gamma^{p} = \eta_0 \exp(-\lambda\, p), \qquad
+    p = (t - t_0) / K \ \ (\text{or } \lfloor (t - t_0) / K \rfloor \text{ with staircase}),
+    \quad \eta_t = \eta_0 \text{ for } t \le t_0
 
-  Give exactly one of ``rate`` (:math:`\lambda`) or ``gamma``
-  (:math:`= e^{-\lambda}`, the base form of ``optax.exponential_decay`` /
-  PyTorch's ``ExponentialLR`` when ``K = 1``). With ``gamma``, this equals
-  ``optax.exponential_decay(init_value, K, gamma, staircase=...,
-  end_value=...)`` (``transition_begin=0``).
+  Give exactly one of ``decay_rate`` (:math:`\gamma`, as ``optax.exponential_decay``;
+  ``gamma`` is the same, PyTorch ``ExponentialLR``'s name) or ``rate`` (:math:`\lambda`, the
+  continuous form :math:`\gamma = e^{-\lambda}`). With ``decay_rate`` the values are
+  ``optax.exponential_decay``'s. Unlike Optax, a non-positive ``transition_steps``, a zero
+  ``decay_rate`` or a negative ``transition_begin`` is an error, not a silent constant schedule.
 
   Args:
     init_value: :math:`\eta_0`.
-    rate: decay rate :math:`\lambda` per ``transition_steps`` (negative grows).
-    gamma: decay base, ``> 0``, per ``transition_steps``.
     transition_steps: :math:`K`, a positive integer (default 1: per step).
+    decay_rate: decay base :math:`\gamma > 0` per ``transition_steps`` (> 1 grows).
+    transition_begin: :math:`t_0 \ge 0`, steps before the decay starts.
     staircase: decay at discrete intervals of ``K`` steps.
     end_value: optional bound where the decay stops (a floor when decaying, a
       ceiling when growing), as in Optax.
+    rate: decay rate :math:`\lambda` per ``transition_steps`` (negative grows).
+    gamma: another name for ``decay_rate``.
 
   Returns:
     A schedule ``step -> float32``.
   """
   fn = "exponential_decay"
   b.real_arg(fn, "init_value", init_value)
-  if (rate is None) == (gamma is None):
+  given = {k: v for k, v in (("decay_rate", decay_rate), ("gamma", gamma), ("rate", rate)) if v is not None}
+  if len(given) != 1:
     raise ValueError(
-        f"{fn}: give exactly one of rate (lambda) or gamma (= exp(-lambda)), got"
-        f" rate={rate!r}, gamma={gamma!r}"
+        f"{fn}: give exactly one of decay_rate (or its alias gamma) or rate (lambda, with decay_rate ="
+        f" exp(-lambda)), got {given or 'none'}"
     )
   if rate is not None:
     b.real_arg(fn, "rate", rate)
   else:
-    b.real_arg(fn, "gamma", gamma, low=0.0, low_open=True)
+    name, base = next(iter(given.items()))
+    b.real_arg(fn, name, base, low=0.0, low_open=True)
   k = b.int_arg(fn, "transition_steps", transition_steps)
+  begin = b.int_arg(fn, "transition_begin", transition_begin, minimum=0)
   if not isinstance(staircase, (bool, np.bool_)):
     raise TypeError(f"{fn}: staircase must be a bool, got {staircase!r}")
   if end_value is not None:
     b.real_arg(fn, "end_value", end_value)
+  base = decay_rate if decay_rate is not None else gamma
 
   def schedule(step):
-    t = b.steps(step)
-    p = b.as_float(b.floordiv(t, k)) if staircase else b.as_float(t) / k
+    t = b.steps(step) - begin
+    p = b.as_float(b.floordiv(jnp.maximum(t, 0), k)) if staircase else b.as_float(jnp.maximum(t, 0)) / k
     if rate is not None:
       value = b.f32(init_value) * jnp.exp(-b.f32(rate) * p)
       decaying = b.f32(rate) >= 0
     else:
-      value = b.f32(init_value) * jnp.power(b.f32(gamma), p)
-      decaying = b.f32(gamma) < 1
+      value = b.f32(init_value) * jnp.power(b.f32(base), p)
+      decaying = b.f32(base) < 1
     if end_value is not None:
       end = b.f32(end_value)
       value = jnp.where(decaying, jnp.maximum(value, end), jnp.minimum(value, end))

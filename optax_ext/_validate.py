@@ -1,7 +1,9 @@
 """Argument checks shared by the public factories: clear errors at construction time.
 
 Values that are traced (under `optax.inject_hyperparams` or `jit`) or schedules (callables) are
-not checked here: they are only known at run time.
+range-checked only at run time; their kind is checked here: a string, a bool or an array where a
+number is due is a TypeError naming the argument, and so is a schedule where the transformation's
+state (Optax's layout) has no step count to evaluate it at.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import numpy as np
 def _concrete(value):
     """The value as a Python float, or None when it is a schedule or a traced value."""
     if callable(value) or value is None:
-        return None
-    if isinstance(value, jax.core.Tracer):
         return None
     try:
         arr = np.asarray(value)
@@ -34,8 +34,29 @@ def _fail(fn: str, name: str, value, expected: str):
     raise ValueError(f"{fn}: {name} must be {expected}, got {value!r}.")
 
 
-def unit_interval(fn: str, name: str, value, *, closed: bool = False):
+def _kind(fn: str, name: str, value, schedule: bool):
+    """TypeError unless `value` is a number, a 0-d array (traced ones included), or an allowed schedule."""
+    if callable(value):
+        if schedule:
+            return
+        raise TypeError(
+            f"{fn}: {name} cannot be a schedule here (its Optax state has no step count to evaluate it at); "
+            f"got {value!r}. To change {name} during training, wrap the optimizer: "
+            f"optax.inject_hyperparams(<factory>)(..., {name}=schedule) evaluates the schedule each step "
+            f"and passes the value.")
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, bool) or not (isinstance(value, (int, float, np.number)) or (
+            dtype is not None and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)))):
+        raise TypeError(
+            f"{fn}: {name} must be a real number{' or a schedule (step -> value)' if schedule else ''}; "
+            f"got {value!r} of type {type(value).__name__}.")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{fn}: {name} must be a scalar, got an array of shape {np.shape(value)}.")
+
+
+def unit_interval(fn: str, name: str, value, *, closed: bool = False, schedule: bool = False):
     """Check 0 <= value < 1 (or <= 1 when closed)."""
+    _kind(fn, name, value, schedule)
     v = _concrete(value)
     if v is None:
         return value
@@ -45,17 +66,27 @@ def unit_interval(fn: str, name: str, value, *, closed: bool = False):
     return value
 
 
-def non_negative(fn: str, name: str, value):
+def non_negative(fn: str, name: str, value, *, schedule: bool = False):
+    _kind(fn, name, value, schedule)
     v = _concrete(value)
     if v is not None and (not v >= 0.0 or math.isinf(v)):
         _fail(fn, name, value, "a finite number >= 0")
     return value
 
 
-def positive(fn: str, name: str, value):
+def positive(fn: str, name: str, value, *, schedule: bool = False):
+    _kind(fn, name, value, schedule)
     v = _concrete(value)
     if v is not None and (not v > 0.0 or math.isinf(v)):
         _fail(fn, name, value, "a finite number > 0")
+    return value
+
+
+def finite(fn: str, name: str, value, *, schedule: bool = False):
+    _kind(fn, name, value, schedule)
+    v = _concrete(value)
+    if v is not None and not math.isfinite(v):
+        _fail(fn, name, value, "a finite number")
     return value
 
 

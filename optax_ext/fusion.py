@@ -22,9 +22,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_ext.kernels import elementwise as _elementwise
+from optax_ext.kernels import reductions
 
 Scalars = dict[str, Any]
 ElementFn = Callable[[jax.Array, jax.Array | None, tuple, Scalars], tuple[jax.Array, tuple]]
@@ -45,7 +47,8 @@ class Rule:
       state_type: the NamedTuple class (or tuple of classes) its state must be.
       slots: names of the state fields holding per-parameter arrays (e.g. ("mu", "nu")).
       scalars: `(state, updates, params) -> dict` of step-wide f32 scalars (or `PerLeaf` trees).
-        `updates` is the input of the fused run when `reads_updates`, else None.
+        `updates` is the input of the fused run: its structure is always the leaves'; its values
+        are this rule's input only when `reads_updates` (which starts a run), so read them then only.
       element: `(g, p, slots, scalars) -> (u, new_slots)` on f32 values of one element.
       next_state: `(state, new_slots) -> new state`, new_slots a tuple of trees (one per slot).
       reads_updates: the scalars reduce over the incoming updates (a global or per-leaf norm), so
@@ -67,12 +70,24 @@ class Rule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gate:
+    """Skip the next `span` atoms' step unless the incoming updates are finite (`apply_if_finite`).
+
+    The atom's state is an `optax.ApplyIfFiniteState` whose `inner_state` holds the span's states.
+    """
+
+    max_consecutive_errors: int
+    span: int
+
+
+@dataclasses.dataclass(frozen=True)
 class _Atom:
-    """One transformation inside a (possibly nested) chain: its rule or its opaque update."""
+    """One transformation inside a (possibly nested) chain: its rule, its opaque update, or a gate."""
 
     rule: Rule | None
     update: Callable | None
     path: tuple[int, ...]
+    gate: Gate | None = None
 
 
 class FusableTransformation(optax.GradientTransformationExtraArgs):
@@ -131,7 +146,7 @@ def chain(*transformations: optax.GradientTransformation) -> FusableTransformati
                 f"got {type(tx).__name__}.")
         inner = getattr(tx, "atoms", None)
         if inner is not None:
-            atoms.extend(_Atom(a.rule, a.update, (i,) + a.path) for a in inner)
+            atoms.extend(dataclasses.replace(a, path=(i,) + a.path) for a in inner)
         else:
             atoms.append(_Atom(None, optax.with_extra_args_support(tx).update, (i,)))
     inits = tuple(tx.init for tx in transformations)
@@ -140,6 +155,43 @@ def chain(*transformations: optax.GradientTransformation) -> FusableTransformati
         return tuple(fn(params) for fn in inits)
 
     return _make(init, tuple(atoms))
+
+
+def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors: int) -> FusableTransformation:
+    r"""Skip `inner`'s step when the incoming updates hold a NaN or an infinity; Optax's name,
+    arguments, state (`optax.ApplyIfFiniteState`) and semantics.
+
+    A step is applied when every update is finite, or when more than `max_consecutive_errors`
+    steps in a row were not (then it is applied anyway, NaNs included, as Optax does). A skipped
+    step returns zero updates, and leaves every moment, every step count (schedules do not
+    advance) and, with `update_and_apply`, the parameters bit-identical.
+
+    When `inner` is ours the test costs no extra pass: it is the same multi-tensor reduction as
+    the global norm (a `clip_by_global_norm` right after it reuses its sum of squares), counting
+    non-finite elements beside the squares; and the keep-or-apply select happens inside the fused
+    pass, which reads the old moments anyway. Optax transformations inside `inner` are skipped with
+    `lax.cond`, as in Optax.
+
+    References:
+      `optax.apply_if_finite`; Micikevicius et al., *Mixed Precision Training*, ICLR 2018 (skipping
+      steps with overflowed gradients).
+    """
+    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, (int, np.integer)) \
+            or max_consecutive_errors < 0:
+        raise ValueError(f"apply_if_finite: max_consecutive_errors must be an integer >= 0, "
+                         f"got {max_consecutive_errors!r}.")
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}.")
+    inner_atoms = getattr(inner, "atoms", None) or (_Atom(None, optax.with_extra_args_support(inner).update, ()),)
+    at = optax.ApplyIfFiniteState._fields.index("inner_state")
+    atoms = (_Atom(None, None, (), Gate(int(max_consecutive_errors), len(inner_atoms))),
+             *(dataclasses.replace(a, path=(at,) + a.path) for a in inner_atoms))
+
+    def init(params):
+        return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+                                        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    return _make(init, atoms)
 
 
 def update_and_apply(tx: optax.GradientTransformation, updates, state, params, **extra_args):
@@ -169,7 +221,14 @@ def _set(state, path, value):
     return tuple(items) if type(state) is tuple else type(state)(*items)
 
 
+def _stateless(atom) -> bool:
+    """A rule with no state of its own (`optax.EmptyState`): like Optax's, it ignores the state given."""
+    return atom.rule is not None and atom.rule.state_type is optax.EmptyState and not atom.rule.slots
+
+
 def _check_state(atoms, state):
+    if len(atoms) == 1 and _stateless(atoms[0]):
+        return  # None, {}, EmptyState(), ... all fine
     if state is None:
         raise ValueError("update(): state is None. Call `state = tx.init(params)` first and pass it.")
     for atom in atoms:
@@ -180,7 +239,10 @@ def _check_state(atoms, state):
                 f"update(): state does not match this transformation (no entry at {atom.path}); "
                 f"got {type(state).__name__}. Pass the state returned by this transformation's "
                 f"init (or its previous update).") from None
-        if atom.rule is not None and not isinstance(sub, atom.rule.state_type):
+        if atom.gate is not None and not isinstance(sub, optax.ApplyIfFiniteState):
+            raise TypeError(f"update(): apply_if_finite expected its state to be ApplyIfFiniteState, got "
+                            f"{type(sub).__name__}. Was `init` called with this transformation?")
+        if atom.rule is not None and not _stateless(atom) and not isinstance(sub, atom.rule.state_type):
             raise TypeError(
                 f"update(): {atom.rule.name} expected its state to be {_type_names(atom.rule.state_type)}, "
                 f"got {type(sub).__name__}. Was `init` called with this transformation?")
@@ -192,35 +254,53 @@ def _type_names(t):
 
 def _check_trees(updates, params):
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
-        if not jnp.issubdtype(jnp.result_type(u), jnp.floating):
+        dtype = jnp.result_type(u)
+        if not (jnp.issubdtype(dtype, jnp.inexact) or jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
-                f"update(): updates must be real floating point (f32, bf16, f16, f64); got "
-                f"{jnp.result_type(u)} at {jax.tree_util.keystr(path)}. Integer or complex parameters "
-                f"cannot be optimized by these transformations.")
+                f"update(): updates must be numbers (floating point, complex or integer); got {dtype} at "
+                f"{jax.tree_util.keystr(path)}.")
     if params is None:
         return
-    u_def, p_def = jax.tree.structure(updates), jax.tree.structure(params)
-    if u_def != p_def:
+    # `None` update leaves (no update for that part of the params) may stand for whole subtrees.
+    full = jax.tree.structure(updates, is_leaf=_is_none)
+    try:
+        p_parts = full.flatten_up_to(params)
+    except (ValueError, TypeError):
         raise ValueError(
             "update(): updates and params must have the same tree structure; got\n"
-            f"  updates: {u_def}\n  params:  {p_def}")
-    for (path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params)):
+            f"  updates: {jax.tree.structure(updates)}\n  params:  {jax.tree.structure(params)}") from None
+    u_parts = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)[0]
+    for (path, u), p in zip(u_parts, p_parts):
+        if u is None:
+            continue
         if jnp.shape(u) != jnp.shape(p):
             raise ValueError(
                 f"update(): updates and params differ in shape at {jax.tree_util.keystr(path)}: "
                 f"updates {jnp.shape(u)}, params {jnp.shape(p)}.")
+        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact) and jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+            # optax.apply_updates would cast p + u back to the integer dtype: a small update rounds
+            # to nothing, silently. Integer leaves belong outside the optimizer (optax.masked, freeze).
+            raise TypeError(
+                f"update(): params at {jax.tree_util.keystr(path)} are {jnp.result_type(p)} but their updates are "
+                f"{jnp.result_type(u)}: applying them would round the updates away. Optimize floating-point or "
+                f"complex parameters; keep integer leaves out of the optimizer (optax.masked, optax_ext.freeze).")
 
 
-def _runs(atoms: Sequence[_Atom]) -> list[list[_Atom]]:
-    """Split atoms into fused runs: opaque atoms alone; a rule that reads updates starts a run."""
-    runs: list[list[_Atom]] = []
-    for atom in atoms:
-        if atom.rule is None:
-            runs.append([atom])
-        elif runs and runs[-1][0].rule is not None and not atom.rule.reads_updates:
-            runs[-1].append(atom)
+def _runs(atoms: Sequence[_Atom]) -> list[tuple[int, list[_Atom]]]:
+    """Split atoms into fused runs `(index of the first atom, atoms)`: opaque atoms and gates alone;
+    a rule that reads updates starts a run, and so do the first atom in and after a gate's span."""
+    starts = set()
+    for i, atom in enumerate(atoms):
+        if atom.gate is not None:
+            starts.update((i + 1, i + 1 + atom.gate.span))
+    runs: list[tuple[int, list[_Atom]]] = []
+    for i, atom in enumerate(atoms):
+        mergeable = (atom.rule is not None and not atom.rule.reads_updates and i not in starts and runs
+                     and runs[-1][1][0].rule is not None)
+        if mergeable:
+            runs[-1][1].append(atom)
         else:
-            runs.append([atom])
+            runs.append((i, [atom]))
     return runs
 
 
@@ -229,24 +309,69 @@ def _execute(atoms, updates, state, params, *, apply: bool, extra_args):
     _check_trees(updates, params)
     if apply and params is None:
         raise ValueError("update_and_apply(): params are required.")
+    with reductions.sharing():  # a gate's finiteness test and a global norm of the same grads: one pass
+        return _execute_runs(atoms, updates, state, params, apply, extra_args)
+
+
+def _execute_runs(atoms, updates, state, params, apply, extra_args):
     runs = _runs(atoms)
-    for k, run in enumerate(runs):
-        if run[0].rule is None:
-            atom = run[0]
-            updates, sub = atom.update(updates, _get(state, atom.path), params, **extra_args)
+    gates: list[tuple[int, jax.Array]] = []  # (end of span, apply this step?) of the gates in force
+    gate = None
+    for k, (first, run) in enumerate(runs):
+        gates = [(end, ok) for end, ok in gates if first < end]
+        gate = _all(ok for _, ok in gates)
+        atom = run[0]
+        if atom.gate is not None:
+            ok, sub = _gate_step(atom.gate, _get(state, atom.path), updates)
             state = _set(state, atom.path, sub)
+            gates.append((first + 1 + atom.gate.span, ok))
+            continue
+        if atom.rule is None:
+            updates, state = _opaque_step(atom, updates, state, params, extra_args, gate)
             continue
         write_params = apply and k == len(runs) - 1
         subs = [_get(state, a.path) for a in run]
-        out, new_subs = _fused_run([a.rule for a in run], subs, updates, params, write_params)
+        out, new_subs = _fused_run([a.rule for a in run], subs, updates, params, write_params, gate)
         for a, sub in zip(run, new_subs):
             state = _set(state, a.path, sub)
         if write_params:
             return out, state
         updates = out
     if apply:
-        return optax.apply_updates(params, updates), state
+        new = optax.apply_updates(params, updates)
+        if gate is not None:  # bit-identical params on a skipped step (p + 0 turns -0.0 into +0.0)
+            new = jax.tree.map(lambda n, p: jnp.where(gate, n, p), new, params)
+        return new, state
     return updates, state
+
+
+def _all(flags):
+    out = None
+    for f in flags:
+        out = f if out is None else jnp.logical_and(out, f)
+    return out
+
+
+def _gate_step(gate: Gate, state, updates):
+    """Optax's apply_if_finite bookkeeping: (apply this step?, the gate's new counters)."""
+    leaves = jax.tree.leaves(updates)
+    _, finite = reductions.global_sq_norm_and_finite(leaves)
+    notfinite = jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count))
+    total = jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite))
+    ok = jnp.logical_or(finite, notfinite > gate.max_consecutive_errors)
+    return ok, state._replace(notfinite_count=notfinite, last_finite=finite, total_notfinite=total)
+
+
+def _opaque_step(atom, updates, state, params, extra_args, gate):
+    """An Optax transformation's own update; inside a gate, skipped (zeros, old state) by lax.cond."""
+    old = _get(state, atom.path)
+    if gate is None:
+        updates, sub = atom.update(updates, old, params, **extra_args)
+    else:
+        updates, sub = jax.lax.cond(
+            gate, lambda: atom.update(updates, old, params, **extra_args),
+            lambda: (jax.tree.map(jnp.zeros_like, updates), old))
+    return updates, _set(state, atom.path, sub)
 
 
 def _scalar_columns(rule: Rule, scalars: Scalars, treedef, shared: list, per_leaf: list) -> dict:
@@ -260,9 +385,9 @@ def _scalar_columns(rule: Rule, scalars: Scalars, treedef, shared: list, per_lea
         if isinstance(v, PerLeaf):
             leaves = treedef.flatten_up_to(v.tree)
             where[name] = ("leaf", len(per_leaf))
-            per_leaf.append([jnp.asarray(x, jnp.float32).reshape(()) for x in leaves])
+            per_leaf.append([scalar(x).reshape(()) for x in leaves])
         else:
-            v = jnp.asarray(v, jnp.float32)
+            v = scalar(v)
             if v.shape != ():
                 raise ValueError(f"{rule.name}: hyperparameter {name!r} must be a scalar, got shape {v.shape}.")
             where[name] = ("shared", len(shared))
@@ -270,15 +395,63 @@ def _scalar_columns(rule: Rule, scalars: Scalars, treedef, shared: list, per_lea
     return where
 
 
-def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: bool):
-    """Run the composition of `rules` once per leaf; return (updates or new params, new states)."""
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _float_of(dtype):
+    """Integer updates and slots come out as floats, as jnp's promotion (and Optax) gives them."""
+    return jnp.result_type(dtype, float) if jnp.issubdtype(dtype, jnp.integer) else jnp.dtype(dtype)
+
+
+def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: bool, gate=None):
+    """Run the composition of `rules` once per leaf; return (updates or new params, new states).
+
+    A `None` update leaf (no update for that part of the params, as in Optax) passes through: the
+    run sees only the present leaves, and params and slots under a `None` update are kept.
+    """
+    full = jax.tree.structure(updates, is_leaf=_is_none)
+    present = [i for i, u in enumerate(full.flatten_up_to(updates)) if u is not None]
+    if len(present) == full.num_leaves:
+        return _fused_run_leaves(rules, states, updates, params, write_params, gate)
+
+    def prune(tree):
+        parts = full.flatten_up_to(tree)
+        return [parts[i] for i in present]
+
+    def unprune(pruned, old):
+        parts = full.flatten_up_to(old) if old is not None else [None] * full.num_leaves
+        for j, i in enumerate(present):
+            parts[i] = pruned[j]
+        return full.unflatten(parts)
+
+    pruned_states = [st._replace(**{f: prune(getattr(st, f)) for f in rule.slots}) if rule.slots else st
+                     for rule, st in zip(rules, states)]
+    out, new_pruned = _fused_run_leaves(rules, pruned_states, prune(updates),
+                                        None if params is None else prune(params), write_params, gate)
+    new_states = []
+    for rule, st, new in zip(rules, states, new_pruned):
+        trees = tuple(getattr(st, f) if rule.readonly_slots else unprune(getattr(new, f), getattr(st, f))
+                      for f in rule.slots)
+        new_states.append(rule.next_state(st, trees) if rule.slots else new)
+    return unprune(out, params if write_params else None), new_states
+
+
+def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_params: bool, gate=None):
+    """`_fused_run` on trees without `None` update leaves.
+
+    With a `gate` (a traced bool), a skipped step writes zero updates (or the params unchanged)
+    and every slot's old value, inside the same pass, and keeps every other state field.
+    """
+    updates = jax.tree.map(jnp.asarray, updates)  # Python scalars too, as Optax takes them
+    params = None if params is None else jax.tree.map(jnp.asarray, params)
     leaves, treedef = jax.tree.flatten(updates)
     n = len(leaves)
     needs_params = write_params or any(r.needs_params for r in rules)
     if needs_params and params is None:
         names = ", ".join(r.name for r in rules if r.needs_params)
         raise ValueError(f"{names} requires params: call update(updates, state, params).")
-    p_leaves = treedef.flatten_up_to(params) if needs_params else [None] * n
+    p_leaves = [jnp.asarray(p) for p in treedef.flatten_up_to(params)] if needs_params else [None] * n
 
     slot_leaves, positions, shared, per_leaf = [], [], [], []
     for rule, st in zip(rules, states):
@@ -286,20 +459,31 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
         for field in rule.slots:
             tree = getattr(st, field)
             try:
-                per_slot.append(treedef.flatten_up_to(tree))
+                slot = [jnp.asarray(x) for x in treedef.flatten_up_to(tree)]
             except (ValueError, TypeError) as e:
                 raise ValueError(
                     f"update(): {rule.name} state field {field!r} does not match the updates' tree "
                     f"structure ({treedef}); was the state made by init on these params? ({e})") from None
+            for (path, g), x in zip(jax.tree_util.tree_flatten_with_path(updates)[0], slot):
+                if x.shape != jnp.shape(g):
+                    raise ValueError(
+                        f"update(): {rule.name} state field {field!r} has shape {x.shape} at "
+                        f"{jax.tree_util.keystr(path)} where the updates have {jnp.shape(g)}; was the state "
+                        f"made by init on these params?")
+            per_slot.append(slot)
         slot_leaves.append(per_slot)
-        scal = rule.scalars(st, updates if rule.reads_updates else None, params)
+        scal = rule.scalars(st, updates, params)
         positions.append(_scalar_columns(rule, scal, treedef, shared, per_leaf))
 
-    body = _compose(rules, positions, needs_params, write_params)
+    gate_at = None
+    if gate is not None:
+        gate_at = len(shared)
+        shared.append(jnp.where(gate, 1.0, 0.0).astype(jax.dtypes.canonicalize_dtype(jnp.float64)))
+    body = _compose(rules, positions, needs_params, write_params, gate_at)
 
     jobs = []
     for i, g in enumerate(leaves):
-        inputs, out_dtypes = [g], [p_leaves[i].dtype if write_params else g.dtype]
+        inputs, out_dtypes = [g], [p_leaves[i].dtype if write_params else _float_of(g.dtype)]
         aliases = {}
         if needs_params:
             inputs.append(p_leaves[i])
@@ -309,7 +493,7 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
             for slot in per_slot:
                 if not rule.readonly_slots:
                     aliases[len(inputs)] = len(out_dtypes)  # new slot overwrites the old slot
-                    out_dtypes.append(slot[i].dtype)
+                    out_dtypes.append(_float_of(slot[i].dtype))
                 inputs.append(slot[i])
         # An output may overwrite an input only of its own dtype (a bf16 slot written as f32 cannot).
         aliases = {a: o for a, o in aliases.items() if inputs[a].dtype == jnp.dtype(out_dtypes[o])}
@@ -325,33 +509,59 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
         else:
             trees = [treedef.unflatten([o[j + k] for o in outs]) for k in range(len(rule.slots))]
             j += len(rule.slots)
-        new_states.append(rule.next_state(st, tuple(trees)))
+        new = rule.next_state(st, tuple(trees))
+        if gate is not None:  # step counts and other fields: keep the old ones on a skipped step
+            new = _keep_unless(gate, rule, new, st)
+        new_states.append(new)
     return treedef.unflatten(out_leaves), new_states
 
 
-def _compose(rules, positions, needs_params, write_params):
+def _keep_unless(gate, rule: Rule, new, old):
+    """`new` where `gate`, else `old`, for the state fields that are not slots (slots were selected
+    in the fused pass)."""
+    if not hasattr(new, "_fields") or type(new) is not type(old):
+        return jax.tree.map(lambda n, o: jnp.where(gate, n, o), new, old)
+    fields = {f: jax.tree.map(lambda n, o: jnp.where(gate, n, o), getattr(new, f), getattr(old, f))
+              for f in new._fields if f not in rule.slots}
+    return new._replace(**fields)
+
+
+def _compose(rules, positions, needs_params, write_params, gate_at=None):
     """The composed per-element rule: `body(inputs, shared, leaf) -> [u or new p, *new slots]`.
 
     inputs = [g, (p), slots of rule 1, slots of rule 2, ...]; `positions[r][name]` says whether rule
     r's scalar `name` is `shared[j]` (step-wide) or `leaf[j]` (this leaf's own value). Read-only
-    slots are inputs only.
+    slots are inputs only. With `gate_at`, `shared[gate_at]` is 1 to apply the step and 0 to skip
+    it: then the outputs are zero updates (or the unchanged params) and the old slots.
     """
 
     def body(inputs, shared, leaf):
         it = iter(inputs)
         g = next(it)
         p = next(it) if needs_params else None
-        new_slots_all = []
+        new_slots_all, old_slots_all = [], []
         for rule, where in zip(rules, positions):
             slots = tuple(next(it) for _ in range(len(rule.slots)))
             s = {name: (shared if kind == "shared" else leaf)[j] for name, (kind, j) in where.items()}
             g, new_slots = rule.element(g, p, slots, s)
             if not rule.readonly_slots:
                 new_slots_all.extend(new_slots)
-        return [p + g if write_params else g, *new_slots_all]
+                old_slots_all.extend(slots)
+        out = p + g if write_params else g
+        if gate_at is None:
+            return [out, *new_slots_all]
+        ok = shared[gate_at] > 0.5
+        kept = p if write_params else jnp.zeros_like(g)
+        return [jnp.where(ok, out, kept), *(jnp.where(ok, n, o) for n, o in zip(new_slots_all, old_slots_all))]
 
     return body
 
 
 def _stack(scalars):
-    return jnp.stack(scalars) if scalars else jnp.zeros((0,), jnp.float32)
+    return jnp.stack(scalars) if scalars else jnp.zeros((0,), jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def scalar(x) -> jax.Array:
+    """A step-wide value in the widest float JAX allows now (f64 under `jax_enable_x64`, else f32):
+    f64 leaves then get f64 bias corrections; the kernels read them as f32."""
+    return jnp.asarray(x, jax.dtypes.canonicalize_dtype(jnp.float64))

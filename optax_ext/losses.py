@@ -12,51 +12,68 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_ext import _validate as check
 
 __all__ = ["jensen_shannon_consistency", "nt_xent", "softmax_cross_entropy"]
 
 
-def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0, num_classes: int | None = None) -> jax.Array:
-    r"""Cross-entropy :math:`-\sum_k \tilde y_k \log\mathrm{softmax}(z)_k` per example.
+def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, label_smoothing: float = 0.0,
+                          num_classes: int | None = None) -> jax.Array:
+    r"""Cross-entropy :math:`-\sum_k \tilde y_k \log\mathrm{softmax}(z)_k` over the class axis.
 
-    `labels` are integers (shape `logits.shape[:-1]`, made one-hot) or soft labels (floats, shape
-    `logits.shape`, each row a distribution, e.g. Mixup's :math:`\lambda y_i + (1-\lambda) y_j`).
-    Label smoothing mixes them with the uniform distribution over the :math:`K` classes,
+    `optax.softmax_cross_entropy`'s arguments (`axis`: the class axis or axes; `where`: a mask of
+    the classes that take part), plus: `labels` may be integers (shape of `logits` without the
+    class axis; made one-hot, a single int `axis` then) or soft labels (floats, shape `logits.shape`,
+    each a distribution, e.g. Mixup's :math:`\lambda y_i + (1-\lambda) y_j`), and label smoothing
+    mixes them with the uniform distribution over the :math:`K` classes,
     :math:`\tilde y = (1-\alpha)\,y + \alpha/K` (as `optax.smooth_labels`). `num_classes`, when
-    given, must equal `logits.shape[-1]` (a check). Integer labels outside :math:`[0, K)` give an
+    given, must equal `logits.shape[axis]` (a check). Integer labels outside :math:`[0, K)` give an
     all-zero one-hot row (only the smoothing term remains); they are not checked under `jit`.
-    Returns shape `logits.shape[:-1]`, f32.
+    Computed in f32 (f64 for f64 logits) whatever the input dtype; returns the logits' shape
+    without the class axis.
 
     References:
       Szegedy et al., *Rethinking the Inception Architecture for Computer Vision* (label smoothing),
       CVPR 2016; Zhang et al., *mixup: Beyond Empirical Risk Minimization*, ICLR 2018.
     """
+    fn = "softmax_cross_entropy"
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     if logits.ndim < 1:
-        raise ValueError(f"softmax_cross_entropy: logits must have a class axis (last), got shape {logits.shape}.")
-    k = logits.shape[-1]
-    if num_classes is not None and num_classes != k:
-        raise ValueError(f"softmax_cross_entropy: num_classes={num_classes!r} but logits have {k} classes "
-                         f"(shape {logits.shape}).")
-    check.unit_interval("softmax_cross_entropy", "label_smoothing", label_smoothing, closed=True)
+        raise ValueError(f"{fn}: logits must have a class axis, got shape {logits.shape}.")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"{fn}: logits must be floating point, got dtype {logits.dtype}.")
+    check.unit_interval(fn, "label_smoothing", label_smoothing, closed=True)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(f"softmax_cross_entropy: integer labels must have shape logits.shape[:-1] = "
-                             f"{logits.shape[:-1]}, got {labels.shape}.")
-        targets = jax.nn.one_hot(labels, k, dtype=jnp.float32)
+        if not isinstance(axis, int):
+            raise ValueError(f"{fn}: integer labels need a single class axis, got axis={axis!r}.")
+        k = logits.shape[axis]
+        lead = logits.shape[:axis % logits.ndim] + logits.shape[axis % logits.ndim + 1:]
+        if labels.shape != lead:
+            raise ValueError(f"{fn}: integer labels must have the shape of logits without the class axis, "
+                             f"{lead}, got {labels.shape}.")
+        targets = jax.nn.one_hot(labels, k, dtype=dtype, axis=axis)
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         if labels.shape != logits.shape:
-            raise ValueError(f"softmax_cross_entropy: soft labels must have the logits' shape {logits.shape}, "
-                             f"got {labels.shape}.")
-        targets = labels.astype(jnp.float32)
+            raise ValueError(f"{fn}: soft labels must have the logits' shape {logits.shape}, got {labels.shape}.")
+        targets = labels.astype(dtype)
     else:
-        raise TypeError(f"softmax_cross_entropy: labels must be integers or floats, got dtype {labels.dtype}.")
-    targets = (1.0 - label_smoothing) * targets + label_smoothing / k
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(targets * log_p, axis=-1)
+        raise TypeError(f"{fn}: labels must be integers or floats, got dtype {labels.dtype}.")
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    k = int(np.prod([logits.shape[a] for a in axes]))
+    if num_classes is not None and num_classes != k:
+        raise ValueError(f"{fn}: num_classes={num_classes!r} but logits have {k} classes (shape {logits.shape}).")
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.ndim != logits.ndim:
+            where = jnp.expand_dims(where, axis)
+    if label_smoothing:
+        targets = (1.0 - label_smoothing) * targets + label_smoothing / k
+    log_p = jax.nn.log_softmax(logits.astype(dtype), axis, where=where)
+    return -jnp.sum(targets * log_p, axis=axis, where=where)
 
 
 def nt_xent(z1, z2, temperature=0.5) -> jax.Array:

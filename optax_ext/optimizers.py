@@ -57,7 +57,7 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: 
       Tieleman & Hinton, *Lecture 6.5 - RMSProp*, 2012; Graves, 2013 (centered).
     """
     return chain(
-        scale_by_rms(decay, eps, eps_in_sqrt, centered, bias_correction, initial_scale),
+        scale_by_rms(decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered=centered),
         scale_by_learning_rate(learning_rate),
         scale_by_momentum(momentum, nesterov) if momentum is not None else optax.identity(),
     )

@@ -145,7 +145,7 @@ def l1_shrinkage(strength, learning_rate, mask=None) -> optax.GradientTransforma
     check.non_negative("l1_shrinkage", "strength", strength)
     scheduled = callable(learning_rate)
     if not scheduled:
-        check.non_negative("l1_shrinkage", "learning_rate", learning_rate)
+        check.non_negative("l1_shrinkage", "learning_rate", learning_rate, schedule=True)
     state_type = optax.ScaleByScheduleState if scheduled else optax.EmptyState
 
     def init(params):

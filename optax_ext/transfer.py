@@ -33,7 +33,7 @@ import optax
 
 from optax_ext import _validate as check
 from optax_ext.fusion import PerLeaf, Rule, fusable
-from optax_ext.transforms._common import per_leaf_tree
+from optax_ext.transforms._common import mask_leaves, per_leaf_tree
 
 __all__ = [
     "fine_tune",
@@ -185,31 +185,45 @@ def _patterns(patterns, fn_name: str, arg: str) -> list[re.Pattern]:
         raise ValueError(f"{fn_name}: {arg} must be regular expressions, got {patterns!r}: {e}") from None
 
 
-def freeze(patterns) -> optax.GradientTransformation:
-    r"""Zero the updates of parameters whose path matches any of `patterns`: :math:`u \leftarrow 0`.
+def freeze(mask) -> optax.GradientTransformation:
+    r"""Zero the updates of frozen parameters: :math:`u \leftarrow 0` where frozen.
+
+    `mask` is what `optax.freeze` takes, with the same state (`optax.MaskedState(EmptyState())`):
+    a bool (freeze everything or nothing), or a tree of bools (True = frozen) with the structure
+    of the params or a prefix of it. Or, our addition, regular expressions (a string or a list of
+    strings) matched against each parameter's path ("backbone/conv1/kernel", see
+    `optax_ext.label_params`); that form needs `params` in `update` and keeps `optax.EmptyState()`.
 
     Frozen parameters stay bit-identical (:math:`\theta + 0 = \theta`). Place it *last* in a chain
     (after the learning rate and any weight decay), so that nothing after it moves the frozen
     parameters; the optimizer before it still keeps (useless) moments for them. To save that memory,
     use :func:`fine_tune`, which gives the frozen group `optax.set_to_zero()` and no state.
-    Fusable: it is one per-element select. State: `optax.EmptyState()`.
+    Fusable: it is one per-element select.
 
     Example:
       >>> tx = ox.chain(ox.adam(1e-3), freeze(r"^backbone/"))
+      >>> tx = ox.chain(ox.adam(1e-3), freeze({"backbone": True, "head": False}))
     """
-    compiled = _patterns(patterns, "freeze", "patterns")
-
-    def scalars(state, updates, params):
-        keep = [0.0 if any(r.search(path) for r in compiled) else 1.0 for path, _ in named_leaves(params)]
-        return {"keep": PerLeaf(per_leaf_tree(params, keep))}
-
     def element(g, p, slots, s):
-        return jnp.where(s["keep"] > 0.5, g, 0.0), ()
+        return jnp.where(s["keep"] > 0.5, g, jnp.zeros_like(g)), ()
 
-    # needs_params: the mask is built from the parameters' paths (the updates reach a fused rule
-    # only as leaves).
-    return fusable(lambda params: optax.EmptyState(),
-                   Rule("freeze", optax.EmptyState, (), scalars, element, lambda st, sl: st, needs_params=True))
+    if isinstance(mask, str) or (isinstance(mask, (list, tuple)) and mask and all(isinstance(m, str) for m in mask)):
+        compiled = _patterns(mask, "freeze", "mask")
+
+        def scalars(state, updates, params):
+            keep = [0.0 if any(r.search(path) for r in compiled) else 1.0 for path, _ in named_leaves(params)]
+            return {"keep": PerLeaf(per_leaf_tree(params, keep))}
+
+        # needs_params: the mask is built from the parameters' paths.
+        return fusable(lambda params: optax.EmptyState(),
+                       Rule("freeze", optax.EmptyState, (), scalars, element, lambda st, sl: st, needs_params=True))
+
+    def masked_scalars(state, updates, params):
+        frozen = mask_leaves(mask, updates)
+        return {"keep": PerLeaf(per_leaf_tree(updates, [jnp.where(f, 0.0, 1.0) for f in frozen]))}
+
+    return fusable(lambda params: optax.MaskedState(inner_state=optax.EmptyState()),
+                   Rule("freeze", optax.MaskedState, (), masked_scalars, element, lambda st, sl: st))
 
 
 def fine_tune(optimizer: optax.GradientTransformation, frozen=None, head=None,

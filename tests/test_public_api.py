@@ -36,3 +36,29 @@ def test_optimizers_take_optax_argument_names_and_defaults():
             if p.default is not inspect.Parameter.empty and arg in ours:
                 assert ours[arg].default == p.default or (arg == "dtype_momentum"), (name, arg, ours[arg].default,
                                                                                     p.default)
+
+
+def _shared_names():
+    """Every public name of ours that Optax also has (same name: same meaning)."""
+    return [n for n in ox.__all__ if hasattr(optax, n) and callable(getattr(ox, n))
+            and not inspect.isclass(getattr(ox, n)) and not inspect.ismodule(getattr(ox, n))]
+
+
+def test_every_shared_name_takes_optax_positional_order():
+    # Optax's positional parameters come first, in Optax's order, with Optax's defaults; ours are
+    # keyword-only after them, so `scale_by_rms(0.9, 1e-8, 0.5)` means what it means in Optax.
+    shared = _shared_names()
+    assert {"scale_by_rms", "exponential_decay", "softmax_cross_entropy", "freeze", "adam"} <= set(shared)
+    for name in shared:
+        ours = inspect.signature(getattr(ox, name)).parameters.values()
+        theirs = inspect.signature(getattr(optax, name)).parameters.values()
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        p_ours = [p for p in ours if p.kind in positional]
+        p_theirs = [p for p in theirs if p.kind in positional]
+        assert [p.name for p in p_ours] == [p.name for p in p_theirs], (name, p_ours, p_theirs)
+        for a, b in zip(p_ours, p_theirs):
+            if b.default is not inspect.Parameter.empty:
+                assert a.default == b.default or (a.name == "dtype_momentum" and str(a.default) == "float32") \
+                    or (a.name == "decay_rate_fn"), (name, a.name, a.default, b.default)
+        if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in theirs):
+            assert any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in ours), name

@@ -91,16 +91,16 @@ def test_multistep_decay(seed):
 def test_exponential_decay_rate_form(seed):
   rng = np.random.default_rng(seed)
   eta0, lam, k = rng.uniform(0.01, 2.0), rng.uniform(1e-3, 0.2), int(rng.integers(1, 9))
-  _check(S.exponential_decay(eta0, lam), lambda t: eta0 * math.exp(-lam * t), _edges(n=50))
+  _check(S.exponential_decay(eta0, rate=lam), lambda t: eta0 * math.exp(-lam * t), _edges(n=50))
   _check(
-      S.exponential_decay(eta0, lam, transition_steps=k, staircase=True),
+      S.exponential_decay(eta0, rate=lam, transition_steps=k, staircase=True),
       lambda t: eta0 * math.exp(-lam * math.floor(t / k)),
       _edges(k, 5 * k, n=40),
   )
   # Growth (negative rate) capped by end_value.
   end = eta0 * 3.0
   _check(
-      S.exponential_decay(eta0, -lam, end_value=end),
+      S.exponential_decay(eta0, rate=-lam, end_value=end),
       lambda t: min(eta0 * math.exp(lam * t), end),
       _edges(n=60, far=False),
   )
@@ -125,7 +125,7 @@ def test_exponential_decay_gamma_form_matches_optax(seed, staircase):
     _assert_close(ours(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
     # gamma = exp(-rate) makes the two forms the same schedule.
     _assert_close(
-        S.exponential_decay(eta0, -math.log(gamma), transition_steps=k, staircase=staircase)(jnp.asarray(steps)),
+        S.exponential_decay(eta0, rate=-math.log(gamma), transition_steps=k, staircase=staircase)(jnp.asarray(steps)),
         S.exponential_decay(eta0, gamma=gamma, transition_steps=k, staircase=staircase)(jnp.asarray(steps)),
     )
 
@@ -406,7 +406,7 @@ ALL = {
     "constant": lambda: S.constant(0.3),
     "step_decay": lambda: S.step_decay(1.0, 7, 0.5),
     "multistep_decay": lambda: S.multistep_decay(1.0, [3, 11], 0.1),
-    "exponential_decay": lambda: S.exponential_decay(1.0, 0.05),
+    "exponential_decay": lambda: S.exponential_decay(1.0, rate=0.05),
     "exponential_decay_gamma": lambda: S.exponential_decay(1.0, gamma=0.9, transition_steps=3, staircase=True),
     "polynomial_decay": lambda: S.polynomial_decay(1.0, 0.1, 2.0, 20),
     "cosine_decay": lambda: S.cosine_decay(1.0, 20, 0.1),
@@ -475,10 +475,11 @@ BAD = [
     (lambda: S.multistep_decay(1.0, [5, 3], 0.1), ValueError, r"boundaries must be strictly increasing.*\[5, 3\]"),
     (lambda: S.multistep_decay(1.0, [0, 3], 0.1), ValueError, r"boundaries\[0\] must be a positive integer, got 0"),
     (lambda: S.multistep_decay(1.0, 5, 0.1), TypeError, r"boundaries"),
-    (lambda: S.exponential_decay(1.0), ValueError, r"exactly one of rate .* or gamma"),
-    (lambda: S.exponential_decay(1.0, 0.1, gamma=0.9), ValueError, r"exactly one of rate"),
+    (lambda: S.exponential_decay(1.0), ValueError, r"exactly one of decay_rate .* or rate"),
+    (lambda: S.exponential_decay(1.0, rate=0.1, gamma=0.9), ValueError, r"exactly one of decay_rate"),
+    (lambda: S.exponential_decay(1.0, 10, 0.5, -1), ValueError, r"transition_begin must be an integer >= 0, got -1"),
     (lambda: S.exponential_decay(1.0, gamma=0.0), ValueError, r"gamma .*> 0.*got 0.0"),
-    (lambda: S.exponential_decay(1.0, 0.1, transition_steps=0), ValueError, r"transition_steps .*got 0"),
+    (lambda: S.exponential_decay(1.0, rate=0.1, transition_steps=0), ValueError, r"transition_steps .*got 0"),
     (lambda: S.polynomial_decay(1.0, 0.0, 0.0, 10), ValueError, r"polynomial_decay: power .*> 0.*got 0.0"),
     (lambda: S.polynomial_decay(1.0, 0.0, 1.0, 0), ValueError, r"decay_steps .*got 0"),
     (lambda: S.cosine_with_restarts(1.0, 0), ValueError, r"first_period .*got 0"),

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_ext.fusion import scalar  # noqa: F401  (re-exported: one definition of a step-wide scalar's dtype)
+
 
 def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
     """`fill` in the shape of `p`'s dims `dims` (indices into p.shape), laid out like those dims of `p`.
@@ -18,13 +20,14 @@ def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
 
     dtype = jnp.dtype(dtype or p.dtype)
     factors = tuple(f"d{i}" for i in range(p.ndim))
-    rule = sharding.Rule((factors,), (tuple(factors[i] for i in dims),), name="init")
+    # The fill value is an operand: it may be traced (optax.inject_hyperparams' initial_scale).
+    rule = sharding.Rule((factors, ()), (tuple(factors[i] for i in dims),), name="init")
     shape = tuple(p.shape[i] for i in dims)
 
     def local(xs, axes):
-        return [jnp.full(tuple(xs[0].shape[i] for i in dims), fill, dtype)]
+        return [jnp.full(tuple(xs[0].shape[i] for i in dims), xs[1], dtype)]
 
-    (out,) = sharding.per_shard(local, [p], rule, [jax.ShapeDtypeStruct(shape, dtype)])
+    (out,) = sharding.per_shard(local, [p, jnp.asarray(fill, dtype)], rule, [jax.ShapeDtypeStruct(shape, dtype)])
     return out
 
 
@@ -36,6 +39,8 @@ def zeros_like_params(params, dtype=None, fill=0.0):
     dtype = None if dtype is None else jnp.dtype(dtype)
 
     def one(p):
+        if not hasattr(p, "shape"):  # a Python or NumPy scalar, as Optax accepts: init(1.0)
+            p = jnp.asarray(p)
         if isinstance(p, jax.Array):
             return full_like_dims(p, range(p.ndim), fill, dtype)
         return jnp.full(p.shape, fill, dtype or p.dtype)
@@ -58,8 +63,11 @@ def value_at(hyperparameter, count):
     return hyperparameter(count) if callable(hyperparameter) else hyperparameter
 
 
-def f32(x) -> jax.Array:
-    return jnp.asarray(x, jnp.float32)
+
+
+def abs_sq(x) -> jax.Array:
+    """|x|^2: x * x for real x, Re(conj(x) x) for complex (second moments of complex gradients, as Optax)."""
+    return (jnp.conj(x) * x).real if jnp.iscomplexobj(x) else x * x
 
 
 def mask_leaves(mask, params) -> list[bool] | list[jax.Array]:

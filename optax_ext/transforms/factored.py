@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from optax_ext import _validate as check
-from optax_ext.transforms._common import full_like_dims
+from optax_ext.transforms._common import abs_sq, full_like_dims
 
 
 def adafactor_decay_rate(step, exponent=0.8):
@@ -47,6 +47,7 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
 
     def init(params):
         def one(p):
+            p = p if hasattr(p, "shape") else jnp.asarray(p)  # Python scalars, as Optax takes them
             axes = _factored_axes(p.shape, factored, min_dim_size_to_factor)
             small = jnp.zeros((1,), p.dtype)
             # Statistics laid out like the dims of p they keep (sharded like p under jit too).
@@ -72,8 +73,9 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
         beta = decay_rate_fn(state.count - step_offset, decay_rate)
 
         def one(g, v_row, v_col, v, p):
+            g, p = jnp.asarray(g), jnp.asarray(p)
             dtype = p.dtype
-            g2 = jnp.square(g) + epsilon
+            g2 = abs_sq(g) + epsilon
             axes = _factored_axes(p.shape, factored, min_dim_size_to_factor)
             small = jnp.zeros((1,), dtype)
             if axes is None:
@@ -95,4 +97,8 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
         count = jnp.where(state.count < np.iinfo(np.int32).max, state.count + 1, state.count)
         return unflat(0), optax.FactoredState(count=count, v_row=unflat(1), v_col=unflat(2), v=unflat(3))
 
-    return optax.GradientTransformationExtraArgs(init, lambda u, s, p=None, **kw: update(u, s, p))
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # accepted, as every Optax transformation does
+        return update(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(init, update_fn)

@@ -3,7 +3,8 @@
 Each is a pure `optax.GradientTransformation` whose math is a per-element `Rule`, so adjacent
 ones fuse inside `optax_ext.chain`. States are Optax's own NamedTuples (same fields, same order),
 so checkpoints and `optax.tree.get(state, "mu")` work across the two libraries. Math is f32 whatever
-the storage dtype; `mu_dtype`/`nu_dtype` set the storage of the moments.
+the storage dtype (f64 for f64 leaves, complex for complex ones, with second moments of |g|^2);
+`mu_dtype`/`nu_dtype` set the storage of the moments.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import optax
 
 from optax_ext import _validate as check
 from optax_ext.fusion import Rule, fusable
-from optax_ext.transforms._common import f32, increment, value_at, zero_count, zeros_like_params
+from optax_ext.transforms._common import abs_sq, increment, scalar, value_at, zero_count, zeros_like_params
 
 try:  # Optax keeps the "with count" RMS states private; reuse them so layouts stay identical.
     from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState
@@ -42,9 +43,9 @@ def _with_complement(**decays):
 
 
 def _bias_corrections(b, count_inc, nesterov=False):
-    out = {"bc1": 1 - f32(b) ** count_inc}
+    out = {"bc1": 1 - scalar(b) ** count_inc}
     if nesterov:
-        out["bc1_next"] = 1 - f32(b) ** increment(count_inc)
+        out["bc1_next"] = 1 - scalar(b) ** increment(count_inc)
     return out
 
 
@@ -62,17 +63,14 @@ def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=No
     r"""Heavy-ball momentum: :math:`v_t = \rho v_{t-1} + g_t`, update :math:`v_t`.
 
     With `nesterov=True` the update is :math:`g_t + \rho v_t`. Same as `optax.trace`
-    (state `optax.TraceState(trace)`). `momentum` may be a schedule (e.g. cyclic momentum).
+    (state `optax.TraceState(trace)`). `momentum` is a number: the state has no step count to
+    evaluate a schedule at (cyclic momentum: `optax.inject_hyperparams(optax_ext.sgd)(..., momentum=schedule)`).
 
     References:
       Polyak, *Some methods of speeding up the convergence of iteration methods*, 1964;
       Sutskever et al., *On the importance of initialization and momentum in deep learning*, 2013.
     """
     check.unit_interval("scale_by_momentum", "momentum", momentum)
-    if callable(momentum):
-        raise ValueError("scale_by_momentum: momentum must be a number here (optax.TraceState has no step "
-                         "count); for a momentum schedule use "
-                         "optax.inject_hyperparams(optax_ext.sgd)(learning_rate=..., momentum=schedule).")
 
     def init(params):
         return optax.TraceState(trace=zeros_like_params(params, accumulator_dtype))
@@ -92,8 +90,8 @@ def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=No
 # ---------------------------------------------------------------------------------- RMSprop
 
 
-def scale_by_rms(decay=0.9, eps=1e-8, eps_in_sqrt: bool = True, centered: bool = False,
-                 bias_correction: bool = False, initial_scale=0.0) -> optax.GradientTransformation:
+def scale_by_rms(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True, bias_correction: bool = False,
+                 *, centered: bool = False) -> optax.GradientTransformation:
     r"""RMSprop scaling, eqs. (1)-(2): :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`, :math:`u = g_t/\sqrt{v_t+\epsilon}`.
 
     `eps_in_sqrt=False` gives the other placement found in the literature, :math:`g/(\sqrt{v}+\epsilon)`.
@@ -127,12 +125,12 @@ def scale_by_rms(decay=0.9, eps=1e-8, eps_in_sqrt: bool = True, centered: bool =
     def scalars(state, updates, params):
         s = {"eps": eps, **_with_complement(decay=decay)}
         if bias_correction:
-            s["bc"] = 1 - f32(decay) ** increment(state.count)
+            s["bc"] = 1 - scalar(decay) ** increment(state.count)
         return s
 
     def element(g, p, slots, s):
         d, one_minus_d = s["decay"], s["1-decay"]
-        nu = one_minus_d * (g * g) + d * slots[-1]
+        nu = one_minus_d * abs_sq(g) + d * slots[-1]
         nu_hat = nu / s["bc"] if bias_correction else nu
         if centered:
             mu = one_minus_d * g + d * slots[0]
@@ -157,10 +155,10 @@ def scale_by_rms(decay=0.9, eps=1e-8, eps_in_sqrt: bool = True, centered: bool =
 
 
 def _adam_like(name, state_type, init_slots, scalars_extra, element, b1, b2, eps, eps_root, nesterov=False):
-    check.unit_interval(name, "b1", b1)
-    check.unit_interval(name, "b2", b2)
-    check.non_negative(name, "eps", eps)
-    check.non_negative(name, "eps_root", eps_root)
+    check.unit_interval(name, "b1", b1, schedule=True)
+    check.unit_interval(name, "b2", b2, schedule=True)
+    check.non_negative(name, "eps", eps, schedule=True)
+    check.non_negative(name, "eps_root", eps_root, schedule=True)
     slots = tuple(init_slots)
 
     def init(params):
@@ -169,8 +167,9 @@ def _adam_like(name, state_type, init_slots, scalars_extra, element, b1, b2, eps
     def scalars(state, updates, params):
         t = increment(state.count)
         b1_t, b2_t = value_at(b1, state.count), value_at(b2, state.count)
-        s = {"eps": eps, "eps_root": eps_root, **_with_complement(b1=b1_t, b2=b2_t),
-             "bc2": 1 - f32(b2_t) ** t, **_bias_corrections(b1_t, t, nesterov)}
+        s = {"eps": value_at(eps, state.count), "eps_root": value_at(eps_root, state.count),
+             **_with_complement(b1=b1_t, b2=b2_t),
+             "bc2": 1 - scalar(b2_t) ** t, **_bias_corrections(b1_t, t, nesterov)}
         # Reciprocals once per step: the element multiplies instead of dividing (divides dominate
         # an optimizer step on CPU).
         s["1/bc1"], s["1/bc2"] = 1 / s["bc1"], 1 / s["bc2"]
@@ -200,7 +199,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, ne
     def element(g, p, slots, s):
         m, v = slots
         m = s["1-b1"] * g + s["b1"] * m
-        v = s["1-b2"] * (g * g) + s["b2"] * v
+        v = s["1-b2"] * abs_sq(g) + s["b2"] * v
         m_hat = _first_moment_hat(g, m, s, nesterov)
         v_hat = v * s["1/bc2"]
         return m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]), (m, v)
@@ -225,7 +224,7 @@ def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, bi
     def element(g, p, slots, s):
         m, v, v_max = slots
         m = s["1-b1"] * g + s["b1"] * m
-        v = s["1-b2"] * (g * g) + s["b2"] * v
+        v = s["1-b2"] * abs_sq(g) + s["b2"] * v
         v_max = jnp.maximum(v_max, v * s["1/bc2"] if bias_correction_nu else v)
         m_hat = m * s["1/bc1"] if bias_correction_mu else m
         return m_hat / (jnp.sqrt(v_max + s["eps_root"]) + s["eps"]), (m, v, v_max)
@@ -252,7 +251,7 @@ def scale_by_belief(b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bo
         m, v = slots
         m = s["1-b1"] * g + s["b1"] * m
         err = g - m
-        v = s["1-b2"] * (err * err) + s["b2"] * v + s["eps_root"]
+        v = s["1-b2"] * abs_sq(err) + s["b2"] * v + s["eps_root"]
         m_hat = _first_moment_hat(g, m, s, nesterov)
         return m_hat / (jnp.sqrt(v * s["1/bc2"]) + s["eps"]), (m, v)
 
@@ -275,7 +274,7 @@ def scale_by_yogi(b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_
     def element(g, p, slots, s):
         m, v = slots
         m = s["1-b1"] * g + s["b1"] * m
-        g2 = g * g
+        g2 = abs_sq(g)
         v = v - s["1-b2"] * jnp.sign(v - g2) * g2
         return (m * s["1/bc1"]) / (jnp.sqrt(v * s["1/bc2"] + s["eps_root"]) + s["eps"]), (m, v)
 
@@ -298,8 +297,8 @@ def scale_by_lion(b1=0.9, b2=0.99, mu_dtype=None, *, mode: str = "hard", smooth_
     References:
       Chen et al., *Symbolic Discovery of Optimization Algorithms*, 2023.
     """
-    check.unit_interval("scale_by_lion", "b1", b1)
-    check.unit_interval("scale_by_lion", "b2", b2)
+    check.unit_interval("scale_by_lion", "b1", b1, schedule=True)
+    check.unit_interval("scale_by_lion", "b2", b2, schedule=True)
     check.one_of("scale_by_lion", "mode", mode, _LION_MODES)
 
     def init(params):
@@ -310,6 +309,9 @@ def scale_by_lion(b1=0.9, b2=0.99, mu_dtype=None, *, mode: str = "hard", smooth_
 
     def element(g, p, slots, s):
         (m,) = slots
+        if jnp.iscomplexobj(g):
+            raise TypeError("scale_by_lion: complex updates are not supported (as in Optax): the sign of a "
+                            "complex number is not a per-coordinate direction.")
         x = s["1-b1"] * g + s["b1"] * m
         if mode == "hard":
             u = jnp.sign(x)
@@ -328,14 +330,14 @@ def ema(decay, debias: bool = True, accumulator_dtype=None) -> optax.GradientTra
 
     With `debias`, the output is :math:`e_t/(1-\beta^t)`. State: `optax.EmaState(count, ema)`.
     """
-    check.unit_interval("ema", "decay", decay)
+    check.unit_interval("ema", "decay", decay, schedule=True)
 
     def init(params):
         return optax.EmaState(count=zero_count(), ema=zeros_like_params(params, accumulator_dtype))
 
     def scalars(state, updates, params):
         d = value_at(decay, state.count)
-        return {"bc": 1 - f32(d) ** increment(state.count) if debias else 1.0, **_with_complement(decay=d)}
+        return {"bc": 1 - scalar(d) ** increment(state.count) if debias else 1.0, **_with_complement(decay=d)}
 
     def element(g, p, slots, s):
         e = s["1-decay"] * g + s["decay"] * slots[0]

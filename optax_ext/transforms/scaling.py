@@ -13,6 +13,13 @@ from optax_ext.kernels import reductions
 from optax_ext.transforms._common import increment, mask_leaves, per_leaf_tree, zero_count
 
 
+def _identity() -> optax.GradientTransformation:
+    """The fusable identity: no state (`optax.EmptyState()`), updates unchanged."""
+    return fusable(lambda params: optax.EmptyState(),
+                   Rule("identity", optax.EmptyState, (), lambda st, u, p: {}, lambda g, p, slots, s: (g, ()),
+                        lambda st, sl: st))
+
+
 def scale(step_size) -> optax.GradientTransformation:
     r"""Multiply by a constant: :math:`u \leftarrow s\,u`."""
 
@@ -24,14 +31,18 @@ def scale(step_size) -> optax.GradientTransformation:
                         lambda st, sl: st))
 
 
-def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> optax.GradientTransformation:
+def scale_by_learning_rate(learning_rate=None, *, flip_sign: bool = True) -> optax.GradientTransformation:
     r"""Scale by :math:`-\eta_t` (descent), with :math:`\eta_t` a float or a schedule `step -> value`.
 
     A schedule is evaluated at the transformation's own step count (state
     `optax.ScaleByScheduleState(count)`, as Optax); a constant keeps `optax.EmptyState()`.
+    `learning_rate=None` is the identity (as Optax: an optimizer built without a learning rate
+    returns unscaled directions, to be scaled elsewhere).
     """
+    if learning_rate is None:
+        return _identity()
     if not callable(learning_rate):
-        check.non_negative("scale_by_learning_rate", "learning_rate", learning_rate)
+        check.non_negative("scale_by_learning_rate", "learning_rate", learning_rate, schedule=True)
     sign = -1.0 if flip_sign else 1.0
 
     def element(g, p, slots, s):
@@ -50,7 +61,7 @@ def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> optax.Gr
     return fusable(lambda params: optax.EmptyState(), rule)
 
 
-def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0, mask=None) -> optax.GradientTransformation:
+def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0, *, mask=None) -> optax.GradientTransformation:
     r"""Layer-wise trust ratio (LARS/LAMB): per leaf, :math:`u \leftarrow u \cdot \tau\,\|\theta\| / (\|u\| + \epsilon)`,
 
     norms floored at `min_norm`, and a ratio of 1 where either norm is zero. The per-leaf norms are
