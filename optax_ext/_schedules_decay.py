@@ -1,5 +1,5 @@
 """Monotone decays and restarts: constant, step, multistep, exponential,
-polynomial, cosine (eqs. (11)-(14) of the notes) and SGDR."""
+polynomial and cosine decay, and SGDR (Loshchilov & Hutter, 2017)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def join(schedules: Sequence[b.Schedule], boundaries: Sequence[int]) -> b.Schedu
 
 
 def step_decay(init_value: Any, step_size: int, gamma: Any) -> b.Schedule:
-  r"""Step decay, eq. (11): :math:`\eta_t = \eta_0\,\gamma^{\lfloor t/k \rfloor}`.
+  r"""Step decay: :math:`\eta_t = \eta_0\,\gamma^{\lfloor t/k \rfloor}`.
 
   PyTorch's ``StepLR`` semantics (the value changes at ``t = k, 2k, ...``).
 
@@ -139,7 +139,7 @@ def exponential_decay(
     rate: Any = None,
     gamma: Any = None,
 ) -> b.Schedule:
-  r"""Exponential decay, eq. (12), continuous or staircase; Optax's arguments in Optax's order.
+  r"""Exponential decay, continuous or staircase; Optax's arguments in Optax's order.
 
   .. math::
     \eta_t = \eta_0\, \gamma^{p} = \eta_0 \exp(-\lambda\, p), \qquad
@@ -207,7 +207,7 @@ def exponential_decay(
 def polynomial_decay(
     init_value: Any, end_value: Any, power: Any, decay_steps: int
 ) -> b.Schedule:
-  r"""Polynomial decay, eq. (13), held at ``end_value`` after ``T`` steps.
+  r"""Polynomial decay, held at ``end_value`` after ``T`` steps.
 
   .. math::
     \eta_t = \eta_{end} + (\eta_0 - \eta_{end})
@@ -241,7 +241,7 @@ def polynomial_decay(
 
 
 def cosine_decay(init_value: Any, decay_steps: int, min_value: Any = 0.0) -> b.Schedule:
-  r"""Cosine annealing, eq. (14), held at ``min_value`` after ``T`` steps.
+  r"""Cosine annealing (Loshchilov & Hutter, 2017), held at ``min_value`` after ``T`` steps.
 
   .. math::
     \eta_t = \eta_{min} + \tfrac12 (\eta_0 - \eta_{min})

@@ -1,4 +1,4 @@
-"""Warm-up: linear warm-up of any schedule (eq. (15) of the notes), warm-up +
+"""Warm-up: linear warm-up of any schedule (Goyal et al., 2017), warm-up +
 cosine, and the Transformer's inverse square-root schedule."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def linear_warmup(
     warmup_steps: int,
     init_value: Any = 0.0,
 ) -> b.Schedule:
-  r"""Linear warm-up to a target, then the wrapped schedule, eq. (15).
+  r"""Linear warm-up to a target, then the wrapped schedule (Goyal et al., 2017).
 
   .. math::
     \eta_t = \begin{cases}
@@ -25,7 +25,7 @@ def linear_warmup(
       S(t - T_w) & t \ge T_w
     \end{cases}, \qquad \eta_{target} = S(0)
 
-  The notes' eq. (15) is the case :math:`\eta_{init} = 0`; at :math:`t = T_w`
+  The common form :math:`\eta_t = \eta\, t / T_w` is the case :math:`\eta_{init} = 0`; at :math:`t = T_w`
   both branches equal :math:`S(0)`. The wrapped schedule is shifted by the
   warm-up length, so it starts its own count when the ramp ends (as
   ``optax.join_schedules`` does).
@@ -135,7 +135,7 @@ def inverse_sqrt(
 
   References:
     Vaswani et al., `Attention Is All You Need
-    <https://arxiv.org/abs/1706.03762>`_, NeurIPS 2017, eq. (3).
+    <https://arxiv.org/abs/1706.03762>`_, NeurIPS 2017, section 5.3.
 
   Args:
     peak_value: :math:`\eta_{peak}`, reached at ``t = warmup_steps``.
@@ -175,7 +175,7 @@ def noam(d_model: int, warmup_steps: int, scale: Any = 1.0) -> b.Schedule:
 
   References:
     Vaswani et al., `Attention Is All You Need
-    <https://arxiv.org/abs/1706.03762>`_, NeurIPS 2017, eq. (3).
+    <https://arxiv.org/abs/1706.03762>`_, NeurIPS 2017, section 5.3.
 
   Args:
     d_model: model width, a positive integer.

@@ -2,7 +2,7 @@ r"""Losses for supervised, self-supervised and consistency training.
 
 - :func:`softmax_cross_entropy`: integer or soft (mixed, e.g. Mixup/CutMix) labels, with label
   smoothing.
-- :func:`nt_xent`: SimCLR's contrastive loss, eq. (18), averaged over the 2N views.
+- :func:`nt_xent`: SimCLR's contrastive loss (Chen et al., 2020), averaged over the 2N views.
 - :func:`jensen_shannon_consistency`: AugMix's consistency between a clean and two augmented views.
 
 All compute in f32 whatever the input dtype and work under `jax.jit` and `jax.vmap`.
@@ -77,7 +77,7 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, label_smoothin
 
 
 def nt_xent(z1, z2, temperature=0.5) -> jax.Array:
-    r"""SimCLR's NT-Xent loss: the mean over the :math:`2N` views of eq. (18)'s term.
+    r"""SimCLR's NT-Xent loss (Chen et al., 2020): the mean over the :math:`2N` views of the per-view term.
 
     With :math:`z = [z_1; z_2]` (:math:`2N` rows), :math:`s_{ij} = \cos(z_i, z_j)/\tau` and
     :math:`j(i)` the other view of example :math:`i` (:math:`i \pm N`),
@@ -85,7 +85,7 @@ def nt_xent(z1, z2, temperature=0.5) -> jax.Array:
     .. math:: \mathcal L = \frac{1}{2N}\sum_{i=1}^{2N} -\log
        \frac{\exp(s_{i\,j(i)})}{\sum_{k \ne i} \exp(s_{ik})}.
 
-    Eq. (18) is the sum over :math:`i` (:math:`2N` times this value) with dot products of
+    The paper's loss is the sum over :math:`i` (:math:`2N` times this value) with dot products of
     normalized :math:`z`. Cosine similarity normalizes each row by
     :math:`\sqrt{\max(\|z\|^2, \epsilon)}`, :math:`\epsilon` the dtype's machine epsilon (as Optax).
 

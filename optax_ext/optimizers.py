@@ -49,7 +49,7 @@ def sgd(learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=
 def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True,
             centered: bool = False, momentum=None, nesterov: bool = False,
             bias_correction: bool = False) -> FusableTransformation:
-    r"""RMSprop, eqs. (1)-(2): :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`,
+    r"""RMSprop: :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`,
     :math:`\theta_{t+1} = \theta_t - \eta\, g_t / \sqrt{v_t + \epsilon}`; optionally centered and with
     momentum applied after the learning rate (as Optax and PyTorch).
 
@@ -65,7 +65,7 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = False,
          nu_dtype=None) -> FusableTransformation:
-    r"""Adam, eqs. (3)-(6): :math:`\theta_{t+1} = \theta_t - \eta_t \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`.
+    r"""Adam: :math:`\theta_{t+1} = \theta_t - \eta_t \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`.
 
     References:
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
@@ -76,7 +76,7 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=1e-4, mask=None,
           *, nesterov: bool = False, nu_dtype=None) -> FusableTransformation:
-    r"""AdamW, eq. (7): :math:`\theta_{t+1} = \theta_t - \eta_t\big(\hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda\theta_t\big)`,
+    r"""AdamW: :math:`\theta_{t+1} = \theta_t - \eta_t\big(\hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda\theta_t\big)`,
 
     i.e. :math:`(1-\eta_t\lambda)\theta_t - \eta_t \hat m_t/(\sqrt{\hat v_t}+\epsilon)`: decay decoupled
     from the adaptive scaling and following the learning-rate schedule.

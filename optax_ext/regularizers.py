@@ -15,7 +15,7 @@ contribution (tested):
 
 **Coupled or decoupled is a matter of placement**, as for weight decay
 (`optax_ext.transforms.weight_decay`): placed *before* the adaptive scaling (first in the chain)
-the term is part of the gradient, eq. (17), and is rescaled by Adam's :math:`1/\sqrt{\hat v}`;
+the term is part of the gradient and is rescaled by Adam's :math:`1/\sqrt{\hat v}`;
 placed *after* it and before `scale_by_learning_rate`, it is decoupled (AdamW-style),
 :math:`\theta \leftarrow \theta - \eta(\text{adam}(g) + \lambda(\theta - \theta_{pre}))`.
 
@@ -176,7 +176,7 @@ def l1_shrinkage(strength, learning_rate, mask=None) -> optax.GradientTransforma
 def l2_sp(strength, anchor_params, mask=None) -> optax.GradientTransformation:
     r"""L2-SP: pull toward the pretrained weights, :math:`u \leftarrow u + \lambda(\theta - \theta_{pre})`.
 
-    The gradient of :func:`l2_sp_penalty`, the starting-point regularizer of eq. (17)
+    The gradient of :func:`l2_sp_penalty`, the starting-point regularizer of Li et al. (2018)
     (:math:`\mathcal R = \tfrac12\|\theta - \theta_{pre}\|^2`). Coupled when placed first in the
     chain (into the gradient, as in the paper), decoupled when placed after the adaptive scaling
     (see the module docstring). `anchor_params` has the parameters' paths and shapes (an

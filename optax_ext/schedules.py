@@ -8,7 +8,7 @@ takes a hyperparameter: ``optax.adamw(learning_rate=s)``, or any
 hyperparameter through ``optax.inject_hyperparams`` (e.g. ``b1`` from
 :func:`one_cycle_momentum`).
 
-Equation numbers refer to the course notes (section 3: schedules and warm-up).
+Each schedule's docstring gives its formula and the paper (or PyTorch scheduler) it follows.
 Where Optax has the same schedule, the docstring says whether values agree;
 ``cyclical`` and ``one_cycle`` follow PyTorch's ``CyclicLR`` / ``OneCycleLR``.
 """

@@ -1,7 +1,7 @@
 r"""Transfer learning: parameters labelled by path, frozen backbones, discriminative learning rates,
 and loading pretrained weights.
 
-Fine-tuning starts from pretrained weights, :math:`\theta_0 = \theta_{pre}` (eq. (16)), and then
+Fine-tuning starts from pretrained weights, :math:`\theta_0 = \theta_{pre}`, and then
 trains with a different treatment per group of parameters: a frozen backbone, a head with a larger
 learning rate, or learning rates that decay with depth (ULMFiT's discriminative fine-tuning,
 BEiT/ELECTRA's layer-wise decay). Groups are chosen by regular expressions over a parameter's *path*:
@@ -384,7 +384,7 @@ def _cast_like(value, like):
 
 
 def load_pretrained(model_or_state, pretrained, strict: bool = True):
-    r"""Load pretrained weights, :math:`\theta_0 = \theta_{pre}` (eq. (16)), matching by path.
+    r"""Load pretrained weights, :math:`\theta_0 = \theta_{pre}`, matching by path.
 
     Args:
       model_or_state: a Flax NNX module (updated in place with `nnx.update`, and returned), or a

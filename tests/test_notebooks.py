@@ -1,5 +1,8 @@
-"""Every notebook in notebooks/ runs top to bottom on CPU (executed, not just parsed)."""
+"""Every notebook in notebooks/ runs top to bottom on CPU (executed, not just parsed), and is saved
+with its outputs (a reader on a code host sees the figures): re-run them with
+`python notebooks/run.py`."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,3 +21,27 @@ def test_notebook_executes(path, tmp_path):
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_saved_with_its_outputs(path):
+    nb = json.loads(path.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert figures, f"{path.name} is saved without figures: run `python notebooks/run.py {path.stem}`"
+    assert not [o for o in outputs if o.get("output_type") == "error"], f"{path.name} was saved with an error"
+    unexecuted = [c for c in nb["cells"] if c["cell_type"] == "code" and c.get("source") and
+                  c.get("execution_count") is None]
+    assert not unexecuted, f"{path.name} has cells that were not run"
+
+
+def test_the_seven_notebooks_exist():
+    assert {p.stem for p in NOTEBOOKS} >= {"optimizers", "normalization", "schedules", "regularization", "augment",
+                                          "transfer", "self_supervised"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_cite_papers_not_notes(path):
+    text = path.read_text()
+    for phrase in ("the notes", "course notes", "eq. (", "Eq. (", "section 2.", "section 3.", "section 4."):
+        assert phrase not in text, f"{path.name} cites material that does not ship: {phrase!r}"

@@ -92,7 +92,7 @@ def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=No
 
 def scale_by_rms(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True, bias_correction: bool = False,
                  *, centered: bool = False) -> optax.GradientTransformation:
-    r"""RMSprop scaling, eqs. (1)-(2): :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`, :math:`u = g_t/\sqrt{v_t+\epsilon}`.
+    r"""RMSprop scaling: :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`, :math:`u = g_t/\sqrt{v_t+\epsilon}`.
 
     `eps_in_sqrt=False` gives the other placement found in the literature, :math:`g/(\sqrt{v}+\epsilon)`.
     `centered=True` subtracts the squared mean (Graves 2013): :math:`u = g/\sqrt{v - m^2 + \epsilon}`
@@ -184,7 +184,7 @@ def _adam_like(name, state_type, init_slots, scalars_extra, element, b1, b2, eps
 
 def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = False,
                   nu_dtype=None) -> optax.GradientTransformation:
-    r"""Adam scaling, eqs. (3)-(6): moments :math:`m_t, v_t`, bias-corrected :math:`\hat m_t, \hat v_t`,
+    r"""Adam scaling: moments :math:`m_t, v_t`, bias-corrected :math:`\hat m_t, \hat v_t`,
 
     :math:`u = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`. `nesterov=True` is NAdam's
     look-ahead :math:`\hat m = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`.

@@ -1,4 +1,4 @@
-"""Weight decay in its two forms: decoupled (AdamW, eq. (7)) and coupled L2 (into the gradient).
+"""Weight decay in its two forms: decoupled (AdamW, Loshchilov & Hutter, 2019) and coupled L2 (into the gradient).
 
 Both add :math:`\\lambda\\theta` to the incoming update; what differs is *where* they sit in a
 chain. Decoupled weight decay goes after the adaptive scaling (so the decay is not rescaled by
@@ -58,7 +58,7 @@ def _add_scaled_params(name: str, weight_decay, mask) -> optax.GradientTransform
 
 
 def decoupled_weight_decay(weight_decay=1e-4, mask=None) -> optax.GradientTransformation:
-    r"""Decoupled weight decay (AdamW, eq. (7)): :math:`u \leftarrow u + \lambda\theta`.
+    r"""Decoupled weight decay (AdamW): :math:`u \leftarrow u + \lambda\theta`.
 
     Placed after the adaptive scaling and before `scale_by_learning_rate(lr)`, it gives
     :math:`\theta \leftarrow (1 - \eta_t\lambda)\theta - \eta_t u`, the learning rate's schedule
