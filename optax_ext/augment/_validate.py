@@ -17,123 +17,111 @@ import numpy as np
 
 
 def is_static_number(x: Any) -> bool:
-  """True for Python / NumPy scalars (not jax tracers or arrays)."""
-  if isinstance(x, jax.Array):  # concrete arrays and tracers alike
-    return False
-  return isinstance(x, (numbers.Number, np.number)) or (
-      isinstance(x, np.ndarray) and x.ndim == 0)
+    """True for Python / NumPy scalars (not jax tracers or arrays)."""
+    if isinstance(x, jax.Array):  # concrete arrays and tracers alike
+        return False
+    return isinstance(x, (numbers.Number, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0)
 
 
 def check_image(fn: str, image: Any, name: str = "image") -> tuple[int, int, int]:
-  """Checks a single (H, W, C) floating image; returns (H, W, C)."""
-  shape = getattr(image, "shape", None)
-  if shape is None:
-    raise TypeError(f"{fn}: {name} must be an array, got {type(image).__name__}")
-  if len(shape) != 3:
-    raise ValueError(
-        f"{fn}: {name} must be 3-D (H, W, C), got shape {tuple(shape)}")
-  if not jnp.issubdtype(image.dtype, jnp.floating):
-    raise TypeError(
-        f"{fn}: {name} must have a floating dtype with values in [0, 1], got "
-        f"dtype {image.dtype}")
-  h, w, c = (int(s) for s in shape)
-  if h < 1 or w < 1 or c < 1:
-    raise ValueError(f"{fn}: {name} must be non-empty, got shape {tuple(shape)}")
-  return h, w, c
+    """Checks a single (H, W, C) floating image; returns (H, W, C)."""
+    shape = getattr(image, "shape", None)
+    if shape is None:
+        raise TypeError(f"{fn}: {name} must be an array, got {type(image).__name__}")
+    if len(shape) != 3:
+        raise ValueError(f"{fn}: {name} must be 3-D (H, W, C), got shape {tuple(shape)}")
+    if not jnp.issubdtype(image.dtype, jnp.floating):
+        raise TypeError(f"{fn}: {name} must have a floating dtype with values in [0, 1], got dtype {image.dtype}")
+    h, w, c = (int(s) for s in shape)
+    if h < 1 or w < 1 or c < 1:
+        raise ValueError(f"{fn}: {name} must be non-empty, got shape {tuple(shape)}")
+    return h, w, c
 
 
 def check_batch(fn: str, images: Any) -> tuple[int, int, int, int]:
-  """Checks a (B, H, W, C) floating batch; returns (B, H, W, C)."""
-  shape = getattr(images, "shape", None)
-  if shape is None or len(shape) != 4:
-    raise ValueError(
-        f"{fn}: images must be 4-D (B, H, W, C), got shape "
-        f"{None if shape is None else tuple(shape)}")
-  if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise TypeError(
-        f"{fn}: images must have a floating dtype, got dtype {images.dtype}")
-  return tuple(int(s) for s in shape)  # type: ignore[return-value]
+    """Checks a (B, H, W, C) floating batch; returns (B, H, W, C)."""
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"{fn}: images must be 4-D (B, H, W, C), got shape {None if shape is None else tuple(shape)}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"{fn}: images must have a floating dtype, got dtype {images.dtype}")
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
 def check_probability(fn: str, name: str, p: Any) -> None:
-  if is_static_number(p) and not 0.0 <= float(p) <= 1.0:
-    raise ValueError(f"{fn}: {name} must be in [0, 1], got {p}")
+    if is_static_number(p) and not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{fn}: {name} must be in [0, 1], got {p}")
 
 
 def check_nonnegative(fn: str, name: str, x: Any) -> None:
-  if is_static_number(x) and not float(x) >= 0.0:
-    raise ValueError(f"{fn}: {name} must be >= 0, got {x}")
+    if is_static_number(x) and not float(x) >= 0.0:
+        raise ValueError(f"{fn}: {name} must be >= 0, got {x}")
 
 
 def check_positive(fn: str, name: str, x: Any) -> None:
-  if is_static_number(x) and not float(x) > 0.0:
-    raise ValueError(f"{fn}: {name} must be > 0, got {x}")
+    if is_static_number(x) and not float(x) > 0.0:
+        raise ValueError(f"{fn}: {name} must be > 0, got {x}")
 
 
-def check_static_int(fn: str, name: str, x: Any, minimum: int | None = None,
-                     maximum: int | None = None) -> int:
-  """A Python int (shapes, loop counts) within [minimum, maximum]."""
-  if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-    raise TypeError(f"{fn}: {name} must be a Python int, got {x!r}")
-  x = int(x)
-  if minimum is not None and x < minimum:
-    raise ValueError(f"{fn}: {name} must be >= {minimum}, got {x}")
-  if maximum is not None and x > maximum:
-    raise ValueError(f"{fn}: {name} must be <= {maximum}, got {x}")
-  return x
+def check_static_int(fn: str, name: str, x: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """A Python int (shapes, loop counts) within [minimum, maximum]."""
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be a Python int, got {x!r}")
+    x = int(x)
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {x}")
+    if maximum is not None and x > maximum:
+        raise ValueError(f"{fn}: {name} must be <= {maximum}, got {x}")
+    return x
 
 
-def check_interval(fn: str, name: str, interval: Any, lo: float | None = None,
-                   hi: float | None = None) -> tuple[float, float]:
-  """A static (a, b) with a <= b, both inside [lo, hi] where given."""
-  try:
-    a, b = (float(v) for v in interval)
-  except (TypeError, ValueError):
-    raise TypeError(
-        f"{fn}: {name} must be a pair of numbers (min, max), got {interval!r}"
-    ) from None
-  if not a <= b:
-    raise ValueError(f"{fn}: {name} must satisfy min <= max, got {interval!r}")
-  if (lo is not None and a < lo) or (hi is not None and b > hi):
-    raise ValueError(
-        f"{fn}: {name} must lie in [{lo}, {hi}], got {interval!r}")
-  return a, b
+def check_interval(
+    fn: str, name: str, interval: Any, lo: float | None = None, hi: float | None = None
+) -> tuple[float, float]:
+    """A static (a, b) with a <= b, both inside [lo, hi] where given."""
+    try:
+        a, b = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: {name} must be a pair of numbers (min, max), got {interval!r}") from None
+    if not a <= b:
+        raise ValueError(f"{fn}: {name} must satisfy min <= max, got {interval!r}")
+    if (lo is not None and a < lo) or (hi is not None and b > hi):
+        raise ValueError(f"{fn}: {name} must lie in [{lo}, {hi}], got {interval!r}")
+    return a, b
 
 
 def size_pair(fn: str, name: str, size: Any) -> tuple[int, int]:
-  """An int or (h, w) pair of positive Python ints."""
-  if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-    size = (size, size)
-  if not isinstance(size, Sequence) or len(size) != 2:
-    raise TypeError(f"{fn}: {name} must be an int or a pair (h, w), got {size!r}")
-  h = check_static_int(fn, name, size[0], minimum=1)
-  w = check_static_int(fn, name, size[1], minimum=1)
-  return h, w
+    """An int or (h, w) pair of positive Python ints."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (size, size)
+    if not isinstance(size, Sequence) or len(size) != 2:
+        raise TypeError(f"{fn}: {name} must be an int or a pair (h, w), got {size!r}")
+    h = check_static_int(fn, name, size[0], minimum=1)
+    w = check_static_int(fn, name, size[1], minimum=1)
+    return h, w
 
 
 INTERPOLATIONS = {"nearest": 0, "bilinear": 1}
 
 
 def interpolation_order(fn: str, interpolation: str) -> int:
-  if interpolation not in INTERPOLATIONS:
-    raise ValueError(
-        f"{fn}: interpolation must be one of {sorted(INTERPOLATIONS)}, got "
-        f"{interpolation!r}")
-  return INTERPOLATIONS[interpolation]
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{fn}: interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    return INTERPOLATIONS[interpolation]
 
 
 def fill_vector(fn: str, fill: Any, channels: int) -> jax.Array:
-  """A scalar or per-channel fill value as a (C,) float32 vector."""
-  fill_arr = jnp.asarray(fill, jnp.float32)
-  if fill_arr.ndim == 0:
-    return jnp.broadcast_to(fill_arr, (channels,))
-  if fill_arr.shape != (channels,):
-    raise ValueError(
-        f"{fn}: fill must be a scalar or have one value per channel "
-        f"({channels}), got shape {fill_arr.shape}")
-  return fill_arr
+    """A scalar or per-channel fill value as a (C,) float32 vector."""
+    fill_arr = jnp.asarray(fill, jnp.float32)
+    if fill_arr.ndim == 0:
+        return jnp.broadcast_to(fill_arr, (channels,))
+    if fill_arr.shape != (channels,):
+        raise ValueError(
+            f"{fn}: fill must be a scalar or have one value per channel ({channels}), got shape {fill_arr.shape}"
+        )
+    return fill_arr
 
 
 def as_float32(image: jax.Array) -> jax.Array:
-  """Math in float32 whatever the storage dtype (bf16 loses too much)."""
-  return jnp.asarray(image, jnp.float32)
+    """Math in float32 whatever the storage dtype (bf16 loses too much)."""
+    return jnp.asarray(image, jnp.float32)

@@ -47,6 +47,7 @@ PADDING_MODES = ("constant", "edge", "reflect", "symmetric")
 # Argument parsing.
 # ----------------------------------------------------------------------------
 
+
 def padding_ltrb(fn: str, padding: Any) -> tuple[int, int, int, int]:
     """torchvision's padding spec as (left, top, right, bottom) Python ints >= 0.
 
@@ -60,8 +61,9 @@ def padding_ltrb(fn: str, padding: Any) -> tuple[int, int, int, int]:
     elif isinstance(padding, Sequence) and len(padding) == 2:
         padding = (padding[0], padding[1], padding[0], padding[1])
     if not isinstance(padding, Sequence) or len(padding) != 4:
-        raise TypeError(f"{fn}: padding must be an int or a sequence of 1, 2 or 4 ints (left, top, right, "
-                        f"bottom), got {padding!r}")
+        raise TypeError(
+            f"{fn}: padding must be an int or a sequence of 1, 2 or 4 ints (left, top, right, bottom), got {padding!r}"
+        )
     return tuple(v.check_static_int(fn, "padding", q, minimum=0) for q in padding)  # type: ignore[return-value]
 
 
@@ -92,6 +94,7 @@ def _crop_size(fn: str, output_size: Any) -> tuple[int, int]:
 # Pad and crop.
 # ----------------------------------------------------------------------------
 
+
 def pad_ltrb(x: jax.Array, ltrb: tuple[int, int, int, int], fill: jax.Array, padding_mode: str) -> jax.Array:
     """Pads an (H, W, C) array by static (left, top, right, bottom); ``fill`` is a (C,) vector."""
     left, top, right, bottom = ltrb
@@ -104,8 +107,7 @@ def pad_ltrb(x: jax.Array, ltrb: tuple[int, int, int, int], fill: jax.Array, pad
     return jnp.where(inside, jnp.pad(x, pads), fill.astype(x.dtype))
 
 
-def pad(image: jax.Array, padding: int | Sequence[int], fill: Any = 0.0,
-        padding_mode: str = "constant") -> jax.Array:
+def pad(image: jax.Array, padding: int | Sequence[int], fill: Any = 0.0, padding_mode: str = "constant") -> jax.Array:
     """Pads the image borders (torchvision ``F.pad`` / ``transforms.v2.Pad``).
 
     With ``padding = (l, t, r, b)`` the output is (H + t + b, W + l + r, C) and ``out[t + i, l + j] = x[i, j]``;
@@ -150,12 +152,12 @@ def crop(image: jax.Array, top: Any, left: Any, height: int, width: int) -> jax.
     width = v.check_static_int(fn, "width", width, minimum=1)
     x = jnp.asarray(image)
     if isinstance(top, int) and isinstance(left, int) and 0 <= top <= h - height and 0 <= left <= w - width:
-        return x[top:top + height, left:left + width]
+        return x[top : top + height, left : left + width]
     # General case (traced or out-of-range offsets): gather clamped rows and columns, zero what lies outside.
     rows = top + jnp.arange(height)
     cols = left + jnp.arange(width)
     out = jnp.take(jnp.take(x, jnp.clip(rows, 0, h - 1), axis=0), jnp.clip(cols, 0, w - 1), axis=1)
-    inside = (((rows >= 0) & (rows < h))[:, None, None] & ((cols >= 0) & (cols < w))[None, :, None])
+    inside = ((rows >= 0) & (rows < h))[:, None, None] & ((cols >= 0) & (cols < w))[None, :, None]
     return jnp.where(inside, out, jnp.zeros((), x.dtype))
 
 
@@ -186,6 +188,7 @@ def center_crop(image: jax.Array, output_size: int | Sequence[int]) -> jax.Array
 # ----------------------------------------------------------------------------
 # Resampling.
 # ----------------------------------------------------------------------------
+
 
 def _axis_taps(n: int, m: int, start: Any, length: Any, order: int, antialias: bool, max_scale: float):
     """Source indices (m, K) in [0, n) and weights (m, K) summing to 1 per row, for one axis.
@@ -225,8 +228,14 @@ def _resample_axis(x: jax.Array, idx, wts, axis: int) -> jax.Array:
     return jnp.sum(taps * wts, axis=axis + 1)
 
 
-def resample_box(x: jax.Array, out_size: tuple[int, int], box: tuple[Any, Any, Any, Any], order: int,
-                 antialias: bool, max_scale: tuple[float, float]) -> jax.Array:
+def resample_box(
+    x: jax.Array,
+    out_size: tuple[int, int],
+    box: tuple[Any, Any, Any, Any],
+    order: int,
+    antialias: bool,
+    max_scale: tuple[float, float],
+) -> jax.Array:
     """Resizes the box ``(top, left, height, width)`` of a float32 (H, W, C) image to ``out_size``.
 
     Samples only inside the box (see the module docstring for the filters). The box may be traced
@@ -255,15 +264,18 @@ def resized_output_size(fn: str, h: int, w: int, size: Any, max_size: Any) -> tu
         if isinstance(size, Sequence):
             out_h, out_w = v.size_pair(fn, "size", size)
             if max_size is not None:
-                raise ValueError(f"{fn}: max_size applies only when size is an int (the shorter side), got "
-                                 f"size={tuple(size)!r} and max_size={max_size}")
+                raise ValueError(
+                    f"{fn}: max_size applies only when size is an int (the shorter side), got "
+                    f"size={tuple(size)!r} and max_size={max_size}"
+                )
             return out_h, out_w
         new_short = v.check_static_int(fn, "size", size, minimum=1)
         new_long = int(new_short * long / short)
         if max_size is not None:
             if max_size <= new_short:
-                raise ValueError(f"{fn}: max_size must be > size (the shorter side), got max_size={max_size} "
-                                 f"and size={new_short}")
+                raise ValueError(
+                    f"{fn}: max_size must be > size (the shorter side), got max_size={max_size} and size={new_short}"
+                )
             if new_long > max_size:
                 new_short, new_long = int(max_size * new_short / new_long), max_size
     if new_short < 1:
@@ -271,8 +283,14 @@ def resized_output_size(fn: str, h: int, w: int, size: Any, max_size: Any) -> tu
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
-def resize(image: jax.Array, size: int | Sequence[int] | None, *, interpolation: str = "bilinear",
-           max_size: int | None = None, antialias: bool = True) -> jax.Array:
+def resize(
+    image: jax.Array,
+    size: int | Sequence[int] | None,
+    *,
+    interpolation: str = "bilinear",
+    max_size: int | None = None,
+    antialias: bool = True,
+) -> jax.Array:
     """Resizes an image (torchvision ``F.resize`` / ``transforms.v2.Resize``, default antialiased).
 
     Output size, as torchvision: ``size = (h, w)`` is used as given; an int ``s`` (or ``[s]``) sets the
