@@ -14,7 +14,7 @@ et al.'s parallel formula (Chan, Golub & LeVeque, 1979), for two sets a, b with 
     d = mean_b - mean_a,   mean = mean_a + d n_b / n,   M2 = M2_a + M2_b + d^2 n_a n_b / n
 
 so no E[x^2] - E[x]^2 cancellation anywhere (mean 1e3, std 1e-2 in f32 normalises to unit std).
-The reductions run on the persistent grid of `layer_norm.py` (`persistent_row_call`): P programs,
+The reductions run on the persistent grid of `blocks.py` (`persistent_row_call`): P programs,
 each merging its own row blocks in a fixed order into one (count_p, mean_p, M2_p) (the running
 count before its k-th block is k * block_rows: only the array's last block can be ragged), and
 the P results are merged in XLA, mean = K + sum_p n_p mean_p / R,
@@ -30,7 +30,7 @@ Backward of y (and of the returned mean/var, with cotangents dmean, dvar), s = s
 computed as one reduction kernel (persistent grid: (P, 1, C) partials of dbias/dscale, summed by
 XLA) and one elementwise kernel.
 Every elementwise pass is the same "affine" kernel: out = (x - c) * a + b [+ k * dy].
-Tiling/masking conventions are those of `layer_norm.py`.
+Tiling/masking conventions are those of `blocks.py` (shared with `layer_norm.py`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from optax_ext.kernels.backend import get_backend
-from optax_ext.kernels.layer_norm import (
+from optax_ext.kernels.blocks import (
     Tiling,
     block_mask,
     call_params,
+    check_operands,
     feature_spec,
     layout_for,
     load_f32,
@@ -314,20 +315,8 @@ def batch_norm_reference(x, scale=None, bias=None, *, epsilon: float = 1e-5):
 
 
 def _check(name, x, scale=None, bias=None, epsilon=1.0):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"{name}: x must have a batch axis and a last feature axis, e.g. (N, C) or "
-                         f"(N, H, W, C); got shape {x.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name}: x must be a floating-point array; got dtype {x.dtype}.")
-    c = x.shape[-1]
-    for arg, v in (("scale", scale), ("bias", bias)):
-        if v is not None and tuple(jnp.shape(v)) != (c,):
-            raise ValueError(f"{name}: {arg} must have shape ({c},) to match x.shape[-1]; got {jnp.shape(v)}.")
-    if isinstance(epsilon, (int, float)) and not epsilon > 0:
-        raise ValueError(f"{name}: epsilon must be > 0; got {epsilon!r}.")
-    return x
+    return check_operands(name, x, scale, bias, epsilon, min_ndim=2,
+                          axes="a batch axis and a last feature axis, e.g. (N, C) or (N, H, W, C)")
 
 
 @jax.custom_vjp

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import multi_tensor as mt
+from optax_ext.kernels.elementwise import PALLAS_DTYPES
 from optax_ext.kernels.fused_pass import BACKENDS, FORMS, LANES, default_form, per_leaf_view
 
 __all__ = ["NORM_GPU_BLOCK", "global_sq_norm_pallas", "leaf_sq_norms_pallas"]
@@ -40,8 +41,6 @@ NORM_INTERPRET_BLOCK = 4096
 # finding the leaf (~3 scalar ops per leaf of the launch, see multi_tensor.locate) stays a few
 # instructions per element of an 8192-element block.
 NORM_MAX_LEAVES = 128
-
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _validate(leaves, backend, form, block):
@@ -58,7 +57,7 @@ def _validate(leaves, backend, form, block):
     if block is not None and form == "per_leaf" and block % 8:
         raise ValueError(f"leaf_sq_norms_pallas(block={block}): per-leaf blocks (rows) must be a multiple of 8.")
     for i, x in enumerate(leaves):
-        if jnp.result_type(x) not in _FLOATS:
+        if jnp.result_type(x) not in PALLAS_DTYPES:
             raise TypeError(
                 f"leaf_sq_norms_pallas(leaves): leaf {i} has dtype {jnp.result_type(x)}; expected one of "
                 f"float32, bfloat16, float16.")

@@ -35,8 +35,6 @@ import typing as tp
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.module import first_from
-from flax.nnx.nn import dtypes
 from jax import lax
 
 from optax_ext.kernels.batch_norm import batch_norm, batch_norm_stats
@@ -88,7 +86,16 @@ def _normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, dtype, e
     if bias is not None:
         y = y + bias.reshape(feature_shape)
         args.append(bias)
-    return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=dtype))
+    return jnp.asarray(y, _result_dtype(args, dtype))
+
+
+def _result_dtype(args, dtype):
+    """flax's output dtype: `dtype` if given, else the promoted dtype of `args`, made inexact
+    (integers promote with f32), as `flax.nnx.nn.dtypes.canonicalize_dtype` does."""
+    if dtype is not None:
+        return dtype
+    out = jnp.result_type(*(a for a in args if a is not None))
+    return out if jnp.issubdtype(out, jnp.inexact) else jnp.promote_types(jnp.float32, out)
 
 
 def _value(v):
@@ -144,14 +151,11 @@ class BatchNorm(nnx.BatchNorm):
     """
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
-        use_running_average = first_from(
-            use_running_average,
-            self.use_running_average,
-            error_msg=(
-                "No `use_running_average` argument was provided to BatchNorm: pass it to the "
-                "constructor or to the call, or use model.train() / model.eval()."
-            ),
-        )
+        # The call's argument wins over the module's attribute, as in flax (its `first_from`).
+        use_running_average = next((v for v in (use_running_average, self.use_running_average) if v is not None), None)
+        if use_running_average is None:
+            raise ValueError("No `use_running_average` argument was provided to BatchNorm: pass it to the "
+                             "constructor or to the call, or use model.train() / model.eval().")
         feat = _canonical_axes(x.ndim, self.axis)
         red = tuple(i for i in range(x.ndim) if i not in feat)
         x, ra_mean, ra_var, scale, bias = self.promote_dtype(

@@ -1,22 +1,41 @@
 """Lowering for TPU from a CPU: a few Mosaic lowering rules (e.g. `sign`, used by Lion) ask the
 *current* device's TPU generation; from a CPU there is none, so register the CPU as a TPU v5e for
-lowering only. Private jax API, used by tests alone: nothing in the library depends on it."""
+lowering only. Private jax API (`jax._src.pallas.mosaic.tpu_info`, tested with jax 0.10.2), used by
+tests alone: nothing in the library depends on it. The one place that touches it: when jax's
+internals move, the tests that need it are skipped with the reason, not failed."""
 
 import jax
 
 
+def _tpu_info():
+    """(registry, chip_version_of(kind), v5e info factory), or raise ImportError/AttributeError."""
+    from jax._src.pallas.mosaic import tpu_info
+
+    impl, v5e = tpu_info._get_tpu_info_impl, tpu_info.ChipVersion.TPU_V5E
+    return tpu_info.registry, tpu_info.chip_version_from_device_kind, lambda: impl(v5e, 1)
+
+
 def pretend_cpu_is_a_tpu_v5e(setitem=None):
-    """Register the CPU device kind as a TPU v5e (with `setitem(registry, key, value)`, e.g.
-    pytest's monkeypatch.setitem, to undo it after a test). Returns False if jax's layout changed."""
+    """Register the CPU device kind as a TPU v5e; returns whether the fake TPU is in place.
+
+    With `setitem(registry, key, value)`, pytest's `monkeypatch.setitem` (which undoes it after the
+    test), this is a test asking: if jax's private `tpu_info` moved, the test is skipped
+    (`pytest.skip`) with the reason. Without (a script, e.g. tests/sharded_checks.py), the
+    registration is permanent and False comes back instead.
+    """
     try:
-        from jax._src.pallas.mosaic import tpu_info
-    except ImportError:  # pragma: no cover - layout of jax internals changed
-        return False
-    kind = jax.devices()[0].device_kind
-    if tpu_info.chip_version_from_device_kind(kind) is None and kind not in tpu_info.registry:
-        fake = lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1)  # noqa: E731
+        registry, chip_version_of, v5e = _tpu_info()
+    except (ImportError, AttributeError) as e:  # pragma: no cover - layout of jax internals changed
         if setitem is None:
-            tpu_info.registry[kind] = fake
+            return False
+        import pytest
+
+        pytest.skip(f"cannot fake a TPU for Mosaic lowering on jax {jax.__version__}: the private "
+                    f"jax._src.pallas.mosaic.tpu_info changed ({type(e).__name__}: {e}); update tests/fake_tpu.py")
+    kind = jax.devices()[0].device_kind
+    if chip_version_of(kind) is None and kind not in registry:
+        if setitem is None:
+            registry[kind] = v5e
         else:
-            setitem(tpu_info.registry, kind, fake)
+            setitem(registry, kind, v5e)
     return True

@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 from conftest import assert_grads_match_finite_differences, assert_within, tolerance, unit_roundoff
+from fake_tpu import pretend_cpu_is_a_tpu_v5e
 from optax_ext.kernels import batch_norm as bn
-from optax_ext.kernels import layer_norm as ln
+from optax_ext.kernels import blocks
 from optax_ext.kernels.backend import use_backend
 
 # (interpreter layout, shape). Blocks are shrunk below so every shape but the tiny ones spans
@@ -28,9 +29,9 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 
 
 def _set_layout(monkeypatch, layout):
-    monkeypatch.setattr(ln, "_INTERPRET_LAYOUT", layout)
+    monkeypatch.setattr(blocks, "INTERPRET_LAYOUT", layout)
     # Few persistent programs, so that the multi-block shapes have programs looping over blocks.
-    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
+    monkeypatch.setattr(blocks, "PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
     monkeypatch.setattr(bn, "_STATS_BLOCK", {"triton": 64, "mosaic": 64})
     monkeypatch.setattr(bn, "_AFFINE_BLOCK", {"triton": 64, "mosaic": 64})
 
@@ -212,7 +213,7 @@ def test_large_mean_small_std(monkeypatch, backend, shape):
     """Mean 1e3, std 1e-2 in f32: E[x^2] - E[x]^2 has no correct digits; ours must be exact."""
     monkeypatch.setattr(bn, "_STATS_BLOCK", {"triton": 1024, "mosaic": 1024})
     # 3 programs merging 5-6 blocks each (Chan et al. in the kernel loop), then 3 partials in XLA.
-    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
+    monkeypatch.setattr(blocks, "PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(1e3, 1e-2, size=shape).astype(np.float32))
     x64 = np.asarray(x, np.float64).reshape(-1, shape[-1])
@@ -388,16 +389,9 @@ def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
 
 @pytest.fixture
 def fake_tpu(monkeypatch):
-    """Register the CPU as a TPU v5e for Mosaic lowering rules that ask for the chip generation
-    (copied from tests/test_kernels_lowering.py; private API, tests only)."""
-    try:
-        from jax._src.pallas.mosaic import tpu_info
-    except ImportError:  # pragma: no cover - layout of jax internals changed
-        return
-    kind = jax.devices()[0].device_kind
-    if tpu_info.chip_version_from_device_kind(kind) is None and kind not in tpu_info.registry:
-        monkeypatch.setitem(tpu_info.registry, kind,
-                            lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1))
+    """The CPU registered as a TPU v5e for Mosaic lowering rules that ask for the chip generation
+    (tests/fake_tpu.py: private jax API; skips the test if it moved)."""
+    pretend_cpu_is_a_tpu_v5e(monkeypatch.setitem)
 
 
 # (interpreter layout, shape) with 64-element blocks and 3 programs: every program loops over
@@ -411,7 +405,7 @@ PERSISTENT_CASES = [("triton", (200, 5)), ("triton", (3, 50, 7)), ("triton", (64
 def test_persistent_stats_and_bwd_sums_match_reference(monkeypatch, layout, shape, dtype):
     _set_layout(monkeypatch, layout)
     r, c = int(np.prod(shape[:-1])), shape[-1]
-    loop = ln.row_loop(ln.make_tiling(r, c, layout, block_elems=64))
+    loop = blocks.row_loop(blocks.make_tiling(r, c, layout, block_elems=64))
     assert loop.programs == 3 and loop.steps >= 2
     x, scale, _, cts = _inputs(shape, dtype, seed=200 + r + c)
     x = x + 50.0  # |mean| >> std: the in-loop merges must keep the shifted sums exact
@@ -469,6 +463,6 @@ def test_partials_are_per_program_not_per_row_block(fake_tpu, rows):
             text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(
                 lowering_platforms=(platform,)).as_text()
         results = _kernel_results(text)
-        partial = f"{ln._PERSISTENT_PROGRAMS[backend]}x1x{c}xf32"
+        partial = f"{blocks.PERSISTENT_PROGRAMS[backend]}x1x{c}xf32"
         assert results["batch_norm_stats"] == [partial, partial]
         assert results["batch_norm_bwd_sums"] == [partial, partial]

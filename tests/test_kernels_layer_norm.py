@@ -15,6 +15,8 @@ import pytest
 from flax import nnx
 
 from conftest import assert_grads_match_finite_differences, assert_within, tolerance, unit_roundoff
+from fake_tpu import pretend_cpu_is_a_tpu_v5e
+from optax_ext.kernels import blocks
 from optax_ext.kernels import layer_norm as ln
 from optax_ext.kernels.backend import use_backend
 
@@ -26,9 +28,9 @@ CASES = [("triton", (3, 100)), ("triton", (5, 7, 1000)), ("triton", (1, 1)), ("t
 
 
 def _set_layout(monkeypatch, layout):
-    monkeypatch.setattr(ln, "_INTERPRET_LAYOUT", layout)
+    monkeypatch.setattr(blocks, "INTERPRET_LAYOUT", layout)
     # Few persistent programs, so that the multi-block shapes have programs looping over blocks.
-    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
+    monkeypatch.setattr(blocks, "PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
     if layout == "mosaic":
         monkeypatch.setattr(ln, "_FWD_BLOCK", {"triton": 4096, "mosaic": 64})
         monkeypatch.setattr(ln, "_BWD_BLOCK", {"triton": 8192, "mosaic": 64})
@@ -403,31 +405,24 @@ def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
 
 @pytest.fixture
 def fake_tpu(monkeypatch):
-    """Register the CPU as a TPU v5e for Mosaic lowering rules that ask for the chip generation
-    (copied from tests/test_kernels_lowering.py; private API, tests only)."""
-    try:
-        from jax._src.pallas.mosaic import tpu_info
-    except ImportError:  # pragma: no cover - layout of jax internals changed
-        return
-    kind = jax.devices()[0].device_kind
-    if tpu_info.chip_version_from_device_kind(kind) is None and kind not in tpu_info.registry:
-        monkeypatch.setitem(tpu_info.registry, kind,
-                            lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5E, 1))
+    """The CPU registered as a TPU v5e for Mosaic lowering rules that ask for the chip generation
+    (tests/fake_tpu.py: private jax API; skips the test if it moved)."""
+    pretend_cpu_is_a_tpu_v5e(monkeypatch.setitem)
 
 
 @pytest.mark.parametrize("layout", ["triton", "mosaic"])
 @pytest.mark.parametrize("m,block_rows,programs", [(1, 1, 5), (10, 4, 3), (37, 4, 3), (200, 8, 3), (300, 32, 3),
                                                    (96, 32, 2), (5, 1, 528)])
 def test_row_loop_covers_every_row_block_once(monkeypatch, layout, m, block_rows, programs):
-    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": programs, "mosaic": programs})
+    monkeypatch.setattr(blocks, "PERSISTENT_PROGRAMS", {"triton": programs, "mosaic": programs})
     t = ln.Tiling(layout, m, 7, block_rows, 8)
     loop = ln.row_loop(t)
-    blocks = [list(loop.blocks(p)) for p in range(loop.programs)]
-    assert loop.programs <= min(programs, t.grid) and all(blocks)  # no program without a block
-    assert sorted(i for b in blocks for i in b) == list(range(t.grid))
-    assert max(map(len, blocks)) == loop.steps
+    owned = [list(loop.blocks(p)) for p in range(loop.programs)]
+    assert loop.programs <= min(programs, t.grid) and all(owned)  # no program without a block
+    assert sorted(i for b in owned for i in b) == list(range(t.grid))
+    assert max(map(len, owned)) == loop.steps
     # Only the array's last block may be ragged, and it is the last one its program merges.
-    assert all(i != t.grid - 1 for b in blocks for i in b[:-1])
+    assert all(i != t.grid - 1 for b in owned for i in b[:-1])
     np.testing.assert_array_equal(loop.rows().sum(), m)
     np.testing.assert_array_equal(loop.rows_f32(), loop.rows())
 
@@ -441,8 +436,8 @@ PERSISTENT_CASES = [("triton", (37, 10)), ("triton", (4, 50, 7)), ("triton", (5,
 @pytest.mark.parametrize("layout,shape", PERSISTENT_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_persistent_bwd_matches_reference(monkeypatch, layout, shape, dtype):
-    monkeypatch.setattr(ln, "_INTERPRET_LAYOUT", layout)
-    monkeypatch.setattr(ln, "_PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
+    monkeypatch.setattr(blocks, "INTERPRET_LAYOUT", layout)
+    monkeypatch.setattr(blocks, "PERSISTENT_PROGRAMS", {"triton": 3, "mosaic": 3})
     monkeypatch.setattr(ln, "_BWD_BLOCK", {"triton": 64, "mosaic": 64})
     m, n = int(np.prod(shape[:-1])), shape[-1]
     loop = ln.row_loop(ln.make_tiling(m, n, layout, block_elems=64))
@@ -488,7 +483,7 @@ def test_bwd_partials_are_per_program_not_per_row_block(fake_tpu, rows):
     x = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
     s = jax.ShapeDtypeStruct((n,), jnp.float32)
     for backend, platform in (("triton", "cuda"), ("mosaic", "tpu")):
-        programs = ln._PERSISTENT_PROGRAMS[backend]
+        programs = blocks.PERSISTENT_PROGRAMS[backend]
         for rms, name in ((False, "layer_norm_bwd"), (True, "rms_norm_bwd")):
             def loss(x, s, rms=rms):  # fresh per backend: jit caches traces, the backend is read at trace
                 y = ln.rms_norm(x, s) if rms else ln.layer_norm(x, s, s)
@@ -499,4 +494,4 @@ def test_bwd_partials_are_per_program_not_per_row_block(fake_tpu, rows):
                     lowering_platforms=(platform,)).as_text()
             partials = [f"{programs}x1x{n}xf32"] * (1 if rms else 2)
             assert _kernel_results(text)[name] == [f"{rows}x{n}xbf16", *partials]
-    assert ln._PERSISTENT_PROGRAMS["triton"] * n * 4 < 20e6  # bytes per partial, whatever M is
+    assert blocks.PERSISTENT_PROGRAMS["triton"] * n * 4 < 20e6  # bytes per partial, whatever M is

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from optax_ext import _validate as check
-from optax_ext.transforms._common import abs_sq, full_like_dims
+from optax_ext.transforms._common import abs_sq, full_like_dims, increment, zero_count
 
 
 def adafactor_decay_rate(step, exponent=0.8):
@@ -63,7 +63,7 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
         out = jax.tree.map(one, params)
         is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and all(hasattr(a, "shape") for a in x)
         pick = lambda k: jax.tree.map(lambda t: t[k], out, is_leaf=is_triple)
-        return optax.FactoredState(count=jnp.zeros([], jnp.int32), v_row=pick(0), v_col=pick(1), v=pick(2))
+        return optax.FactoredState(count=zero_count(), v_row=pick(0), v_col=pick(1), v=pick(2))
 
     def update(grads, state, params=None):
         if params is None:
@@ -94,8 +94,8 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
         rows, cols, vs, ps = (treedef.flatten_up_to(t) for t in (state.v_row, state.v_col, state.v, params))
         outs = [one(*a) for a in zip(leaves, rows, cols, vs, ps)]
         unflat = lambda k: treedef.unflatten([o[k] for o in outs])
-        count = jnp.where(state.count < np.iinfo(np.int32).max, state.count + 1, state.count)
-        return unflat(0), optax.FactoredState(count=count, v_row=unflat(1), v_col=unflat(2), v=unflat(3))
+        new_state = optax.FactoredState(count=increment(state.count), v_row=unflat(1), v_col=unflat(2), v=unflat(3))
+        return unflat(0), new_state
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # accepted, as every Optax transformation does

@@ -8,20 +8,13 @@ chain. Decoupled weight decay goes after the adaptive scaling (so the decay is n
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import optax
 
 from optax_ext import _validate as check
+from optax_ext._compat import WeightDecaySchedule  # Optax's state class, not exported
 from optax_ext.fusion import PerLeaf, Rule, fusable
 from optax_ext.transforms._common import increment, mask_leaves, per_leaf_tree, value_at, zero_count
-
-try:  # Optax's state for a scheduled weight decay; reused so state layouts stay identical.
-    from optax.transforms._adding import WeightDecaySchedule
-except ImportError:  # pragma: no cover
-    class WeightDecaySchedule(NamedTuple):
-        count: jax.Array
 
 
 def _add_scaled_params(name: str, weight_decay, mask) -> optax.GradientTransformation:
