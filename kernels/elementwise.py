@@ -7,6 +7,11 @@ each input upcast to f32, `shared[j]` a step-wide scalar (a bias correction, the
 `out_dtypes`. On the "xla" backend the body is traced as plain jnp per leaf and XLA fuses it; the
 Pallas backends run the same body inside multi-tensor kernels (one read, one write per element,
 many leaves per launch; see `optax_ext.kernels.fused_pass`).
+
+Quantized storage (8-bit optimizer states, `optax_ext.quantization`) is a property of an input or
+output, not of the body: an input may be a `QuantizedArray` (dequantized to f32 before the body
+sees it) and an output's dtype a `QuantFormat` (the body's f32 result is requantized, a new absmax
+per block). The kernels do both inside the same pass; the reference does it with jnp.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from optax_ext import quantization as q8
 from optax_ext.kernels import backend as _backend
 
 Body = Callable[[Sequence[jax.Array], Any, Any], Sequence[jax.Array]]
@@ -26,14 +33,15 @@ class Job(NamedTuple):
     """One leaf's share of a fused pass.
 
     Attributes:
-      inputs: arrays of one shape (g, then p and the slots, as the body reads them).
-      out_dtypes: the storage dtype of each output.
+      inputs: arrays of one shape (g, then p and the slots, as the body reads them); a slot may be
+        a `QuantizedArray` of that shape.
+      out_dtypes: the storage dtype of each output, or a `QuantFormat` (a `QuantizedArray` out).
       scalars: 1-D f32 vector of this leaf's own scalars (`leaf[j]` in the body); may be empty.
       aliases: `{input index: output index}`: the output is written into that input's buffer
         (Pallas backends; in place when the caller donates the input under jit).
     """
 
-    inputs: Sequence[jax.Array]
+    inputs: Sequence[jax.Array | q8.QuantizedArray]
     out_dtypes: Sequence[Any]
     scalars: jax.Array
     aliases: Mapping[int, int] = {}
@@ -41,6 +49,26 @@ class Job(NamedTuple):
 
 PALLAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 """Storage dtypes the Pallas kernels read and write (math in f32); other leaves run the reference."""
+
+
+def storage_of(x):
+    """An input's storage: its dtype, or the `QuantFormat` of a `QuantizedArray`."""
+    return x.format if isinstance(x, q8.QuantizedArray) else jnp.dtype(jnp.result_type(x))
+
+
+def same_storage(a, b) -> bool:
+    """Whether an output of storage `b` may overwrite an input of storage `a` (dtype or format)."""
+    if isinstance(a, q8.QuantFormat) or isinstance(b, q8.QuantFormat):
+        return a == b
+    return jnp.dtype(a) == jnp.dtype(b)
+
+
+def _values(x):
+    return q8.dequantize_leaf(x) if isinstance(x, q8.QuantizedArray) else x
+
+
+def _stored(value, storage):
+    return q8.quantize_leaf(value, storage) if isinstance(storage, q8.QuantFormat) else value.astype(storage)
 
 
 def compute_dtype(dtypes) -> jnp.dtype:
@@ -61,14 +89,21 @@ def run_elementwise_reference(body: Body, inputs: Sequence[jax.Array], shared: j
                               out_dtypes: Sequence[Any]) -> list[jax.Array]:
     """The jnp reference (and the "xla" backend): the body applied to whole arrays.
 
-    Math in `compute_dtype` of the inputs (f32 for the kernels' storage dtypes), scalars in its
-    real counterpart.
+    Math in `compute_dtype` of the inputs (f32 for the kernels' storage dtypes and for quantized
+    inputs), scalars in its real counterpart.
     """
+    inputs = [_values(x) for x in inputs]
     dtype = compute_dtype([jnp.result_type(x) for x in inputs])
     real = jnp.finfo(dtype).dtype
     outs = body([jnp.asarray(x, dtype) for x in inputs], jnp.asarray(shared, real), jnp.asarray(leaf, real))
-    return [jnp.broadcast_to(jnp.asarray(o), jnp.shape(inputs[0])).astype(d)
+    return [_stored(jnp.broadcast_to(jnp.asarray(o), jnp.shape(inputs[0])), d)
             for o, d in zip(outs, out_dtypes, strict=True)]
+
+
+def _on_kernels(job) -> bool:
+    """Whether the kernels take this job: storage f32/bf16/f16, or quantized with a float32 body."""
+    return (all(isinstance(s, q8.QuantFormat) or s in PALLAS_DTYPES for s in map(storage_of, job.inputs))
+            and all(isinstance(d, q8.QuantFormat) or jnp.dtype(d) in PALLAS_DTYPES for d in job.out_dtypes))
 
 
 def run_fused(body: Body, jobs: Sequence[Job], shared: jax.Array, *,
@@ -85,10 +120,7 @@ def run_fused(body: Body, jobs: Sequence[Job], shared: jax.Array, *,
     def reference(job):
         return run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
 
-    on_kernels = [] if name == "xla" else [
-        i for i, job in enumerate(jobs)
-        if all(jnp.dtype(jnp.result_type(x)) in PALLAS_DTYPES for x in job.inputs)
-        and all(jnp.dtype(d) in PALLAS_DTYPES for d in job.out_dtypes)]
+    on_kernels = [] if name == "xla" else [i for i, job in enumerate(jobs) if _on_kernels(job)]
     results = [None if i in set(on_kernels) else reference(job) for i, job in enumerate(jobs)]
     if not on_kernels:
         return results
@@ -97,40 +129,59 @@ def run_fused(body: Body, jobs: Sequence[Job], shared: jax.Array, *,
     return results
 
 
+def _out_avals(job):
+    """Per output, its arrays' avals: one, or (codes, absmax) for a quantized output."""
+    shape = jnp.shape(job.inputs[0])
+    size = int(np.prod(shape, dtype=np.int64))
+    return [[jax.ShapeDtypeStruct(shape, jnp.uint8), jax.ShapeDtypeStruct((d.num_blocks(size),), jnp.float32)]
+            if isinstance(d, q8.QuantFormat) else [jax.ShapeDtypeStruct(shape, d)] for d in job.out_dtypes]
+
+
 def _run_kernels(body, jobs, shared, name):
     """The Pallas kernels on every job, per device shard (see run_fused)."""
     from optax_ext.kernels import fused_pass, sharding  # Pallas path; imported lazily.
 
     shared = jnp.asarray(shared, jnp.float32)
     jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
-    n_in = [len(job.inputs) for job in jobs]
+    in_defs = [jax.tree.structure(list(job.inputs)) for job in jobs]
 
     def local(operands, axes):
         it = iter(operands)
-        local_jobs = [job._replace(inputs=[next(it) for _ in range(n)]) for job, n in zip(jobs, n_in)]
+        local_jobs = [job._replace(inputs=d.unflatten([next(it) for _ in range(d.num_leaves)]))
+                      for job, d in zip(jobs, in_defs)]
         local_shared = next(it)
         local_jobs = [job._replace(scalars=next(it)) for job in local_jobs]
         outs = fused_pass.fused_pass_pallas(body, local_jobs, local_shared, backend=name)
         flat = []
         for job, o in zip(local_jobs, outs):
-            flat.extend(o if o is not None else
-                        run_elementwise_reference(body, job.inputs, local_shared, job.scalars, job.out_dtypes))
+            flat.extend(jax.tree.leaves(o if o is not None else run_elementwise_reference(
+                body, job.inputs, local_shared, job.scalars, job.out_dtypes)))
         return flat
 
-    # Leaf k's inputs and outputs share its dims' factors; scalar vectors are never split.
-    operands, op_factors, res_factors, res_avals = [], [], [], []
+    # Leaf k's inputs and outputs share its dims' factors; scalar vectors are never split. A
+    # quantized leaf's absmax runs over blocks of the flattened leaf, which a shard of the leaf does
+    # not align with: such a leaf runs whole (replicated), correct at the cost of a gather.
+    operands, op_factors, res_factors, res_avals, replicated = [], [], [], [], []
     for k, job in enumerate(jobs):
         dims = tuple(f"l{k}d{d}" for d in range(jnp.ndim(job.inputs[0])))
-        operands.extend(job.inputs)
-        op_factors.extend([dims] * len(job.inputs))
-        res_factors.extend([dims] * len(job.out_dtypes))
-        res_avals.extend(jax.ShapeDtypeStruct(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes)
+        outs = _out_avals(job)
+        quantized = any(isinstance(x, q8.QuantizedArray) for x in job.inputs) or any(len(o) > 1 for o in outs)
+        if quantized:
+            replicated.extend(dims + (f"l{k}q",))
+        for x in job.inputs:
+            operands.extend(jax.tree.leaves(x))
+            op_factors.extend([dims, (f"l{k}q",)] if isinstance(x, q8.QuantizedArray) else [dims])
+        for o in outs:
+            res_avals.extend(o)
+            res_factors.extend([dims, (f"l{k}q",)] if len(o) > 1 else [dims])
     scalar_factors = ("shared",) + tuple(f"scalars{k}" for k in range(len(jobs)))
     operands += [shared] + [job.scalars for job in jobs]
     op_factors += [(f,) for f in scalar_factors]
-    rule = sharding.Rule(tuple(op_factors), tuple(res_factors), need_replication=scalar_factors, name="fused pass")
+    rule = sharding.Rule(tuple(op_factors), tuple(res_factors), need_replication=scalar_factors + tuple(replicated),
+                         name="fused pass")
     flat = sharding.per_shard(local, operands, rule, res_avals)
     results, it = [], iter(flat)
     for job in jobs:
-        results.append([next(it) for _ in job.out_dtypes])
+        results.append([q8.QuantizedArray(next(it), next(it), d) if isinstance(d, q8.QuantFormat) else next(it)
+                        for d in job.out_dtypes])
     return results

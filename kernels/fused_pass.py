@@ -26,6 +26,15 @@ Two forms:
     vreg), whose partial last block Pallas reads padded and writes clipped. Both views are free
     reshapes: no concatenation, slicing or padding copies on TPU either.
 
+Quantized storage (8-bit optimizer states): an input may be a `QuantizedArray` and an output's
+dtype a `QuantFormat`. The multi-tensor form passes its codes and absmax as two refs
+(`multi_tensor.Packed`), dequantizes after the load and requantizes before the store, once per
+launch (outside the leaf switch); every launch block holds whole quantization blocks, so the new
+absmax of a block is a max over the block in registers. One launch mixes quantized and plain leaves
+(small leaves stay f32), so an 8-bit step has no more launches than an f32 one. The per-leaf form
+leaves quantized jobs to the XLA reference: regrouping a lane-dense (rows, 128) block into
+quantization blocks is a relayout in Mosaic that we cannot check without a TPU.
+
 Scalars are two small f32 vectors per launch: `shared` (the same for every leaf: bias corrections,
 learning rate, clip factor) and a per-leaf table (leaf k's values at [k * width, (k + 1) * width)),
 in SMEM on TPU and as whole-array (`pl.ANY`) refs read one scalar at a time on GPU. The body receives indexable objects whose `[j]`
@@ -40,9 +49,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from optax_ext import quantization as q8
 from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import Job
+from optax_ext.kernels.elementwise import PALLAS_DTYPES, Job, same_storage, storage_of
 
 __all__ = ["FORMS", "GPU_BLOCK", "GPU_NUM_WARPS", "LANES", "TPU_BLOCK_ROWS", "TPU_FLAT_BLOCK", "ScalarRef",
            "default_form", "fused_pass_pallas"]
@@ -62,7 +72,6 @@ INTERPRET_BLOCK = 4096
 
 FORMS = ("multi_tensor", "per_leaf")
 BACKENDS = ("interpret", "triton", "mosaic")
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 class ScalarRef:
@@ -116,31 +125,49 @@ def _validate(jobs: Sequence[Job], shared, backend: str, form: str, block):
                 f"{jnp.shape(job.scalars)}.")
         if jnp.ndim(job.scalars) != 1:
             raise ValueError(f"{where}.scalars: expected a 1-D vector, got shape {jnp.shape(job.scalars)}.")
-        shape = jnp.shape(job.inputs[0])
+        shape = _shape(job.inputs[0])
         for i, x in enumerate(job.inputs):
-            if jnp.shape(x) != shape:
+            if _shape(x) != shape:
                 raise ValueError(
                     f"{where}.inputs: all inputs must have one shape; input 0 has {shape}, input {i} has "
-                    f"{jnp.shape(x)}.")
-            if jnp.result_type(x) not in _FLOATS:
+                    f"{_shape(x)}.")
+            if not _storable(storage_of(x)):
                 raise TypeError(
-                    f"{where}.inputs: input {i} has dtype {jnp.result_type(x)}; expected one of float32, "
-                    f"bfloat16, float16.")
+                    f"{where}.inputs: input {i} has dtype {storage_of(x)}; expected one of float32, "
+                    f"bfloat16, float16 (or a QuantizedArray).")
         for j, d in enumerate(job.out_dtypes):
-            if jnp.dtype(d) not in _FLOATS:
+            if not _storable(d):
                 raise TypeError(
-                    f"{where}.out_dtypes: output {j} has dtype {jnp.dtype(d)}; expected one of float32, "
-                    f"bfloat16, float16.")
+                    f"{where}.out_dtypes: output {j} has dtype {d}; expected one of float32, "
+                    f"bfloat16, float16 (or a QuantFormat).")
         for i, o in job.aliases.items():
             if not (0 <= i < n_in and 0 <= o < n_out):
                 raise ValueError(
                     f"{where}.aliases: {{{i}: {o}}} out of range for {n_in} inputs and {n_out} outputs.")
-            if jnp.result_type(job.inputs[i]) != jnp.dtype(job.out_dtypes[o]):
+            if not same_storage(storage_of(job.inputs[i]), job.out_dtypes[o]):
                 raise ValueError(
-                    f"{where}.aliases: input {i} ({jnp.result_type(job.inputs[i])}) cannot alias output {o} "
-                    f"({jnp.dtype(job.out_dtypes[o])}); dtypes must match.")
+                    f"{where}.aliases: input {i} ({storage_of(job.inputs[i])}) cannot alias output {o} "
+                    f"({job.out_dtypes[o]}); dtypes must match.")
         if len(set(job.aliases.values())) != len(job.aliases):
             raise ValueError(f"{where}.aliases={dict(job.aliases)}: an output is aliased twice.")
+
+
+def _shape(x) -> tuple[int, ...]:
+    return x.shape if isinstance(x, q8.QuantizedArray) else jnp.shape(x)
+
+
+def _size(x) -> int:
+    return x.size if isinstance(x, q8.QuantizedArray) else jnp.size(x)
+
+
+def _storable(storage) -> bool:
+    return isinstance(storage, q8.QuantFormat) or jnp.dtype(storage) in PALLAS_DTYPES
+
+
+def _quantized(job: Job) -> list[q8.QuantFormat]:
+    """The quantization formats a job reads or writes (empty for plain float storage)."""
+    return ([x.format for x in job.inputs if isinstance(x, q8.QuantizedArray)]
+            + [d for d in job.out_dtypes if isinstance(d, q8.QuantFormat)])
 
 
 def _scalar_vector(values: jax.Array) -> jax.Array:
@@ -166,18 +193,30 @@ def _check_outputs(outs, n_out):
 # "multi_tensor": many leaves per launch (Triton, interpreter)
 
 
-def _multi_tensor_kernel(body, launch: mt.Launch, n_in, n_out, n_shared, width):
-    num = len(launch.segments)
+def _group_refs(refs, formats_per_leaf):
+    """Leaf k's operands from the flat refs: a ref, or `mt.Packed(codes, absmax, format)`."""
+    it, out = iter(refs), []
+    for formats in formats_per_leaf:
+        out.append([mt.Packed(next(it), next(it), f) if f is not None else next(it) for f in formats])
+    return out
+
+
+def _multi_tensor_kernel(body, launch: mt.Launch, in_formats, out_formats, n_shared, width):
+    """in_formats[k][i]: the QuantFormat of leaf k's input i, or None (plain); likewise outputs."""
+    n_in_refs = sum(1 + (f is not None) for formats in in_formats for f in formats)
+    n_out = len(out_formats[0])
+    packs_outputs = any(f is not None for formats in out_formats for f in formats)
 
     def kernel(*refs):
-        ins, s_ref, t_ref, outs = refs[:num * n_in], refs[num * n_in], refs[num * n_in + 1], refs[num * n_in + 2:]
+        ins, s_ref, t_ref, outs = refs[:n_in_refs], refs[n_in_refs], refs[n_in_refs + 1], refs[n_in_refs + 2:]
         leaf, program = mt.locate(launch)
-        xs = mt.load_blocks(launch, [ins[k * n_in:(k + 1) * n_in] for k in range(num)], leaf, program)
+        xs, limit = mt.load_blocks(launch, _group_refs(ins, in_formats), leaf, program, with_limit=True)
         # The body is emitted once per launch, not once per leaf: only loads and stores switch.
         ys = list(body(xs, ScalarRef(s_ref, n_shared), ScalarRef(t_ref, width, leaf * width)))
         _check_outputs(ys, n_out)
         ys = [jnp.broadcast_to(jnp.asarray(y, jnp.float32), (launch.block,)) for y in ys]
-        mt.store_blocks(launch, [outs[k * n_out:(k + 1) * n_out] for k in range(num)], leaf, program, ys)
+        mt.store_blocks(launch, _group_refs(outs, out_formats), leaf, program, ys,
+                        limit if packs_outputs else None)
 
     return kernel
 
@@ -185,17 +224,34 @@ def _multi_tensor_kernel(body, launch: mt.Launch, n_in, n_out, n_shared, width):
 def _multi_tensor_launch(body, jobs: Sequence[Job], launch: mt.Launch, shared, backend):
     """One pallas_call over the leaves of `launch` (indices into `jobs`); outputs per leaf."""
     members = [jobs[i] for i in launch.leaves]
-    n_in, n_out, width = len(members[0].inputs), len(members[0].out_dtypes), members[0].scalars.shape[0]
+    width = members[0].scalars.shape[0]
     table = _scalar_vector(jnp.concatenate([job.scalars for job in members]) if width else jnp.zeros((0,)))
     svec = _scalar_vector(shared)
-    inputs, out_shape, aliases = [], [], {}
-    for k, (job, seg) in enumerate(zip(members, launch.segments)):
-        inputs.extend(jnp.reshape(x, seg.view) for x in job.inputs)
-        out_shape.extend(jax.ShapeDtypeStruct(seg.view, jnp.dtype(d)) for d in job.out_dtypes)
-        aliases.update({k * n_in + i: k * n_out + o for i, o in job.aliases.items()})
+    inputs, out_shape, aliases, in_formats, out_formats = [], [], {}, [], []
+    for job, seg in zip(members, launch.segments):
+        starts_in, starts_out = [], []  # each operand's first flat ref (a packed one has two)
+        for x in job.inputs:
+            starts_in.append(len(inputs))
+            if isinstance(x, q8.QuantizedArray):
+                inputs.extend([x.codes.reshape(seg.view), x.absmax])
+            else:
+                inputs.append(jnp.reshape(x, seg.view))
+        for d in job.out_dtypes:
+            starts_out.append(len(out_shape))
+            if isinstance(d, q8.QuantFormat):
+                out_shape.extend([jax.ShapeDtypeStruct(seg.view, jnp.uint8),
+                                  jax.ShapeDtypeStruct((d.num_blocks(seg.cols),), jnp.float32)])
+            else:
+                out_shape.append(jax.ShapeDtypeStruct(seg.view, jnp.dtype(d)))
+        for i, o in job.aliases.items():
+            aliases[starts_in[i]] = starts_out[o]
+            if isinstance(job.out_dtypes[o], q8.QuantFormat):
+                aliases[starts_in[i] + 1] = starts_out[o] + 1
+        in_formats.append([x.format if isinstance(x, q8.QuantizedArray) else None for x in job.inputs])
+        out_formats.append([d if isinstance(d, q8.QuantFormat) else None for d in job.out_dtypes])
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     outs = pl.pallas_call(
-        _multi_tensor_kernel(body, launch, n_in, n_out, shared.shape[0], width),
+        _multi_tensor_kernel(body, launch, in_formats, out_formats, shared.shape[0], width),
         out_shape=out_shape,
         grid=(launch.num_programs,),
         in_specs=[any_spec] * (len(inputs) + 2),  # scalars too: read one at a time, any length
@@ -205,8 +261,12 @@ def _multi_tensor_launch(body, jobs: Sequence[Job], launch: mt.Launch, shared, b
         compiler_params=_compiler_params(backend),
         name=f"fused_pass_{len(members)}_leaves",
     )(*inputs, svec, table)
-    return [[o.reshape(jnp.shape(job.inputs[0])) for o in outs[k * n_out:(k + 1) * n_out]]
-            for k, job in enumerate(members)]
+    results, it = [], iter(outs)
+    for job in members:
+        shape = _shape(job.inputs[0])
+        results.append([q8.QuantizedArray(next(it).reshape(shape), next(it), d) if isinstance(d, q8.QuantFormat)
+                        else next(it).reshape(shape) for d in job.out_dtypes])
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,23 +347,33 @@ def fused_pass_pallas(body: Callable, jobs: Sequence[Job], shared: jax.Array, *,
         multiple of 8; 1-D views use `block * 128` elements); default: the tunables above.
 
     Returns:
-      Per job, its outputs shaped like its inputs; None for a job the kernels cannot address (a leaf
-      over 2^31 elements without a usable 2-D view; the caller runs it on XLA).
+      Per job, its outputs shaped like its inputs (a `QuantizedArray` for a `QuantFormat` output);
+      None for a job the kernels cannot address, which the caller runs on XLA: a leaf over 2^31
+      elements without a usable 2-D view, and on the "per_leaf" form (Mosaic) any job with
+      quantized storage (see the module docstring).
     """
     form = form or default_form(backend)
     _validate(jobs, shared, backend, form, block)
     shared = jnp.asarray(shared, jnp.float32)
     jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
     results: list = [None] * len(jobs)
+    kernel_jobs = []  # indices of the jobs the multi-tensor launches take
     for i, job in enumerate(jobs):
-        if job.inputs[0].size == 0:
-            results[i] = [jnp.zeros(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes]
-        elif form == "per_leaf" and per_leaf_view(job.inputs[0].size, block) is not None:
-            results[i] = _per_leaf_call(body, job, shared, backend, block)
-    if form == "multi_tensor":
-        refs = len(jobs[0].inputs) + len(jobs[0].out_dtypes) if jobs else 0
+        quantized = _quantized(job)
+        if _size(job.inputs[0]) == 0:
+            if not quantized:
+                results[i] = [jnp.zeros(_shape(job.inputs[0]), d) for d in job.out_dtypes]
+        elif form == "per_leaf":
+            if not quantized and per_leaf_view(job.inputs[0].size, block) is not None:
+                results[i] = _per_leaf_call(body, job, shared, backend, block)
+        elif not quantized or _size(job.inputs[0]) <= mt.INDEX_LIMIT:
+            kernel_jobs.append(i)
+    if form == "multi_tensor" and kernel_jobs:
+        sub = [jobs[i] for i in kernel_jobs]
+        refs = [len(job.inputs) + len(job.out_dtypes) + len(_quantized(job)) for job in sub]
         b = block or (GPU_BLOCK if backend == "triton" else INTERPRET_BLOCK)
-        for launch in mt.plan([job.inputs[0].size for job in jobs], refs, b, extra_refs=2):
-            for i, outs in zip(launch.leaves, _multi_tensor_launch(body, jobs, launch, shared, backend)):
-                results[i] = outs
+        min_block = max([f.block_size for job in sub for f in _quantized(job)], default=1)
+        for launch in mt.plan([_size(job.inputs[0]) for job in sub], refs, b, extra_refs=2, min_block=min_block):
+            for i, outs in zip(launch.leaves, _multi_tensor_launch(body, sub, launch, shared, backend)):
+                results[kernel_jobs[i]] = outs
     return results

@@ -35,14 +35,15 @@ applied (7 refs per leaf: g, p, m, v in; p, m, v out) takes 64 leaves per launch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["INDEX_LIMIT", "MAX_LEAVES", "MAX_REFS", "MIN_HUGE_COLS", "Launch", "Segment", "load_blocks",
+__all__ = ["INDEX_LIMIT", "MAX_LEAVES", "MAX_REFS", "MIN_HUGE_COLS", "Launch", "Packed", "Segment", "load_blocks",
            "locate", "plan", "pow2_at_least", "store_blocks", "view_for"]
 
 INDEX_LIMIT = 2**31 - 2**24
@@ -112,24 +113,31 @@ def view_for(size: int) -> tuple[int, ...] | None:
     return None
 
 
-def plan(sizes: Sequence[int], refs_per_leaf: int, block: int, *, extra_refs: int = 0,
-         max_leaves: int | None = None, max_refs: int | None = None) -> list[Launch]:
+def plan(sizes: Sequence[int], refs_per_leaf: int | Sequence[int], block: int, *, extra_refs: int = 0,
+         max_leaves: int | None = None, max_refs: int | None = None, min_block: int = 1) -> list[Launch]:
     """Group leaves, in order, into launches.
 
-    A launch takes leaves while it has fewer than `max_leaves` and its refs (`refs_per_leaf` per
-    leaf plus `extra_refs` shared ones, e.g. the scalar vectors) stay within `max_refs`. Leaves of
-    size 0 and leaves too large to address (`view_for` -> None) are left out: the caller handles
-    them. A launch's block is `block`, or less when all its leaves are smaller.
+    A launch takes leaves while it has fewer than `max_leaves` and its refs (`refs_per_leaf`, one
+    count for all leaves or one per leaf, plus `extra_refs` shared ones, e.g. the scalar vectors)
+    stay within `max_refs`. Leaves of size 0 and leaves too large to address (`view_for` -> None)
+    are left out: the caller handles them. A launch's block is `block`, or less when all its leaves
+    are smaller, but never below `min_block` (a power of 2: e.g. whole quantization blocks).
     """
     max_leaves = MAX_LEAVES if max_leaves is None else max_leaves
     max_refs = MAX_REFS if max_refs is None else max_refs
-    per_launch = max(1, min(max_leaves, (max_refs - extra_refs) // max(refs_per_leaf, 1)))
+    refs = [refs_per_leaf] * len(sizes) if isinstance(refs_per_leaf, int) else list(refs_per_leaf)
     addressable = [(i, view_for(n)) for i, n in enumerate(sizes) if n > 0]
     addressable = [(i, v) for i, v in addressable if v is not None]
+    groups, used = [], 0
+    for i, v in addressable:
+        if not groups or len(groups[-1]) >= max_leaves or used + refs[i] > max_refs - extra_refs:
+            groups.append([])
+            used = 0
+        groups[-1].append((i, v))
+        used += refs[i]
     launches = []
-    for first in range(0, len(addressable), per_launch):
-        group = addressable[first:first + per_launch]
-        b = min(block, pow2_at_least(max(v[-1] for _, v in group)))
+    for group in groups:
+        b = max(min_block, min(block, pow2_at_least(max(v[-1] for _, v in group))))
         segments, start = [], 0
         for _, view in group:
             segments.append(Segment(view, start))
@@ -180,50 +188,168 @@ def _on_block(launch: Launch, seg: Segment, cur: _Cursor, full: Callable, ragged
     return ragged(index, offsets < seg.cols)
 
 
-def load_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program) -> list[jax.Array]:
-    """The current block of each of leaf `leaf`'s refs (`refs[k]`: leaf k's refs), as f32.
+class Packed(NamedTuple):
+    """An operand stored as 8-bit codes plus one f32 absmax per quantization block (two refs).
 
-    Lanes past a ragged block's end read 0. One `lax.switch` on the leaf; the loads are the only
-    code repeated per leaf, so whatever the caller computes from the blocks is emitted once.
+    `format` is its `optax_ext.quantization.QuantFormat`. Kernels see the dequantized f32 values on
+    load and hand f32 values to the store, which requantizes them (a new absmax per block): the
+    per-element math never knows. A launch's block holds whole quantization blocks (`plan`'s
+    `min_block`), and packed leaves use the 1-D view (leaves over `INDEX_LIMIT` run on XLA).
+    """
+
+    codes: Any
+    absmax: Any
+    format: Any
+
+
+def _packed_positions(refs: Sequence[Sequence]) -> dict[int, tuple[Any, frozenset[int]]]:
+    """{operand position: (its format, the leaves that store it packed)} for positions any leaf packs."""
+    out: dict[int, tuple[Any, set[int]]] = {}
+    for k, leaf_refs in enumerate(refs):
+        for j, r in enumerate(leaf_refs):
+            if isinstance(r, Packed):
+                fmt, leaves = out.setdefault(j, (r.format, set()))
+                if r.format != fmt:
+                    raise ValueError(f"operand {j}: packed leaves of one launch need one format, got {fmt} and "
+                                     f"{r.format}.")
+                leaves.add(k)
+    return {j: (fmt, frozenset(leaves)) for j, (fmt, leaves) in out.items()}
+
+
+def _is_one_of(leaf, leaves: frozenset[int], num: int):
+    """Traced bool: leaf in `leaves`; None when every leaf of the launch is (no test needed)."""
+    if len(leaves) == num:
+        return None
+    return functools.reduce(jnp.logical_or, [leaf == k for k in sorted(leaves)])
+
+
+def _absmax_block(launch: Launch, seg: Segment, cur: _Cursor, fmt):
+    """(index, mask or None) of the current block's absmax entries in a packed leaf's absmax ref."""
+    per = launch.block // fmt.block_size
+    first = (cur.program - seg.start) * per
+    n_blocks = fmt.num_blocks(seg.cols)
+    mask = None if n_blocks % per == 0 else first + jax.lax.broadcasted_iota(jnp.int32, (per,), 0) < n_blocks
+    return (pl.ds(first, per),), mask
+
+
+def load_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, *, with_limit: bool = False):
+    """The current block of each of leaf `leaf`'s operands (`refs[k]`: leaf k's), as f32.
+
+    An operand is a ref or a `Packed` (dequantized here). Lanes past a ragged block's end read 0.
+    One `lax.switch` on the leaf; the loads are the only code repeated per leaf: dequantization and
+    whatever the caller computes from the blocks are emitted once. With `with_limit`, also returns
+    how many elements of the block exist (the block size but in a ragged block), as (values, limit).
     """
     from jax.experimental.pallas import triton as plt
 
+    from optax_ext import quantization as q8
+
+    packed = _packed_positions(refs)
+    b = launch.block
+    zeros = jnp.zeros((b,), jnp.float32)
+
     def branch(k):
         seg = launch.segments[k]
 
-        def full(index):
-            return [plt.load(r.at[index]).astype(jnp.float32) for r in refs[k]]
+        def run(cur):
+            def read(index, mask=None):
+                values = []
+                for j, r in enumerate(refs[k]):
+                    if isinstance(r, Packed):
+                        a_index, a_mask = _absmax_block(launch, seg, cur, r.format)
+                        codes = _load(plt, r.codes.at[index], mask, q8.zero_code(r.format.signed))
+                        absmax = _load(plt, r.absmax.at[a_index], a_mask, 0)
+                        values.append((zeros, codes.astype(jnp.int32), absmax.astype(jnp.float32)))
+                        continue
+                    x = _load(plt, r.at[index], mask, 0).astype(jnp.float32)
+                    if j in packed:  # a position other leaves pack: same structure in every branch
+                        fmt = packed[j][0]
+                        x = (x, jnp.zeros((b,), jnp.int32), jnp.zeros((b // fmt.block_size,), jnp.float32))
+                    values.append(x)
+                if with_limit:
+                    # (A traced value in both cases: a branch of Triton's scf.if cannot yield a literal.)
+                    full = cur.program * 0 + b
+                    return values, (full if mask is None else jnp.sum(mask.astype(jnp.int32)))
+                return values
 
-        def ragged(index, mask):
-            return [plt.load(r.at[index], mask=mask, other=0).astype(jnp.float32) for r in refs[k]]
+            return _on_block(launch, seg, cur, read, read)
 
-        return lambda cur: _on_block(launch, seg, cur, full, ragged)
+        return run
 
-    cur = _Cursor(program, jax.lax.broadcasted_iota(jnp.int32, (launch.block,), 0))
+    cur = _Cursor(program, jax.lax.broadcasted_iota(jnp.int32, (b,), 0))
     if len(refs) == 1:
-        return branch(0)(cur)
-    return jax.lax.switch(leaf, [branch(k) for k in range(len(refs))], cur)
+        out = branch(0)(cur)
+    else:
+        out = jax.lax.switch(leaf, [branch(k) for k in range(len(refs))], cur)
+    values, limit = out if with_limit else (out, None)
+    for j, (fmt, leaves) in packed.items():
+        plain, codes, absmax = values[j]
+        which = _is_one_of(leaf, leaves, len(refs))
+
+        def dequantize(codes=codes, absmax=absmax, fmt=fmt):
+            return q8.dequantize_blocks(codes, absmax, fmt.block_size, fmt.signed)
+
+        values[j] = dequantize() if which is None else jax.lax.cond(which, dequantize, lambda plain=plain: plain)
+    return (values, limit) if with_limit else values
 
 
-def store_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, values: Sequence[jax.Array]) -> None:
-    """Store `values[j]` (f32, cast to the ref's dtype) into the current block of leaf `leaf`'s refs[j]."""
+def store_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, values: Sequence[jax.Array],
+                 limit=None) -> None:
+    """Store `values[j]` (f32, cast to the ref's dtype) into the current block of leaf `leaf`'s refs[j].
+
+    A `Packed` operand is requantized first, once for the launch (outside the leaf switch): codes
+    of each value over its block's new absmax; `limit` (from `load_blocks(..., with_limit=True)`)
+    keeps the lanes past a ragged leaf's end out of the absmax.
+    """
     from jax.experimental.pallas import triton as plt
 
+    from optax_ext import quantization as q8
+
+    packed = _packed_positions(refs)
+    b = launch.block
+    iota = jax.lax.broadcasted_iota(jnp.int32, (b,), 0)
+    quantized = {}
+    for j, (fmt, leaves) in packed.items():
+        which = _is_one_of(leaf, leaves, len(refs))
+
+        def quantize(v=values[j], fmt=fmt):
+            valid = None if limit is None else iota < limit
+            return q8.quantize_blocks(v, fmt.block_size, fmt.signed, valid)
+
+        def skip(fmt=fmt):
+            return jnp.zeros((b,), jnp.int32), jnp.zeros((b // fmt.block_size,), jnp.float32)
+
+        quantized[j] = quantize() if which is None else jax.lax.cond(which, quantize, skip)
+
     def branch(k):
         seg = launch.segments[k]
 
-        def full(index):
-            for r, v in zip(refs[k], values):
-                plt.store(r.at[index], v.astype(r.dtype))
+        def write(index, mask, cur):
+            for j, (r, v) in enumerate(zip(refs[k], values)):
+                if isinstance(r, Packed):
+                    codes, absmax = quantized[j]
+                    a_index, a_mask = _absmax_block(launch, seg, cur, r.format)
+                    _store(plt, r.codes.at[index], codes.astype(r.codes.dtype), mask)
+                    _store(plt, r.absmax.at[a_index], absmax, a_mask)
+                else:
+                    _store(plt, r.at[index], v.astype(r.dtype), mask)
 
-        def ragged(index, mask):
-            for r, v in zip(refs[k], values):
-                plt.store(r.at[index], v.astype(r.dtype), mask=mask)
+        return lambda cur: _on_block(launch, seg, cur, lambda index: write(index, None, cur),
+                                     lambda index, mask: write(index, mask, cur))
 
-        return lambda cur: _on_block(launch, seg, cur, full, ragged)
-
-    cur = _Cursor(program, jax.lax.broadcasted_iota(jnp.int32, (launch.block,), 0))
+    cur = _Cursor(program, iota)
     if len(refs) == 1:
         branch(0)(cur)
         return
     jax.lax.switch(leaf, [branch(k) for k in range(len(refs))], cur)
+
+
+def _load(plt, ref, mask, other):
+    return plt.load(ref) if mask is None else plt.load(ref, mask=mask, other=other)
+
+
+def _store(plt, ref, value, mask):
+    if mask is None:
+        plt.store(ref, value)
+    else:
+        plt.store(ref, value, mask=mask)

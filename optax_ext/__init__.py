@@ -5,7 +5,7 @@ Every optimizer is a pure `optax.GradientTransformation`; adjacent per-element t
 CPU). Import as `import optax_ext as ox`.
 """
 
-from optax_ext import augment, kernels, losses, nn, regularizers, schedules, transfer
+from optax_ext import augment, kernels, losses, nn, quantization, regularizers, schedules, transfer
 from optax_ext.fusion import FusableTransformation, PerLeaf, Rule, apply_if_finite, chain, fusable, update_and_apply
 from optax_ext.losses import jensen_shannon_consistency, nt_xent, softmax_cross_entropy
 from optax_ext.optimizers import (
@@ -22,6 +22,7 @@ from optax_ext.optimizers import (
     sgd,
     yogi,
 )
+from optax_ext.quantization import Int8Blockwise, QuantizedArray, int8_blockwise
 from optax_ext.regularizers import (
     EWCState,
     L2SPState,
@@ -84,6 +85,7 @@ from optax_ext.transforms import (
     scale_by_trust_ratio,
     scale_by_yogi,
 )
+from optax_ext.transforms.kahan import KahanSummationState, kahan_summation
 
 __version__ = "0.1.0"
 
@@ -97,6 +99,8 @@ __all__ = [
     "ema", "scale", "scale_by_adam", "scale_by_amsgrad", "scale_by_belief", "scale_by_factored_rms",
     "scale_by_learning_rate", "scale_by_lion", "scale_by_momentum", "scale_by_param_block_rms", "scale_by_rms",
     "scale_by_trust_ratio", "scale_by_yogi",
+    # low-memory states: 8-bit blockwise moments, Kahan-compensated low-precision params
+    "Int8Blockwise", "KahanSummationState", "QuantizedArray", "int8_blockwise", "kahan_summation", "quantization",
     # schedules (plotting: optax_ext.schedules.plot)
     "constant", "cosine_decay", "cosine_with_restarts", "cyclical", "cyclical_momentum",
     "exponential_decay", "inverse_sqrt", "join", "linear_warmup", "multistep_decay", "noam", "one_cycle",

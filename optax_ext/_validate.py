@@ -94,3 +94,20 @@ def one_of(fn: str, name: str, value, options):
     if value not in options:
         _fail(fn, name, value, "one of " + ", ".join(repr(o) for o in options))
     return value
+
+
+def storage(fn: str, name: str, value):
+    """A moment's storage: None (the params' dtype), a floating dtype, or an `Int8Blockwise` spec."""
+    from optax_ext.quantization import Int8Blockwise
+
+    if value is None or isinstance(value, Int8Blockwise):
+        return value
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not np.issubdtype(dtype, np.inexact):
+        raise TypeError(
+            f"{fn}: {name} must be None, a floating-point dtype (jnp.float32, jnp.bfloat16, ...) or "
+            f"optax_ext.int8_blockwise (8-bit blockwise moments); got {value!r}.")
+    return value

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from optax_ext.kernels import elementwise as _elementwise
+from optax_ext.quantization import QuantizedArray
 from optax_ext.kernels import reductions
 
 Scalars = dict[str, Any]
@@ -404,6 +405,11 @@ def _float_of(dtype):
     return jnp.result_type(dtype, float) if jnp.issubdtype(dtype, jnp.integer) else jnp.dtype(dtype)
 
 
+def _storage(slot):
+    """A slot's storage after the step: its quantization format, or its (float) dtype."""
+    return slot.format if isinstance(slot, QuantizedArray) else _float_of(slot.dtype)
+
+
 def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: bool, gate=None):
     """Run the composition of `rules` once per leaf; return (updates or new params, new states).
 
@@ -459,7 +465,7 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
         for field in rule.slots:
             tree = getattr(st, field)
             try:
-                slot = [jnp.asarray(x) for x in treedef.flatten_up_to(tree)]
+                slot = [x if isinstance(x, QuantizedArray) else jnp.asarray(x) for x in treedef.flatten_up_to(tree)]
             except (ValueError, TypeError) as e:
                 raise ValueError(
                     f"update(): {rule.name} state field {field!r} does not match the updates' tree "
@@ -493,10 +499,11 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
             for slot in per_slot:
                 if not rule.readonly_slots:
                     aliases[len(inputs)] = len(out_dtypes)  # new slot overwrites the old slot
-                    out_dtypes.append(_float_of(slot[i].dtype))
+                    out_dtypes.append(_storage(slot[i]))
                 inputs.append(slot[i])
         # An output may overwrite an input only of its own dtype (a bf16 slot written as f32 cannot).
-        aliases = {a: o for a, o in aliases.items() if inputs[a].dtype == jnp.dtype(out_dtypes[o])}
+        aliases = {a: o for a, o in aliases.items()
+                   if _elementwise.same_storage(_elementwise.storage_of(inputs[a]), out_dtypes[o])}
         jobs.append(_elementwise.Job(inputs, out_dtypes, _stack([col[i] for col in per_leaf]), aliases))
 
     outs = _elementwise.run_fused(body, jobs, _stack(shared))

@@ -5,6 +5,12 @@ state has the same layout. Every optimizer is an `optax_ext.chain`, so its per-e
 one fused pass, and `tx.update_and_apply(grads, state, params)` writes new parameters in that pass.
 Any numeric hyperparameter may be a schedule `step -> value` or, under `optax.inject_hyperparams`,
 a traced value.
+
+Memory: `mu_dtype`/`nu_dtype` take a dtype or `optax_ext.int8_blockwise` (8-bit blockwise moments,
+Dettmers et al., ICLR 2022: about 1 byte per parameter per moment instead of 4), and
+`kahan_sum=True` keeps bf16/f16 params on the f32 trajectory with a compensation buffer
+(`optax_ext.kahan_summation`; exact with `update_and_apply`, see its docstring for
+`update` + `optax.apply_updates`).
 """
 
 from __future__ import annotations
@@ -29,9 +35,18 @@ from optax_ext.transforms import (
     scale_by_trust_ratio,
     scale_by_yogi,
 )
+from optax_ext.transforms.kahan import kahan_summation
 
 
-def sgd(learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=None) -> FusableTransformation:
+def _chain(kahan_sum: bool, *parts) -> FusableTransformation:
+    """The optimizer's chain; with `kahan_sum`, the compensated apply goes last."""
+    if not isinstance(kahan_sum, bool):
+        raise TypeError(f"kahan_sum must be True or False, got {kahan_sum!r}.")
+    return chain(*parts, kahan_summation()) if kahan_sum else chain(*parts)
+
+
+def sgd(learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=None, *,
+        kahan_sum: bool = False) -> FusableTransformation:
     r"""SGD, optionally with heavy-ball or Nesterov momentum.
 
     :math:`v_t = \rho v_{t-1} + g_t`, :math:`\theta_{t+1} = \theta_t - \eta_t v_t` (Nesterov:
@@ -43,12 +58,12 @@ def sgd(learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=
     """
     first = (scale_by_momentum(momentum, nesterov, accumulator_dtype) if momentum is not None
              else optax.identity())
-    return chain(first, scale_by_learning_rate(learning_rate))
+    return _chain(kahan_sum, first, scale_by_learning_rate(learning_rate))
 
 
 def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True,
             centered: bool = False, momentum=None, nesterov: bool = False,
-            bias_correction: bool = False) -> FusableTransformation:
+            bias_correction: bool = False, *, kahan_sum: bool = False) -> FusableTransformation:
     r"""RMSprop: :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`,
     :math:`\theta_{t+1} = \theta_t - \eta\, g_t / \sqrt{v_t + \epsilon}`; optionally centered and with
     momentum applied after the learning rate (as Optax and PyTorch).
@@ -56,7 +71,8 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: 
     References:
       Tieleman & Hinton, *Lecture 6.5 - RMSProp*, 2012; Graves, 2013 (centered).
     """
-    return chain(
+    return _chain(
+        kahan_sum,
         scale_by_rms(decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered=centered),
         scale_by_learning_rate(learning_rate),
         scale_by_momentum(momentum, nesterov) if momentum is not None else optax.identity(),
@@ -64,18 +80,18 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: 
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = False,
-         nu_dtype=None) -> FusableTransformation:
+         nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
     r"""Adam: :math:`\theta_{t+1} = \theta_t - \eta_t \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`.
 
     References:
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
     """
-    return chain(scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
-                 scale_by_learning_rate(learning_rate))
+    return _chain(kahan_sum, scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+                  scale_by_learning_rate(learning_rate))
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=1e-4, mask=None,
-          *, nesterov: bool = False, nu_dtype=None) -> FusableTransformation:
+          *, nesterov: bool = False, nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
     r"""AdamW: :math:`\theta_{t+1} = \theta_t - \eta_t\big(\hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda\theta_t\big)`,
 
     i.e. :math:`(1-\eta_t\lambda)\theta_t - \eta_t \hat m_t/(\sqrt{\hat v_t}+\epsilon)`: decay decoupled
@@ -84,60 +100,66 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
     References:
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
     """
-    return chain(scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
-                 add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
+    return _chain(kahan_sum, scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+                  add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
 
 
 def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = True,
-          nu_dtype=None) -> FusableTransformation:
+          nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
     r"""NAdam: Adam with Nesterov momentum,
     :math:`\hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`.
 
     References:
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR workshop 2016.
     """
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype)
+    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype,
+                kahan_sum=kahan_sum)
 
 
-def adabelief(learning_rate, b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *,
-              nesterov: bool = False) -> FusableTransformation:
+def adabelief(learning_rate, b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bool = False,
+              mu_dtype=None, nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
     r"""AdaBelief: Adam with the second moment of :math:`g_t - m_t`, :math:`\theta_{t+1} = \theta_t - \eta_t \hat m_t/(\sqrt{\hat s_t}+\epsilon)`.
 
     References:
       Zhuang et al., *AdaBelief Optimizer*, NeurIPS 2020.
     """
-    return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(learning_rate))
+    return _chain(kahan_sum, scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype,
+                                             nu_dtype=nu_dtype), scale_by_learning_rate(learning_rate))
 
 
-def yogi(learning_rate, b1=0.9, b2=0.999, eps=1e-3) -> FusableTransformation:
+def yogi(learning_rate, b1=0.9, b2=0.999, eps=1e-3, *, mu_dtype=None, nu_dtype=None,
+         kahan_sum: bool = False) -> FusableTransformation:
     r"""Yogi: :math:`v_t = v_{t-1} - (1-\beta_2)\mathrm{sign}(v_{t-1}-g_t^2) g_t^2`, then an Adam step.
 
     References:
       Zaheer et al., *Adaptive Methods for Nonconvex Optimization*, NeurIPS 2018.
     """
-    return chain(scale_by_yogi(b1=b1, b2=b2, eps=eps), scale_by_learning_rate(learning_rate))
+    return _chain(kahan_sum, scale_by_yogi(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+                  scale_by_learning_rate(learning_rate))
 
 
-def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None) -> FusableTransformation:
+def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
+         kahan_sum: bool = False) -> FusableTransformation:
     r"""Lion: :math:`\theta_{t+1} = \theta_t - \eta_t(\mathrm{sign}((1-\beta_1)g_t + \beta_1 m_{t-1}) + \lambda\theta_t)`,
     :math:`m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t`.
 
     References:
       Chen et al., *Symbolic Discovery of Optimization Algorithms*, 2023.
     """
-    return chain(scale_by_lion(b1, b2, mu_dtype), add_decayed_weights(weight_decay, mask),
-                 scale_by_learning_rate(learning_rate))
+    return _chain(kahan_sum, scale_by_lion(b1, b2, mu_dtype), add_decayed_weights(weight_decay, mask),
+                  scale_by_learning_rate(learning_rate))
 
 
 def amsgrad(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, bias_correction_mu: bool = True,
-            bias_correction_nu: bool = True) -> FusableTransformation:
+            bias_correction_nu: bool = True, *, nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
     r"""AMSGrad: Adam with :math:`\hat v^{max}_t = \max(\hat v^{max}_{t-1}, \hat v_t)` in the denominator.
 
     References:
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
-    return chain(scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu),
-                 scale_by_learning_rate(learning_rate))
+    return _chain(kahan_sum, scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
+                                              bias_correction_nu, nu_dtype=nu_dtype),
+                  scale_by_learning_rate(learning_rate))
 
 
 def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coefficient=0.001, eps=0.0,

@@ -2,6 +2,7 @@
 
 from optax_ext.transforms.clipping import clip, clip_by_block_rms, clip_by_global_norm
 from optax_ext.transforms.factored import scale_by_factored_rms
+from optax_ext.transforms.kahan import KahanSummationState, kahan_summation
 from optax_ext.transforms.moments import (
     ema,
     scale_by_adam,
@@ -17,7 +18,7 @@ from optax_ext.transforms.weight_decay import add_decayed_weights, add_l2, decou
 
 __all__ = [
     "add_decayed_weights", "add_l2", "clip", "clip_by_block_rms", "clip_by_global_norm", "decoupled_weight_decay",
-    "ema", "scale", "scale_by_adam", "scale_by_amsgrad", "scale_by_belief", "scale_by_factored_rms",
+    "KahanSummationState", "ema", "kahan_summation", "scale", "scale_by_adam", "scale_by_amsgrad", "scale_by_belief", "scale_by_factored_rms",
     "scale_by_learning_rate", "scale_by_lion", "scale_by_momentum", "scale_by_param_block_rms", "scale_by_rms",
     "scale_by_trust_ratio", "scale_by_yogi",
 ]

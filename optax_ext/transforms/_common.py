@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_ext.quantization import Int8Blockwise, QuantFormat, zeros_quantized
 from optax_ext.fusion import scalar  # noqa: F401  (re-exported: one definition of a step-wide scalar's dtype)
 
 
@@ -31,11 +32,16 @@ def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
     return out
 
 
-def zeros_like_params(params, dtype=None, fill=0.0):
+def zeros_like_params(params, dtype=None, fill=0.0, *, signed: bool = True):
     """A tree of `fill` shaped like `params`; keeps sharding (also under jit); works on ShapeDtypeStruct trees.
 
-    `None` and `optax.MaskedNode` leaves pass through (they are empty pytree nodes).
+    `dtype` is a dtype, None (the params' own), or an `Int8Blockwise` spec: then real floating
+    leaves of at least `spec.min_size` elements are `QuantizedArray`s (with the `signed` map: first
+    moments; unsigned: second moments) and the others f32. `None` and `optax.MaskedNode` leaves
+    pass through (they are empty pytree nodes).
     """
+    if isinstance(dtype, Int8Blockwise):
+        return jax.tree.map(lambda p: _quantized_like(p, dtype, fill, signed), params)
     dtype = None if dtype is None else jnp.dtype(dtype)
 
     def one(p):
@@ -46,6 +52,14 @@ def zeros_like_params(params, dtype=None, fill=0.0):
         return jnp.full(p.shape, fill, dtype or p.dtype)
 
     return jax.tree.map(one, params)
+
+
+def _quantized_like(p, spec: Int8Blockwise, fill, signed: bool):
+    shape, p_dtype = jnp.shape(p), jnp.result_type(p)
+    size = int(np.prod(shape, dtype=np.int64))
+    if not spec.applies_to(size, p_dtype):
+        return zeros_like_params(p, jnp.float32 if jnp.issubdtype(p_dtype, jnp.floating) else None, fill)
+    return zeros_quantized(shape, QuantFormat(spec.block_size, signed), fill)
 
 
 def zero_count() -> jax.Array:

@@ -9,27 +9,26 @@ the storage dtype (f64 for f64 leaves, complex for complex ones, with second mom
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_ext import _validate as check
+from optax_ext._compat import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState  # Optax's, not exported
 from optax_ext.fusion import Rule, fusable
+from optax_ext.quantization import Int8Blockwise
 from optax_ext.transforms._common import abs_sq, increment, scalar, value_at, zero_count, zeros_like_params
 
-try:  # Optax keeps the "with count" RMS states private; reuse them so layouts stay identical.
-    from optax._src.transform import ScaleByRmsWithCountState, ScaleByRStdDevWithCountState
-except ImportError:  # pragma: no cover - layout fallback for other Optax versions
-    class ScaleByRmsWithCountState(NamedTuple):
-        count: jax.Array
-        nu: optax.Updates
 
-    class ScaleByRStdDevWithCountState(NamedTuple):
-        count: jax.Array
-        mu: optax.Updates
-        nu: optax.Updates
+def _unquantized(dtype):
+    """AMSGrad's running max stays f32 under 8-bit storage: requantizing max(v_max, v) each step
+    would round it up about half the time, and the max keeps every upward rounding (it ratchets)."""
+    return jnp.float32 if isinstance(dtype, Int8Blockwise) else dtype
+
+
+def _check_storage(fn, **dtypes):
+    for name, value in dtypes.items():
+        check.storage(fn, name, value)
 
 
 def _with_complement(**decays):
@@ -71,6 +70,7 @@ def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=No
       Sutskever et al., *On the importance of initialization and momentum in deep learning*, 2013.
     """
     check.unit_interval("scale_by_momentum", "momentum", momentum)
+    _check_storage("scale_by_momentum", accumulator_dtype=accumulator_dtype)
 
     def init(params):
         return optax.TraceState(trace=zeros_like_params(params, accumulator_dtype))
@@ -204,7 +204,8 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, ne
         v_hat = v * s["1/bc2"]
         return m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]), (m, v)
 
-    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype)}
+    _check_storage("scale_by_adam", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False)}
     return _adam_like("scale_by_adam", optax.ScaleByAdamState, init_slots, lambda st: {}, element,
                       b1, b2, eps, eps_root, nesterov)
 
@@ -229,8 +230,9 @@ def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, bi
         m_hat = m * s["1/bc1"] if bias_correction_mu else m
         return m_hat / (jnp.sqrt(v_max + s["eps_root"]) + s["eps"]), (m, v, v_max)
 
-    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype),
-                  "nu_max": lambda p: zeros_like_params(p, nu_dtype)}
+    _check_storage("scale_by_amsgrad", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False),
+                  "nu_max": lambda p: zeros_like_params(p, _unquantized(nu_dtype), signed=False)}
     return _adam_like("scale_by_amsgrad", optax.ScaleByAmsgradState, init_slots, lambda st: {}, element,
                       b1, b2, eps, eps_root)
 
@@ -255,12 +257,14 @@ def scale_by_belief(b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bo
         m_hat = _first_moment_hat(g, m, s, nesterov)
         return m_hat / (jnp.sqrt(v * s["1/bc2"]) + s["eps"]), (m, v)
 
-    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype)}
+    _check_storage("scale_by_belief", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False)}
     return _adam_like("scale_by_belief", optax.ScaleByBeliefState, init_slots, lambda st: {}, element,
                       b1, b2, eps, eps_root, nesterov)
 
 
-def scale_by_yogi(b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_value=1e-6) -> optax.GradientTransformation:
+def scale_by_yogi(b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_value=1e-6,
+                  *, mu_dtype=None, nu_dtype=None) -> optax.GradientTransformation:
     r"""Yogi: an additive second-moment update that cannot blow up,
 
     :math:`v_t = v_{t-1} - (1-\beta_2)\,\mathrm{sign}(v_{t-1} - g_t^2)\, g_t^2`,
@@ -278,8 +282,9 @@ def scale_by_yogi(b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_
         v = v - s["1-b2"] * jnp.sign(v - g2) * g2
         return (m * s["1/bc1"]) / (jnp.sqrt(v * s["1/bc2"] + s["eps_root"]) + s["eps"]), (m, v)
 
-    init_slots = {"mu": lambda p: zeros_like_params(p, fill=initial_accumulator_value),
-                  "nu": lambda p: zeros_like_params(p, fill=initial_accumulator_value)}
+    _check_storage("scale_by_yogi", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype, fill=initial_accumulator_value),
+                  "nu": lambda p: zeros_like_params(p, nu_dtype, fill=initial_accumulator_value, signed=False)}
     return _adam_like("scale_by_yogi", optax.ScaleByAdamState, init_slots, lambda st: {}, element,
                       b1, b2, eps, eps_root)
 
@@ -300,6 +305,7 @@ def scale_by_lion(b1=0.9, b2=0.99, mu_dtype=None, *, mode: str = "hard", smooth_
     check.unit_interval("scale_by_lion", "b1", b1, schedule=True)
     check.unit_interval("scale_by_lion", "b2", b2, schedule=True)
     check.one_of("scale_by_lion", "mode", mode, _LION_MODES)
+    _check_storage("scale_by_lion", mu_dtype=mu_dtype)
 
     def init(params):
         return optax.ScaleByLionState(count=zero_count(), mu=zeros_like_params(params, mu_dtype))
