@@ -69,10 +69,17 @@ def versions() -> dict:
 
     import optax_ext
 
-    info = {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__,
-            "optax_ext": optax_ext.__version__, "python": platform.python_version(),
-            "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-            "backend": optax_ext.kernels.get_backend(), "machine": platform.machine()}
+    info = {
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "flax": flax.__version__,
+        "optax_ext": optax_ext.__version__,
+        "python": platform.python_version(),
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "backend": optax_ext.kernels.get_backend(),
+        "machine": platform.machine(),
+    }
     try:
         import torch
 

@@ -102,6 +102,8 @@ step normalization "$PYTHON" benchmarks/normalization.py --full --iters "$ITERS"
     --out "$OUT_DIR/normalization_${DEVICE}.json"
 step lowering_report "$PYTHON" benchmarks/lowering_report.py --out "$OUT_DIR/lowering_report_${DEVICE}.json"
 step augment "$PYTHON" benchmarks/augment.py --iters "$ITERS" --out "$OUT_DIR/augment_${DEVICE}.json"
+step state_memory "$PYTHON" benchmarks/state_memory.py --iters "$ITERS" --digits-seeds 1 \
+    --out "$OUT_DIR/state_memory_${DEVICE}.json"
 
 {
     printf '{\n  "device": "%s",\n  "date": "%s",\n  "steps": [\n' "$DEVICE_KIND" "$(date -u '+%Y-%m-%d %H:%M UTC')"

@@ -59,12 +59,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import optax_ext as ox
-from optax_ext.kernels import use_backend
-
 # sibling modules: run as a script
 from _common import versions  # noqa: E402
 from optimizer_step import gpt2_small_shapes, resnet50_shapes, small_leaves_shapes  # noqa: E402
+
+import optax_ext as ox
+from optax_ext.kernels import use_backend
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 COPY_OPS = ("concatenate", "slice", "pad", "dynamic_slice", "dynamic_update_slice", "gather")
@@ -76,8 +76,10 @@ OPTIMIZERS = {
     "lion": lambda: ox.lion(1e-3),
     "lamb": lambda: ox.lamb(1e-3),
     "sgd-momentum": lambda: ox.sgd(1e-3, momentum=0.9),
+    "adamw-int8": lambda: ox.adamw(1e-3, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise),
 }
-FLOOR_BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32, "lion": 20, "lamb": 40, "sgd-momentum": 20}
+# adamw-int8: g, p in (8) + p out (4) + 1-byte moments in and out (4) + an f32 absmax per 256 (~0.06).
+FLOOR_BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32, "lion": 20, "lamb": 40, "sgd-momentum": 20, "adamw-int8": 16}
 
 TREES = {
     "resnet50": resnet50_shapes,
@@ -131,8 +133,14 @@ def signature_types(line: str) -> tuple[list[str], list[str]] | None:
 
 
 def _function_stats(lines: list[str]) -> dict:
-    stats = {"triton_kernels": 0, "kernel_bytes": 0.0, "copied_elements": dict.fromkeys(COPY_OPS + EXTRA_COPY_OPS, 0),
-             "xla_ops": 0, "other_custom_calls": 0, "calls": []}
+    stats = {
+        "triton_kernels": 0,
+        "kernel_bytes": 0.0,
+        "copied_elements": dict.fromkeys(COPY_OPS + EXTRA_COPY_OPS, 0),
+        "xla_ops": 0,
+        "other_custom_calls": 0,
+        "calls": [],
+    }
     for line in lines:
         stats["calls"] += _CALL_RE.findall(line)
         m = _OP_RE.match(line)
@@ -185,9 +193,13 @@ def analyze_stablehlo(text: str, entry: str = "main") -> dict:
         if name in stack:
             raise ValueError(f"recursive call to @{name}")
         s = local[name]
-        out = {"triton_kernels": s["triton_kernels"], "kernel_bytes": s["kernel_bytes"],
-               "copied_elements_by_op": dict(s["copied_elements"]), "xla_ops": s["xla_ops"],
-               "other_custom_calls": s["other_custom_calls"]}
+        out = {
+            "triton_kernels": s["triton_kernels"],
+            "kernel_bytes": s["kernel_bytes"],
+            "copied_elements_by_op": dict(s["copied_elements"]),
+            "xla_ops": s["xla_ops"],
+            "other_custom_calls": s["other_custom_calls"],
+        }
         for callee in s["calls"]:
             if callee not in local:  # an external declaration: nothing to count
                 continue
@@ -225,8 +237,12 @@ def lower_step(tx, params) -> tuple[str, float]:
     with use_backend("triton"):
         state = jax.eval_shape(tx.init, params)
         t0 = time.perf_counter()
-        text = jax.jit(step, donate_argnums=(0, 1)).trace(params, state, params).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = (
+            jax.jit(step, donate_argnums=(0, 1))
+            .trace(params, state, params)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
         seconds = time.perf_counter() - t0
     return text, seconds
 
@@ -239,27 +255,47 @@ def report_one(tree: str, optimizer: str) -> dict:
     stats = analyze_stablehlo(text)
     floor = FLOOR_BYTES_PER_PARAM[optimizer]
     per_param = stats["kernel_bytes"] / n
-    return {"tree": tree, "optimizer": optimizer, "leaves": len(shapes), "params": n,
-            "triton_kernels": stats["triton_kernels"], "kernel_bytes_per_param": per_param,
-            "floor_bytes_per_param": floor, "kernel_over_floor": per_param / floor,
-            "copied_elements_per_param": stats["copied_elements"] / n,
-            "copied_elements_by_op": stats["copied_elements_by_op"], "xla_ops": stats["xla_ops"],
-            "other_custom_calls": stats["other_custom_calls"], "aliased_inputs": stats["aliased_inputs"],
-            "unaliased_donors": stats["unaliased_donors"],
-            "trace_lower_seconds": seconds, "stablehlo_chars": len(text)}
+    return {
+        "tree": tree,
+        "optimizer": optimizer,
+        "leaves": len(shapes),
+        "params": n,
+        "triton_kernels": stats["triton_kernels"],
+        "kernel_bytes_per_param": per_param,
+        "floor_bytes_per_param": floor,
+        "kernel_over_floor": per_param / floor,
+        "copied_elements_per_param": stats["copied_elements"] / n,
+        "copied_elements_by_op": stats["copied_elements_by_op"],
+        "xla_ops": stats["xla_ops"],
+        "other_custom_calls": stats["other_custom_calls"],
+        "aliased_inputs": stats["aliased_inputs"],
+        "unaliased_donors": stats["unaliased_donors"],
+        "trace_lower_seconds": seconds,
+        "stablehlo_chars": len(text),
+    }
 
 
-COLUMNS = [("tree", "tree", "{}"), ("optimizer", "optimizer", "{}"), ("leaves", "leaves", "{:,d}"),
-           ("params", "params", "{:,d}"), ("kernels", "triton_kernels", "{:,d}"),
-           ("kernel B/param", "kernel_bytes_per_param", "{:.2f}"), ("floor", "floor_bytes_per_param", "{:d}"),
-           ("kernel/floor", "kernel_over_floor", "{:.2f}"), ("copied/param", "copied_elements_per_param", "{:.3f}"),
-           ("XLA ops", "xla_ops", "{:,d}"), ("aliased", "aliased_inputs", "{:,d}"),
-           ("trace+lower s", "trace_lower_seconds", "{:.2f}")]
+COLUMNS = [
+    ("tree", "tree", "{}"),
+    ("optimizer", "optimizer", "{}"),
+    ("leaves", "leaves", "{:,d}"),
+    ("params", "params", "{:,d}"),
+    ("kernels", "triton_kernels", "{:,d}"),
+    ("kernel B/param", "kernel_bytes_per_param", "{:.2f}"),
+    ("floor", "floor_bytes_per_param", "{:d}"),
+    ("kernel/floor", "kernel_over_floor", "{:.2f}"),
+    ("copied/param", "copied_elements_per_param", "{:.3f}"),
+    ("XLA ops", "xla_ops", "{:,d}"),
+    ("aliased", "aliased_inputs", "{:,d}"),
+    ("trace+lower s", "trace_lower_seconds", "{:.2f}"),
+]
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines = [
+        "| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['tree']} | {r['optimizer']} | failed: {r['error'][:200]} |")
@@ -270,8 +306,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trees", nargs="+", choices=sorted(TREES), default=None,
-                    help=f"default: {' '.join(FULL_TREES)} ('tiny' with --smoke)")
+    ap.add_argument(
+        "--trees",
+        nargs="+",
+        choices=sorted(TREES),
+        default=None,
+        help=f"default: {' '.join(FULL_TREES)} ('tiny' with --smoke)",
+    )
     ap.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     ap.add_argument("--smoke", action="store_true", help="the tiny tree only: runs in a few seconds")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("lowering_report.json"))
@@ -286,12 +327,21 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001  one configuration failing to lower is a result too
                 rows.append({"tree": tree, "optimizer": optimizer, "error": f"{type(e).__name__}: {e}"})
     info = versions()
-    print(f"one donated update_and_apply step, backend triton lowered for cuda on {info['device']} "
-          f"(jax {info['jax']}, optax_ext {info['optax_ext']}); floor: fp32 bytes per param, update applied")
+    print(
+        f"one donated update_and_apply step, backend triton lowered for cuda on {info['device']} "
+        f"(jax {info['jax']}, optax_ext {info['optax_ext']}); floor: fp32 bytes per param, update applied"
+    )
     print(markdown_table(rows))
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": info,
-              "backend": "triton", "lowering_platform": "cuda", "smoke": args.smoke,
-              "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM, "copy_ops": list(COPY_OPS), "rows": rows}
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": info,
+        "backend": "triton",
+        "lowering_platform": "cuda",
+        "smoke": args.smoke,
+        "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM,
+        "copy_ops": list(COPY_OPS),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -34,16 +34,22 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+# sibling module: run as a script
+from _common import copy_bandwidth, cuda_torch, median_seconds, torch_sync, versions  # noqa: E402
 from flax import nnx
 
 from optax_ext.kernels import batch_norm as bn_k
 from optax_ext.kernels import layer_norm as ln_k
 
-# sibling module: run as a script
-from _common import copy_bandwidth, cuda_torch, median_seconds, torch_sync, versions  # noqa: E402
-
-PASSES = {("layer_norm", "fwd"): 2, ("layer_norm", "fwd+bwd"): 5, ("rms_norm", "fwd"): 2,
-          ("rms_norm", "fwd+bwd"): 5, ("batch_norm", "fwd"): 3, ("batch_norm", "fwd+bwd"): 8}
+PASSES = {
+    ("layer_norm", "fwd"): 2,
+    ("layer_norm", "fwd+bwd"): 5,
+    ("rms_norm", "fwd"): 2,
+    ("rms_norm", "fwd+bwd"): 5,
+    ("batch_norm", "fwd"): 3,
+    ("batch_norm", "fwd+bwd"): 8,
+}
 
 
 def workloads(full: bool):
@@ -82,8 +88,9 @@ def flax_layer(op, n, dtype):
     elif op == "rms_norm":
         layer = nnx.RMSNorm(n, epsilon=1e-6, dtype=dtype, use_fast_variance=False, rngs=nnx.Rngs(0))
     else:
-        layer = nnx.BatchNorm(n, epsilon=1e-5, dtype=dtype, use_running_average=False, use_fast_variance=False,
-                              rngs=nnx.Rngs(0))
+        layer = nnx.BatchNorm(
+            n, epsilon=1e-5, dtype=dtype, use_running_average=False, use_fast_variance=False, rngs=nnx.Rngs(0)
+        )
     graphdef, state = nnx.split(layer)
 
     def f(x, s, b):
@@ -160,8 +167,10 @@ def bench_torch(op, shape, dtype_name, iters):
             return y, torch.autograd.grad(y, wrt, dy)
 
     sync = torch_sync(torch)
-    return {"fwd": median_seconds(fwd, iters, warmup=3, sync=sync),
-            "fwd+bwd": median_seconds(fwd_bwd, iters, warmup=3, sync=sync)}
+    return {
+        "fwd": median_seconds(fwd, iters, warmup=3, sync=sync),
+        "fwd+bwd": median_seconds(fwd_bwd, iters, warmup=3, sync=sync),
+    }
 
 
 def bench(op, shape, dtype_name, iters):
@@ -176,7 +185,7 @@ def bench(op, shape, dtype_name, iters):
     results = {}
     for label, f in impls.items():
         for mode, g in jax_modes(f).items():
-            results.setdefault(mode, {})[label] = median_seconds(lambda: g(x, s, b, dy), iters)
+            results.setdefault(mode, {})[label] = median_seconds(lambda g=g: g(x, s, b, dy), iters)
     for mode, t in bench_torch(op, shape, dtype_name, iters).items():
         results[mode]["torch"] = t
     return results
@@ -185,8 +194,12 @@ def bench(op, shape, dtype_name, iters):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="the issue's sizes (4096 x 1024..8192, 256x56x56x64)")
-    ap.add_argument("--ops", nargs="+", choices=["layer_norm", "rms_norm", "batch_norm"],
-                    default=["layer_norm", "rms_norm", "batch_norm"])
+    ap.add_argument(
+        "--ops",
+        nargs="+",
+        choices=["layer_norm", "rms_norm", "batch_norm"],
+        default=["layer_norm", "rms_norm", "batch_norm"],
+    )
     ap.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["bfloat16", "float32"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("normalization.json"))
@@ -205,15 +218,29 @@ def main(argv=None):
             itemsize = jnp.dtype(dtype_name).itemsize
             for mode, by_impl in res.items():
                 bytes_moved = PASSES[(op, mode)] * elems * itemsize
-                rows.append({"op": op, "shape": list(shape), "dtype": dtype_name, "mode": mode,
-                             "bytes_counted": bytes_moved,
-                             "results": {label: {"seconds": t, "gb_per_s": bytes_moved / t / 1e9,
-                                                 "share_of_copy_bw": bytes_moved / t / 1e9 / bw}
-                                         for label, t in by_impl.items()}})
+                rows.append(
+                    {
+                        "op": op,
+                        "shape": list(shape),
+                        "dtype": dtype_name,
+                        "mode": mode,
+                        "bytes_counted": bytes_moved,
+                        "results": {
+                            label: {
+                                "seconds": t,
+                                "gb_per_s": bytes_moved / t / 1e9,
+                                "share_of_copy_bw": bytes_moved / t / 1e9 / bw,
+                            }
+                            for label, t in by_impl.items()
+                        },
+                    }
+                )
 
     info = versions()
-    print(f"device: {info['device']} ({info['platform']}, optax_ext backend={info['backend']}), "
-          f"copy bandwidth {bw:.1f} GB/s")
+    print(
+        f"device: {info['device']} ({info['platform']}, optax_ext backend={info['backend']}), "
+        f"copy bandwidth {bw:.1f} GB/s"
+    )
     labels = ["optax_ext", "flax", "jnp", "torch"]
     header = f"{'op':10s} {'shape':18s} {'dtype':8s} {'mode':7s} " + " ".join(f"{lab + ' ms':>12s}" for lab in labels)
     header += f" {'ours GB/s':>9s} {'%copy':>6s} {'flax/ours':>9s}"
@@ -223,11 +250,19 @@ def main(argv=None):
         res = r["results"]
         cells = " ".join(f"{res[lab]['seconds'] * 1e3:12.3f}" if lab in res else f"{'-':>12s}" for lab in labels)
         o = res["optax_ext"]
-        print(f"{r['op']:10s} {'x'.join(map(str, r['shape'])):18s} {r['dtype']:8s} {r['mode']:7s} {cells} "
-              f"{o['gb_per_s']:9.1f} {100 * o['share_of_copy_bw']:5.0f}% "
-              f"{res['flax']['seconds'] / o['seconds']:9.2f}")
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": info,
-              "copy_bandwidth_gb_per_s": bw, "iters": args.iters, "full": args.full, "rows": rows}
+        print(
+            f"{r['op']:10s} {'x'.join(map(str, r['shape'])):18s} {r['dtype']:8s} {r['mode']:7s} {cells} "
+            f"{o['gb_per_s']:9.1f} {100 * o['share_of_copy_bw']:5.0f}% "
+            f"{res['flax']['seconds'] / o['seconds']:9.2f}"
+        )
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": info,
+        "copy_bandwidth_gb_per_s": bw,
+        "iters": args.iters,
+        "full": args.full,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

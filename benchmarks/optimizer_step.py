@@ -38,10 +38,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import optax_ext as ox  # noqa: E402
-
 # sibling module: run as a script
 from _common import copy_bandwidth, cuda_torch, median_seconds, torch_sync, versions  # noqa: E402
+
+import optax_ext as ox  # noqa: E402
 
 BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32}
 
@@ -207,19 +207,31 @@ def main(argv=None):
         res = bench_jax(name, args.iters, clip)
         res.update(bench_torch(shapes, args.iters, clip))
         bytes_moved = n * BYTES_PER_PARAM[step_name]
-        for label, r in res.items():
+        for r in res.values():
             if "seconds" in r:
                 r["gb_per_s"] = bytes_moved / r["seconds"] / 1e9
                 r["share_of_copy_bw"] = r["gb_per_s"] / bw
         ok = all("seconds" in res[k] for k in ("optax", "optax_ext"))
-        rows.append({"workload": name, "leaves": len(shapes), "params": n, "step": step_name,
-                     "bytes_per_param": BYTES_PER_PARAM[step_name], "results": res,
-                     "optax_over_ours": res["optax"]["seconds"] / res["optax_ext"]["seconds"] if ok else None})
+        rows.append(
+            {
+                "workload": name,
+                "leaves": len(shapes),
+                "params": n,
+                "step": step_name,
+                "bytes_per_param": BYTES_PER_PARAM[step_name],
+                "results": res,
+                "optax_over_ours": res["optax"]["seconds"] / res["optax_ext"]["seconds"] if ok else None,
+            }
+        )
 
-    print(f"device: {versions()['device']} ({jax.default_backend()}, backend={ox.kernels.get_backend()}), "
-          f"copy bandwidth {bw:.1f} GB/s, step: {step_name}")
-    header = (f"{'workload':10s} {'leaves':>6s} {'params':>11s} {'impl':14s} {'ms/step':>9s} {'GB/s':>8s} "
-              f"{'%copy':>6s} {'compile s':>9s}")
+    print(
+        f"device: {versions()['device']} ({jax.default_backend()}, backend={ox.kernels.get_backend()}), "
+        f"copy bandwidth {bw:.1f} GB/s, step: {step_name}"
+    )
+    header = (
+        f"{'workload':10s} {'leaves':>6s} {'params':>11s} {'impl':14s} {'ms/step':>9s} {'GB/s':>8s} "
+        f"{'%copy':>6s} {'compile s':>9s}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -228,12 +240,19 @@ def main(argv=None):
             if "error" in r:
                 print(f"{lead} failed: {r['error'][:120]}")
                 continue
-            print(f"{lead} {r['seconds'] * 1e3:9.2f} {r['gb_per_s']:8.1f} {100 * r['share_of_copy_bw']:5.0f}% "
-                  + (f"{r['compile_seconds']:9.2f}" if "compile_seconds" in r else f"{'':9s}"))
+            print(
+                f"{lead} {r['seconds'] * 1e3:9.2f} {r['gb_per_s']:8.1f} {100 * r['share_of_copy_bw']:5.0f}% "
+                + (f"{r['compile_seconds']:9.2f}" if "compile_seconds" in r else f"{'':9s}")
+            )
         if row["optax_over_ours"] is not None:
             print(f"{'':10s} optax time / optax_ext time = {row['optax_over_ours']:.3f}")
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": versions(),
-              "copy_bandwidth_gb_per_s": bw, "iters": args.iters, "rows": rows}
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": versions(),
+        "copy_bandwidth_gb_per_s": bw,
+        "iters": args.iters,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -18,8 +18,22 @@ from optax_ext.kernels.layer_norm import (
 from optax_ext.kernels.reductions import global_sq_norm, leaf_sq_norms
 
 __all__ = [
-    "BACKENDS", "batch_norm", "batch_norm_reference", "batch_norm_stats", "batch_norm_stats_reference",
-    "get_backend", "global_sq_norm", "layer_norm", "layer_norm_bwd", "layer_norm_fwd", "layer_norm_reference",
-    "leaf_sq_norms", "platform_backend", "rms_norm", "rms_norm_bwd", "rms_norm_fwd", "rms_norm_reference",
+    "BACKENDS",
+    "batch_norm",
+    "batch_norm_reference",
+    "batch_norm_stats",
+    "batch_norm_stats_reference",
+    "get_backend",
+    "global_sq_norm",
+    "layer_norm",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
+    "layer_norm_reference",
+    "leaf_sq_norms",
+    "platform_backend",
+    "rms_norm",
+    "rms_norm_bwd",
+    "rms_norm_fwd",
+    "rms_norm_reference",
     "use_backend",
 ]

@@ -261,9 +261,16 @@ def _bwd_sums(x, dy, mean, rstd):
         sums = _bwd_sums_pallas(_rows(xs[0]), _rows(xs[1]), xs[2], xs[3], backend)
         return [jax.lax.psum(v, row_axes) for v in sums] if row_axes else list(sums)
 
-    return tuple(per_rows(local, [x, dy, mean, rstd], ["rows", "rows", "vec", "vec"],
-                          [("vec", ((c,), _F32))] * 2, "batch_norm",
-                          whole_rows=False))
+    return tuple(
+        per_rows(
+            local,
+            [x, dy, mean, rstd],
+            ["rows", "rows", "vec", "vec"],
+            [("vec", ((c,), _F32))] * 2,
+            "batch_norm",
+            whole_rows=False,
+        )
+    )
 
 
 def _bwd_sums_pallas(x2, dy2, mean, rstd, backend):
@@ -315,8 +322,15 @@ def batch_norm_reference(x, scale=None, bias=None, *, epsilon: float = 1e-5):
 
 
 def _check(name, x, scale=None, bias=None, epsilon=1.0):
-    return check_operands(name, x, scale, bias, epsilon, min_ndim=2,
-                          axes="a batch axis and a last feature axis, e.g. (N, C) or (N, H, W, C)")
+    return check_operands(
+        name,
+        x,
+        scale,
+        bias,
+        epsilon,
+        min_ndim=2,
+        axes="a batch axis and a last feature axis, e.g. (N, C) or (N, H, W, C)",
+    )
 
 
 @jax.custom_vjp

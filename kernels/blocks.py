@@ -208,7 +208,8 @@ def per_rows(fn, operands, kinds, results, name, *, whole_rows=True):
 
     `kinds[i]`/`results[j]` say what each array is: "rows" (..., N), "stat" (...,), "feat" (1, N)
     or "vec" (N,); the leading dims (...) are the rows, left unmerged until `fn` (merging dims
-    sharded over different axes outside would make XLA gather them first). Rows may be split over any mesh axes (batch or sequence sharding): each device
+    sharded over different axes outside would make XLA gather them first). Rows may be split over any
+    mesh axes (batch or sequence sharding): each device
     works on its own rows; `row_axes` names those axes, for the `psum` of sums over rows. With
     `whole_rows` (LayerNorm: a row's statistics need all of it) the feature axis is never split:
     Auto axes reshard it, Explicit axes raise an error naming the axis; without (BatchNorm's
@@ -218,8 +219,12 @@ def per_rows(fn, operands, kinds, results, name, *, whole_rows=True):
 
     lead = tuple(f"m{d}" for d in range(operands[kinds.index("rows")].ndim - 1))
     factors = {"rows": (*lead, "n"), "stat": lead, "feat": ("o", "n"), "vec": ("n",)}
-    rule = sharding.Rule(tuple(factors[k] for k in kinds), tuple(factors[k] for k, _ in results),
-                         need_replication=("n", "o") if whole_rows else ("o",), name=name)
+    rule = sharding.Rule(
+        tuple(factors[k] for k in kinds),
+        tuple(factors[k] for k, _ in results),
+        need_replication=("n", "o") if whole_rows else ("o",),
+        name=name,
+    )
     avals = [jax.ShapeDtypeStruct(shape, dtype) for _, (shape, dtype) in results]
 
     def local(xs, axes):
@@ -266,8 +271,16 @@ def feature_spec(t: Tiling) -> pl.BlockSpec:
     return pl.BlockSpec((1, t.block_cols), lambda i: (0, 0))
 
 
-def check_operands(name: str, x, scale=None, bias=None, epsilon=1.0, *, min_ndim: int = 1,
-                   axes: str = "at least one axis (features last)"):
+def check_operands(
+    name: str,
+    x,
+    scale=None,
+    bias=None,
+    epsilon=1.0,
+    *,
+    min_ndim: int = 1,
+    axes: str = "at least one axis (features last)",
+):
     """Validate a normalization's arguments; returns x as an array.
 
     x: floating point with at least `min_ndim` axes (`axes` says which, in the error), features
@@ -328,8 +341,10 @@ class RowLoop(NamedTuple):
     def rows(self) -> np.ndarray:
         """(P,) f32: valid rows each program reduced (only the last row block can be ragged)."""
         t = self.t
-        return np.asarray([sum(min(t.block_rows, t.m - i * t.block_rows) for i in self.blocks(p))
-                           for p in range(self.programs)], np.float32)
+        return np.asarray(
+            [sum(min(t.block_rows, t.m - i * t.block_rows) for i in self.blocks(p)) for p in range(self.programs)],
+            np.float32,
+        )
 
     def rows_f32(self) -> jax.Array:
         """`rows()` computed from an iota, with no array constant: a function that custom_partitioning
@@ -359,8 +374,19 @@ def _sum_merge(acc, new, k, row0):
     return tuple(a + b for a, b in zip(acc, new))
 
 
-def persistent_row_call(body, loop: RowLoop, backend: str, *, rows=(), stats=(), feats=(), row_outs=(),
-                        num_partials: int, merge=None, name: str):
+def persistent_row_call(
+    body,
+    loop: RowLoop,
+    backend: str,
+    *,
+    rows=(),
+    stats=(),
+    feats=(),
+    row_outs=(),
+    num_partials: int,
+    merge=None,
+    name: str,
+):
     """Run `body` on every row block over the persistent grid `loop`: returns (row outputs, partials).
 
     rows: (M, N) operands and stats: (M, 1) operands, both seen one row block at a time; feats:

@@ -85,8 +85,9 @@ def compute_dtype(dtypes) -> jnp.dtype:
     return real
 
 
-def run_elementwise_reference(body: Body, inputs: Sequence[jax.Array], shared: jax.Array, leaf: jax.Array,
-                              out_dtypes: Sequence[Any]) -> list[jax.Array]:
+def run_elementwise_reference(
+    body: Body, inputs: Sequence[jax.Array], shared: jax.Array, leaf: jax.Array, out_dtypes: Sequence[Any]
+) -> list[jax.Array]:
     """The jnp reference (and the "xla" backend): the body applied to whole arrays.
 
     Math in `compute_dtype` of the inputs (f32 for the kernels' storage dtypes and for quantized
@@ -96,18 +97,22 @@ def run_elementwise_reference(body: Body, inputs: Sequence[jax.Array], shared: j
     dtype = compute_dtype([jnp.result_type(x) for x in inputs])
     real = jnp.finfo(dtype).dtype
     outs = body([jnp.asarray(x, dtype) for x in inputs], jnp.asarray(shared, real), jnp.asarray(leaf, real))
-    return [_stored(jnp.broadcast_to(jnp.asarray(o), jnp.shape(inputs[0])), d)
-            for o, d in zip(outs, out_dtypes, strict=True)]
+    return [
+        _stored(jnp.broadcast_to(jnp.asarray(o), jnp.shape(inputs[0])), d)
+        for o, d in zip(outs, out_dtypes, strict=True)
+    ]
 
 
 def _on_kernels(job) -> bool:
     """Whether the kernels take this job: storage f32/bf16/f16, or quantized with a float32 body."""
-    return (all(isinstance(s, q8.QuantFormat) or s in PALLAS_DTYPES for s in map(storage_of, job.inputs))
-            and all(isinstance(d, q8.QuantFormat) or jnp.dtype(d) in PALLAS_DTYPES for d in job.out_dtypes))
+    return all(isinstance(s, q8.QuantFormat) or s in PALLAS_DTYPES for s in map(storage_of, job.inputs)) and all(
+        isinstance(d, q8.QuantFormat) or jnp.dtype(d) in PALLAS_DTYPES for d in job.out_dtypes
+    )
 
 
-def run_fused(body: Body, jobs: Sequence[Job], shared: jax.Array, *,
-              backend: str | None = None) -> list[list[jax.Array]]:
+def run_fused(
+    body: Body, jobs: Sequence[Job], shared: jax.Array, *, backend: str | None = None
+) -> list[list[jax.Array]]:
     """Apply `body` elementwise to every job's leaf with the backend in force; outputs per job.
 
     On the Pallas backends the kernels run on each device's shard of sharded leaves
@@ -116,25 +121,71 @@ def run_fused(body: Body, jobs: Sequence[Job], shared: jax.Array, *,
     through the jnp reference, per shard likewise.
     """
     name = backend or _backend.get_backend()
+    jobs, layouts = _gather_explicit_quantized(list(jobs))
 
     def reference(job):
         return run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
 
     on_kernels = [] if name == "xla" else [i for i, job in enumerate(jobs) if _on_kernels(job)]
     results = [None if i in set(on_kernels) else reference(job) for i, job in enumerate(jobs)]
-    if not on_kernels:
-        return results
-    for i, outs in zip(on_kernels, _run_kernels(body, [jobs[i] for i in on_kernels], shared, name)):
-        results[i] = outs
+    if on_kernels:
+        for i, outs in zip(on_kernels, _run_kernels(body, [jobs[i] for i in on_kernels], shared, name)):
+            results[i] = outs
+    for i, specs in layouts.items():
+        results[i] = [_reshard(o, spec) for o, spec in zip(results[i], specs)]
     return results
+
+
+def _reshard(x, spec):
+    if isinstance(x, q8.QuantizedArray):
+        return q8.QuantizedArray(jax.sharding.reshard(x.codes, spec), x.absmax, x.format)
+    return jax.sharding.reshard(x, spec)
+
+
+def _gather_explicit_quantized(jobs):
+    """Quantized jobs whose arrays are sharded over Explicit axes, made whole (replicated).
+
+    A quantized leaf's blocks run over its flattened elements, which a shard does not follow, so
+    it runs whole on every device (under Auto axes the partitioner gathers it the same way). Returns
+    the jobs and, per gathered job, the layout each output goes back to: its aliased input's, else
+    the leaf's (input 0).
+    """
+    from jax.sharding import PartitionSpec
+
+    from optax_ext.kernels import sharding
+
+    layouts = {}
+    for i, job in enumerate(jobs):
+        arrays = jax.tree.leaves(list(job.inputs))
+        if not (
+            any(isinstance(x, q8.QuantizedArray) for x in job.inputs)
+            or any(isinstance(d, q8.QuantFormat) for d in job.out_dtypes)
+        ):
+            continue
+        if sharding.explicit_mesh(arrays) is None:
+            continue
+
+        def spec(x):
+            return jax.typeof(x.codes if isinstance(x, q8.QuantizedArray) else x).sharding.spec
+
+        source = {o: a for a, o in job.aliases.items()}
+        layouts[i] = [spec(job.inputs[source.get(o, 0)]) for o in range(len(job.out_dtypes))]
+        jobs[i] = job._replace(
+            inputs=jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), list(job.inputs))
+        )
+    return jobs, layouts
 
 
 def _out_avals(job):
     """Per output, its arrays' avals: one, or (codes, absmax) for a quantized output."""
     shape = jnp.shape(job.inputs[0])
     size = int(np.prod(shape, dtype=np.int64))
-    return [[jax.ShapeDtypeStruct(shape, jnp.uint8), jax.ShapeDtypeStruct((d.num_blocks(size),), jnp.float32)]
-            if isinstance(d, q8.QuantFormat) else [jax.ShapeDtypeStruct(shape, d)] for d in job.out_dtypes]
+    return [
+        [jax.ShapeDtypeStruct(shape, jnp.uint8), jax.ShapeDtypeStruct((d.num_blocks(size),), jnp.float32)]
+        if isinstance(d, q8.QuantFormat)
+        else [jax.ShapeDtypeStruct(shape, d)]
+        for d in job.out_dtypes
+    ]
 
 
 def _run_kernels(body, jobs, shared, name):
@@ -147,15 +198,21 @@ def _run_kernels(body, jobs, shared, name):
 
     def local(operands, axes):
         it = iter(operands)
-        local_jobs = [job._replace(inputs=d.unflatten([next(it) for _ in range(d.num_leaves)]))
-                      for job, d in zip(jobs, in_defs)]
+        local_jobs = [
+            job._replace(inputs=d.unflatten([next(it) for _ in range(d.num_leaves)])) for job, d in zip(jobs, in_defs)
+        ]
         local_shared = next(it)
         local_jobs = [job._replace(scalars=next(it)) for job in local_jobs]
         outs = fused_pass.fused_pass_pallas(body, local_jobs, local_shared, backend=name)
         flat = []
         for job, o in zip(local_jobs, outs):
-            flat.extend(jax.tree.leaves(o if o is not None else run_elementwise_reference(
-                body, job.inputs, local_shared, job.scalars, job.out_dtypes)))
+            flat.extend(
+                jax.tree.leaves(
+                    o
+                    if o is not None
+                    else run_elementwise_reference(body, job.inputs, local_shared, job.scalars, job.out_dtypes)
+                )
+            )
         return flat
 
     # Leaf k's inputs and outputs share its dims' factors; scalar vectors are never split. A
@@ -177,11 +234,16 @@ def _run_kernels(body, jobs, shared, name):
     scalar_factors = ("shared",) + tuple(f"scalars{k}" for k in range(len(jobs)))
     operands += [shared] + [job.scalars for job in jobs]
     op_factors += [(f,) for f in scalar_factors]
-    rule = sharding.Rule(tuple(op_factors), tuple(res_factors), need_replication=scalar_factors + tuple(replicated),
-                         name="fused pass")
+    rule = sharding.Rule(
+        tuple(op_factors), tuple(res_factors), need_replication=scalar_factors + tuple(replicated), name="fused pass"
+    )
     flat = sharding.per_shard(local, operands, rule, res_avals)
     results, it = [], iter(flat)
     for job in jobs:
-        results.append([q8.QuantizedArray(next(it), next(it), d) if isinstance(d, q8.QuantFormat) else next(it)
-                        for d in job.out_dtypes])
+        results.append(
+            [
+                q8.QuantizedArray(next(it), next(it), d) if isinstance(d, q8.QuantFormat) else next(it)
+                for d in job.out_dtypes
+            ]
+        )
     return results

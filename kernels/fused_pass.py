@@ -37,7 +37,8 @@ quantization blocks is a relayout in Mosaic that we cannot check without a TPU.
 
 Scalars are two small f32 vectors per launch: `shared` (the same for every leaf: bias corrections,
 learning rate, clip factor) and a per-leaf table (leaf k's values at [k * width, (k + 1) * width)),
-in SMEM on TPU and as whole-array (`pl.ANY`) refs read one scalar at a time on GPU. The body receives indexable objects whose `[j]`
+in SMEM on TPU and as whole-array (`pl.ANY`) refs read one scalar at a time on GPU. The body receives
+indexable objects whose `[j]`
 reads one scalar from those refs, so scalars stay scalars inside the kernel.
 """
 
@@ -54,8 +55,17 @@ from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import multi_tensor as mt
 from optax_ext.kernels.elementwise import PALLAS_DTYPES, Job, same_storage, storage_of
 
-__all__ = ["FORMS", "GPU_BLOCK", "GPU_NUM_WARPS", "LANES", "TPU_BLOCK_ROWS", "TPU_FLAT_BLOCK", "ScalarRef",
-           "default_form", "fused_pass_pallas"]
+__all__ = [
+    "FORMS",
+    "GPU_BLOCK",
+    "GPU_NUM_WARPS",
+    "LANES",
+    "TPU_BLOCK_ROWS",
+    "TPU_FLAT_BLOCK",
+    "ScalarRef",
+    "default_form",
+    "fused_pass_pallas",
+]
 
 # Tunables. GPU: elements per Triton program (power of 2); with 8 warps a thread holds 16
 # elements per array (four 128-bit loads of f32), which keeps a 4-input/3-output Adam body in
@@ -122,32 +132,35 @@ def _validate(jobs: Sequence[Job], shared, backend: str, form: str, block):
             raise ValueError(
                 f"{where}: every job of one body needs the same number of inputs, outputs and scalars; job 0 "
                 f"has {n_in}, {n_out}, {width}, this one {len(job.inputs)}, {len(job.out_dtypes)}, "
-                f"{jnp.shape(job.scalars)}.")
+                f"{jnp.shape(job.scalars)}."
+            )
         if jnp.ndim(job.scalars) != 1:
             raise ValueError(f"{where}.scalars: expected a 1-D vector, got shape {jnp.shape(job.scalars)}.")
         shape = _shape(job.inputs[0])
         for i, x in enumerate(job.inputs):
             if _shape(x) != shape:
                 raise ValueError(
-                    f"{where}.inputs: all inputs must have one shape; input 0 has {shape}, input {i} has "
-                    f"{_shape(x)}.")
+                    f"{where}.inputs: all inputs must have one shape; input 0 has {shape}, input {i} has {_shape(x)}."
+                )
             if not _storable(storage_of(x)):
                 raise TypeError(
                     f"{where}.inputs: input {i} has dtype {storage_of(x)}; expected one of float32, "
-                    f"bfloat16, float16 (or a QuantizedArray).")
+                    f"bfloat16, float16 (or a QuantizedArray)."
+                )
         for j, d in enumerate(job.out_dtypes):
             if not _storable(d):
                 raise TypeError(
                     f"{where}.out_dtypes: output {j} has dtype {d}; expected one of float32, "
-                    f"bfloat16, float16 (or a QuantFormat).")
+                    f"bfloat16, float16 (or a QuantFormat)."
+                )
         for i, o in job.aliases.items():
             if not (0 <= i < n_in and 0 <= o < n_out):
-                raise ValueError(
-                    f"{where}.aliases: {{{i}: {o}}} out of range for {n_in} inputs and {n_out} outputs.")
+                raise ValueError(f"{where}.aliases: {{{i}: {o}}} out of range for {n_in} inputs and {n_out} outputs.")
             if not same_storage(storage_of(job.inputs[i]), job.out_dtypes[o]):
                 raise ValueError(
                     f"{where}.aliases: input {i} ({storage_of(job.inputs[i])}) cannot alias output {o} "
-                    f"({job.out_dtypes[o]}); dtypes must match.")
+                    f"({job.out_dtypes[o]}); dtypes must match."
+                )
         if len(set(job.aliases.values())) != len(job.aliases):
             raise ValueError(f"{where}.aliases={dict(job.aliases)}: an output is aliased twice.")
 
@@ -166,8 +179,9 @@ def _storable(storage) -> bool:
 
 def _quantized(job: Job) -> list[q8.QuantFormat]:
     """The quantization formats a job reads or writes (empty for plain float storage)."""
-    return ([x.format for x in job.inputs if isinstance(x, q8.QuantizedArray)]
-            + [d for d in job.out_dtypes if isinstance(d, q8.QuantFormat)])
+    return [x.format for x in job.inputs if isinstance(x, q8.QuantizedArray)] + [
+        d for d in job.out_dtypes if isinstance(d, q8.QuantFormat)
+    ]
 
 
 def _scalar_vector(values: jax.Array) -> jax.Array:
@@ -208,15 +222,14 @@ def _multi_tensor_kernel(body, launch: mt.Launch, in_formats, out_formats, n_sha
     packs_outputs = any(f is not None for formats in out_formats for f in formats)
 
     def kernel(*refs):
-        ins, s_ref, t_ref, outs = refs[:n_in_refs], refs[n_in_refs], refs[n_in_refs + 1], refs[n_in_refs + 2:]
+        ins, s_ref, t_ref, outs = refs[:n_in_refs], refs[n_in_refs], refs[n_in_refs + 1], refs[n_in_refs + 2 :]
         leaf, program = mt.locate(launch)
         xs, limit = mt.load_blocks(launch, _group_refs(ins, in_formats), leaf, program, with_limit=True)
         # The body is emitted once per launch, not once per leaf: only loads and stores switch.
         ys = list(body(xs, ScalarRef(s_ref, n_shared), ScalarRef(t_ref, width, leaf * width)))
         _check_outputs(ys, n_out)
         ys = [jnp.broadcast_to(jnp.asarray(y, jnp.float32), (launch.block,)) for y in ys]
-        mt.store_blocks(launch, _group_refs(outs, out_formats), leaf, program, ys,
-                        limit if packs_outputs else None)
+        mt.store_blocks(launch, _group_refs(outs, out_formats), leaf, program, ys, limit if packs_outputs else None)
 
     return kernel
 
@@ -239,8 +252,12 @@ def _multi_tensor_launch(body, jobs: Sequence[Job], launch: mt.Launch, shared, b
         for d in job.out_dtypes:
             starts_out.append(len(out_shape))
             if isinstance(d, q8.QuantFormat):
-                out_shape.extend([jax.ShapeDtypeStruct(seg.view, jnp.uint8),
-                                  jax.ShapeDtypeStruct((d.num_blocks(seg.cols),), jnp.float32)])
+                out_shape.extend(
+                    [
+                        jax.ShapeDtypeStruct(seg.view, jnp.uint8),
+                        jax.ShapeDtypeStruct((d.num_blocks(seg.cols),), jnp.float32),
+                    ]
+                )
             else:
                 out_shape.append(jax.ShapeDtypeStruct(seg.view, jnp.dtype(d)))
         for i, o in job.aliases.items():
@@ -264,8 +281,14 @@ def _multi_tensor_launch(body, jobs: Sequence[Job], launch: mt.Launch, shared, b
     results, it = [], iter(outs)
     for job in members:
         shape = _shape(job.inputs[0])
-        results.append([q8.QuantizedArray(next(it).reshape(shape), next(it), d) if isinstance(d, q8.QuantFormat)
-                        else next(it).reshape(shape) for d in job.out_dtypes])
+        results.append(
+            [
+                q8.QuantizedArray(next(it).reshape(shape), next(it), d)
+                if isinstance(d, q8.QuantFormat)
+                else next(it).reshape(shape)
+                for d in job.out_dtypes
+            ]
+        )
     return results
 
 
@@ -275,9 +298,8 @@ def _multi_tensor_launch(body, jobs: Sequence[Job], launch: mt.Launch, shared, b
 
 def _per_leaf_kernel(body, n_in, n_out, n_shared, width, block_shape):
     def kernel(*refs):
-        ins, s_ref, t_ref, outs = refs[:n_in], refs[n_in], refs[n_in + 1], refs[n_in + 2:]
-        ys = list(body([r[...].astype(jnp.float32) for r in ins], ScalarRef(s_ref, n_shared),
-                       ScalarRef(t_ref, width)))
+        ins, s_ref, t_ref, outs = refs[:n_in], refs[n_in], refs[n_in + 1], refs[n_in + 2 :]
+        ys = list(body([r[...].astype(jnp.float32) for r in ins], ScalarRef(s_ref, n_shared), ScalarRef(t_ref, width)))
         _check_outputs(ys, n_out)
         for r, y in zip(outs, ys):
             r[...] = jnp.broadcast_to(jnp.asarray(y, jnp.float32), block_shape).astype(r.dtype)
@@ -331,8 +353,15 @@ def _per_leaf_call(body, job, shared, backend, block):
 # --------------------------------------------------------------------------------------------
 
 
-def fused_pass_pallas(body: Callable, jobs: Sequence[Job], shared: jax.Array, *, backend: str,
-                      form: str | None = None, block: int | None = None) -> list[list[jax.Array] | None]:
+def fused_pass_pallas(
+    body: Callable,
+    jobs: Sequence[Job],
+    shared: jax.Array,
+    *,
+    backend: str,
+    form: str | None = None,
+    block: int | None = None,
+) -> list[list[jax.Array] | None]:
     """Apply `body` elementwise to every job's leaf with Pallas kernels; same result as the reference.
 
     Args:

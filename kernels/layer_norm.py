@@ -370,8 +370,7 @@ def layer_norm_fwd(x, scale=None, bias=None, *, epsilon: float = 1e-6):
     """
     x = check_operands("layer_norm_fwd", x, scale, bias, epsilon)
     n = x.shape[-1]
-    y, mean, rstd = _fwd2(x, _feature(scale, n, 1, x.dtype), _feature(bias, n, 0, x.dtype),
-                          float(epsilon), False)
+    y, mean, rstd = _fwd2(x, _feature(scale, n, 1, x.dtype), _feature(bias, n, 0, x.dtype), float(epsilon), False)
     lead = x.shape[:-1]
     return y, mean.reshape(lead), rstd.reshape(lead)
 
@@ -386,8 +385,14 @@ def layer_norm_bwd(x, scale, mean, rstd, dy):
     x = check_operands("layer_norm_bwd", x, scale, None, 1.0)
     n = x.shape[-1]
     lead = x.shape[:-1]
-    dx, dw, db = _bwd2(x, _feature(scale, n, 1, _F32), jnp.reshape(mean, lead).astype(_F32),
-                       jnp.reshape(rstd, lead).astype(_F32), jnp.reshape(dy, x.shape), False)
+    dx, dw, db = _bwd2(
+        x,
+        _feature(scale, n, 1, _F32),
+        jnp.reshape(mean, lead).astype(_F32),
+        jnp.reshape(rstd, lead).astype(_F32),
+        jnp.reshape(dy, x.shape),
+        False,
+    )
     return dx, dw.reshape(n), db.reshape(n)
 
 
@@ -406,6 +411,12 @@ def rms_norm_bwd(x, scale, rstd, dy):
     """
     x = check_operands("rms_norm_bwd", x, scale, None, 1.0)
     n = x.shape[-1]
-    dx, dw, _ = _bwd2(x, _feature(scale, n, 1, _F32), None, jnp.reshape(rstd, x.shape[:-1]).astype(_F32),
-                      jnp.reshape(dy, x.shape), True)
+    dx, dw, _ = _bwd2(
+        x,
+        _feature(scale, n, 1, _F32),
+        None,
+        jnp.reshape(rstd, x.shape[:-1]).astype(_F32),
+        jnp.reshape(dy, x.shape),
+        True,
+    )
     return dx, dw.reshape(n)

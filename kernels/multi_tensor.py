@@ -43,8 +43,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["INDEX_LIMIT", "MAX_LEAVES", "MAX_REFS", "MIN_HUGE_COLS", "Launch", "Packed", "Segment", "load_blocks",
-           "locate", "plan", "pow2_at_least", "store_blocks", "view_for"]
+__all__ = [
+    "INDEX_LIMIT",
+    "MAX_LEAVES",
+    "MAX_REFS",
+    "MIN_HUGE_COLS",
+    "Launch",
+    "Packed",
+    "Segment",
+    "load_blocks",
+    "locate",
+    "plan",
+    "pow2_at_least",
+    "store_blocks",
+    "view_for",
+]
 
 INDEX_LIMIT = 2**31 - 2**24
 """Largest row (in elements) a kernel addresses with int32 indices, with room for a block past it."""
@@ -113,8 +126,16 @@ def view_for(size: int) -> tuple[int, ...] | None:
     return None
 
 
-def plan(sizes: Sequence[int], refs_per_leaf: int | Sequence[int], block: int, *, extra_refs: int = 0,
-         max_leaves: int | None = None, max_refs: int | None = None, min_block: int = 1) -> list[Launch]:
+def plan(
+    sizes: Sequence[int],
+    refs_per_leaf: int | Sequence[int],
+    block: int,
+    *,
+    extra_refs: int = 0,
+    max_leaves: int | None = None,
+    max_refs: int | None = None,
+    min_block: int = 1,
+) -> list[Launch]:
     """Group leaves, in order, into launches.
 
     A launch takes leaves while it has fewer than `max_leaves` and its refs (`refs_per_leaf`, one
@@ -210,8 +231,9 @@ def _packed_positions(refs: Sequence[Sequence]) -> dict[int, tuple[Any, frozense
             if isinstance(r, Packed):
                 fmt, leaves = out.setdefault(j, (r.format, set()))
                 if r.format != fmt:
-                    raise ValueError(f"operand {j}: packed leaves of one launch need one format, got {fmt} and "
-                                     f"{r.format}.")
+                    raise ValueError(
+                        f"operand {j}: packed leaves of one launch need one format, got {fmt} and {r.format}."
+                    )
                 leaves.add(k)
     return {j: (fmt, frozenset(leaves)) for j, (fmt, leaves) in out.items()}
 
@@ -293,8 +315,9 @@ def load_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, *, with
     return (values, limit) if with_limit else values
 
 
-def store_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, values: Sequence[jax.Array],
-                 limit=None) -> None:
+def store_blocks(
+    launch: Launch, refs: Sequence[Sequence], leaf, program, values: Sequence[jax.Array], limit=None
+) -> None:
     """Store `values[j]` (f32, cast to the ref's dtype) into the current block of leaf `leaf`'s refs[j].
 
     A `Packed` operand is requantized first, once for the launch (outside the leaf switch): codes
@@ -334,8 +357,9 @@ def store_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, values
                 else:
                     _store(plt, r.at[index], v.astype(r.dtype), mask)
 
-        return lambda cur: _on_block(launch, seg, cur, lambda index: write(index, None, cur),
-                                     lambda index, mask: write(index, mask, cur))
+        return lambda cur: _on_block(
+            launch, seg, cur, lambda index: write(index, None, cur), lambda index, mask: write(index, mask, cur)
+        )
 
     cur = _Cursor(program, iota)
     if len(refs) == 1:

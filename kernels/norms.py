@@ -60,7 +60,8 @@ def _validate(leaves, backend, form, block):
         if jnp.result_type(x) not in PALLAS_DTYPES:
             raise TypeError(
                 f"leaf_sq_norms_pallas(leaves): leaf {i} has dtype {jnp.result_type(x)}; expected one of "
-                f"float32, bfloat16, float16.")
+                f"float32, bfloat16, float16."
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,8 +89,9 @@ def _multi_tensor_kernel(launch: mt.Launch, count_nonfinite: bool):
 
 def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> list[tuple[mt.Launch, list]]:
     """Per launch, its plan and `[partials]` (+ `nonfinite` partials): the sums of program j's block."""
-    params = (_backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1)
-              if backend == "triton" else None)
+    params = (
+        _backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1) if backend == "triton" else None
+    )
     outputs = 2 if count_nonfinite else 1
     out = []
     for launch in mt.plan([x.size for x in leaves], 1, block, extra_refs=outputs, max_leaves=NORM_MAX_LEAVES):
@@ -134,8 +136,7 @@ def _per_leaf_kernel(view, block_shape, count_nonfinite):
 def _per_leaf_sq_norm(x, backend, block, count_nonfinite=False):
     view, block_shape = per_leaf_view(x.size, block)
     grid = pl.cdiv(view[0], block_shape[0])
-    params = (_backend.compiler_params("mosaic", dimension_semantics=("parallel",))
-              if backend == "mosaic" else None)
+    params = _backend.compiler_params("mosaic", dimension_semantics=("parallel",)) if backend == "mosaic" else None
     index_map = (lambda i: (i,)) if len(view) == 1 else (lambda i: (i, 0))
     outputs = 2 if count_nonfinite else 1
     # (grid, 1, 128): a (1, 128) block whose last two dims equal the array's, as Mosaic needs.
@@ -161,8 +162,9 @@ def _reference(x):
     return jnp.sum(x * x)
 
 
-def leaf_sq_norms_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str | None = None,
-                         block: int | None = None) -> list[jax.Array]:
+def leaf_sq_norms_pallas(
+    leaves: Sequence[jax.Array], *, backend: str, form: str | None = None, block: int | None = None
+) -> list[jax.Array]:
     """`[sum(x**2) for x in leaves]`, each a f32 scalar, from deterministic Pallas kernels.
 
     Args:
@@ -184,13 +186,19 @@ def leaf_sq_norms_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str
         b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
         for launch, (partials,) in _multi_tensor_partials(leaves, backend, b):
             for i, seg in zip(launch.leaves, launch.segments):
-                sums[i] = jnp.sum(partials[seg.start:seg.start + launch.num_blocks(seg)])
+                sums[i] = jnp.sum(partials[seg.start : seg.start + launch.num_blocks(seg)])
     # Empty leaves, and a huge leaf the kernels cannot address, in jnp.
     return [s if s is not None else _reference(x) for s, x in zip(sums, leaves)]
 
 
-def global_sq_norm_pallas(leaves: Sequence[jax.Array], *, backend: str, form: str | None = None,
-                          block: int | None = None, count_nonfinite: bool = False):
+def global_sq_norm_pallas(
+    leaves: Sequence[jax.Array],
+    *,
+    backend: str,
+    form: str | None = None,
+    block: int | None = None,
+    count_nonfinite: bool = False,
+):
     """`sum over leaves of sum(x**2)` in f32: one partial per block, one reduction per launch.
 
     With `count_nonfinite`, returns `(sum, count)` where `count` is the number of NaN or infinite

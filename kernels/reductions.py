@@ -67,8 +67,7 @@ def _per_shard_sums(leaves, name, total: bool, count_nonfinite: bool = False):
         if total:
             out = [jnp.zeros((), jnp.float32)] * (2 if count_nonfinite else 1)
             for leaf_axes, ks in groups.items():
-                part = norms.global_sq_norm_pallas([xs[k] for k in ks], backend=name,
-                                                   count_nonfinite=count_nonfinite)
+                part = norms.global_sq_norm_pallas([xs[k] for k in ks], backend=name, count_nonfinite=count_nonfinite)
                 part = list(part) if count_nonfinite else [part]
                 out = [o + (jax.lax.psum(v, leaf_axes) if leaf_axes else v) for o, v in zip(out, part)]
             return out

@@ -107,7 +107,7 @@ def _spec(factors, chosen) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
-def _explicit_mesh(operands):
+def explicit_mesh(operands):
     """The mesh of the first operand sharded over Explicit axes, or None."""
     for x in operands:
         sharding = getattr(jax.typeof(x), "sharding", None)
@@ -115,15 +115,15 @@ def _explicit_mesh(operands):
         spec = getattr(sharding, "spec", ())
         if mesh is None or mesh.empty or not any(p is not None for p in spec):
             continue
-        explicit = {name for name, t in zip(mesh.axis_names, mesh.axis_types)
-                    if t == jax.sharding.AxisType.Explicit}
+        explicit = {name for name, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit}
         if any(set(_entry_axes(p)) & explicit for p in spec):
             return mesh
     return None
 
 
-def per_shard(fn: Callable, operands: Sequence[jax.Array], rule: Rule,
-              result_avals: Sequence[jax.ShapeDtypeStruct]) -> list[jax.Array]:
+def per_shard(
+    fn: Callable, operands: Sequence[jax.Array], rule: Rule, result_avals: Sequence[jax.ShapeDtypeStruct]
+) -> list[jax.Array]:
     """`fn(operands, axes)` run on each device's shard of the operands (see the module docstring).
 
     Args:
@@ -135,7 +135,7 @@ def per_shard(fn: Callable, operands: Sequence[jax.Array], rule: Rule,
       result_avals: the global results' shapes and dtypes.
     """
     operands = list(operands)
-    mesh = _explicit_mesh(operands)
+    mesh = explicit_mesh(operands)
     if mesh is not None:
         return _explicit(fn, operands, rule, mesh)
     if not may_be_sharded():
@@ -153,16 +153,23 @@ def _explicit(fn, operands, rule: Rule, mesh):
                     f"{rule.name}: an operand of shape {x.shape} is sharded over mesh axis "
                     f"{axes if len(axes) > 1 else axes[0]!r} along a dimension the kernel needs whole "
                     f"(spec {spec}); reshard it with that dimension replicated "
-                    f"(jax.sharding.reshard(x, P(...)) with None there) or shard another dimension.")
+                    f"(jax.sharding.reshard(x, P(...)) with None there) or shard another dimension."
+                )
     chosen = _choose_axes(rule, [x.shape for x in operands], specs, sizes)
     in_specs = [_spec(factors, chosen) for factors in rule.operands]
     # Operands laid out otherwise than the chosen factors (e.g. replicated params beside sharded
     # moments) are resharded first: a local slice, or an explicit collective the user can see.
-    operands = [x if jax.typeof(x).sharding.spec == s else jax.sharding.reshard(x, s)
-                for x, s in zip(operands, in_specs)]
+    operands = [
+        x if jax.typeof(x).sharding.spec == s else jax.sharding.reshard(x, s) for x, s in zip(operands, in_specs)
+    ]
     out_specs = [_spec(factors, chosen) for factors in rule.results]
-    mapped = jax.shard_map(lambda *xs: list(fn(list(xs), chosen)), mesh=mesh, in_specs=tuple(in_specs),
-                           out_specs=out_specs, check_vma=False)
+    mapped = jax.shard_map(
+        lambda *xs: list(fn(list(xs), chosen)),
+        mesh=mesh,
+        in_specs=tuple(in_specs),
+        out_specs=out_specs,
+        check_vma=False,
+    )
     return list(mapped(*operands))
 
 
@@ -189,9 +196,13 @@ def _auto(fn, operands, rule: Rule, result_avals):
     def infer(mesh, arg_shapes, result_shape):
         return layout(mesh, arg_shapes)[2]
 
-    used = {f for factors in rule.operands + rule.results for f in factors}
-    sdy_rule = SdyShardingRule(tuple(rule.operands), tuple(rule.results),
-                               need_replication_factors=tuple(f for f in rule.need_replication if f in used))
+    # Shardy numbers factors in order of first appearance and wants special factors in that order.
+    used = list(dict.fromkeys(f for factors in rule.operands + rule.results for f in factors))
+    sdy_rule = SdyShardingRule(
+        tuple(rule.operands),
+        tuple(rule.results),
+        need_replication_factors=tuple(f for f in used if f in rule.need_replication),
+    )
     wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=sdy_rule)
 
     # custom_partitioning has no batching rule: under `jax.vmap` the kernels are vmapped directly

@@ -28,8 +28,9 @@ def execute(path: Path, timeout: int = 600) -> float:
     # The kernel inherits this: figures go inline into the saved outputs (a global Agg backend, as
     # CI sets, would leave the notebook without its figures).
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     seconds = time.perf_counter() - start
     nbformat.write(nb, path)
     return seconds

@@ -51,8 +51,11 @@ def _state_class(name: str, make, fields: tuple[str, ...]) -> type:
 
 
 ScaleByRmsWithCountState = _state_class(
-    "ScaleByRmsWithCountState", lambda: optax.scale_by_rms(bias_correction=True), ("count", "nu"))
+    "ScaleByRmsWithCountState", lambda: optax.scale_by_rms(bias_correction=True), ("count", "nu")
+)
 ScaleByRStdDevWithCountState = _state_class(
-    "ScaleByRStdDevWithCountState", lambda: optax.scale_by_stddev(bias_correction=True), ("count", "mu", "nu"))
+    "ScaleByRStdDevWithCountState", lambda: optax.scale_by_stddev(bias_correction=True), ("count", "mu", "nu")
+)
 WeightDecaySchedule = _state_class(
-    "WeightDecaySchedule", lambda: optax.add_decayed_weights(lambda count: 0.0), ("count",))
+    "WeightDecaySchedule", lambda: optax.add_decayed_weights(lambda count: 0.0), ("count",)
+)

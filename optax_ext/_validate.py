@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,13 +44,17 @@ def _kind(fn: str, name: str, value, schedule: bool):
             f"{fn}: {name} cannot be a schedule here (its Optax state has no step count to evaluate it at); "
             f"got {value!r}. To change {name} during training, wrap the optimizer: "
             f"optax.inject_hyperparams(<factory>)(..., {name}=schedule) evaluates the schedule each step "
-            f"and passes the value.")
+            f"and passes the value."
+        )
     dtype = getattr(value, "dtype", None)
-    if isinstance(value, bool) or not (isinstance(value, (int, float, np.number)) or (
-            dtype is not None and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)))):
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float, np.number))
+        or (dtype is not None and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)))
+    ):
         raise TypeError(
             f"{fn}: {name} must be a real number{' or a schedule (step -> value)' if schedule else ''}; "
-            f"got {value!r} of type {type(value).__name__}.")
+            f"got {value!r} of type {type(value).__name__}."
+        )
     if np.ndim(value) != 0:
         raise ValueError(f"{fn}: {name} must be a scalar, got an array of shape {np.shape(value)}.")
 
@@ -106,8 +111,9 @@ def storage(fn: str, name: str, value):
         dtype = np.dtype(value)
     except TypeError:
         dtype = None
-    if dtype is None or not np.issubdtype(dtype, np.inexact):
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"{fn}: {name} must be None, a floating-point dtype (jnp.float32, jnp.bfloat16, ...) or "
-            f"optax_ext.int8_blockwise (8-bit blockwise moments); got {value!r}.")
+            f"optax_ext.int8_blockwise (8-bit blockwise moments); got {value!r}."
+        )
     return value

@@ -3,11 +3,12 @@
 Every per-element transformation of optax_ext carries, beside `init`/`update`, its math as a
 `Rule`: a function of one element `(g, p, slots, scalars) -> (u, new_slots)` plus how to read its
 per-parameter slots (m, v, ...) and its step-wide scalars (bias corrections, learning rate, clip
-factor) from its state. `chain` composes the rules of adjacent transformations into one rule and
-runs it over every leaf through `optax_ext.kernels.elementwise.run_fused`: plain XLA per leaf on
-CPU, a few multi-tensor Pallas launches on GPU (many leaves per launch), one Pallas call per leaf
-on TPU. Transformations without a rule (Optax's own, Adafactor's factored
-moments) run through their own `update` and simply end a fused run.
+factor: a NamedTuple the rule declares) from its state. `chain` composes the rules of adjacent
+transformations into one rule and runs it over every leaf through
+`optax_ext.kernels.elementwise.run_fused`: plain XLA per leaf on CPU, a few multi-tensor Pallas
+launches on GPU (many leaves per launch), one Pallas call per leaf on TPU. Transformations without
+a rule (Optax's own, Adafactor's factored moments) run through their own `update` and simply end a
+fused run.
 
 State layout is unchanged by fusion: `chain(a, b).init(params) == (a.init(params), b.init(params))`,
 exactly as `optax.chain`, and each transformation keeps Optax's NamedTuple state where Optax has
@@ -17,57 +18,35 @@ the same transformation.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from optax_ext.kernels import elementwise as _elementwise
-from optax_ext.quantization import QuantizedArray
 from optax_ext.kernels import reductions
+from optax_ext.quantization import QuantizedArray
+from optax_ext.rule import ElementFn, NoScalars, PerLeaf, Rule, Scalars, scalar
+from optax_ext.tree_checks import check_trees
 
-Scalars = dict[str, Any]
-ElementFn = Callable[[jax.Array, jax.Array | None, tuple, Scalars], tuple[jax.Array, tuple]]
-
-
-class PerLeaf(NamedTuple):
-    """A scalar that differs per leaf (a trust ratio, a mask): a pytree shaped like the updates."""
-
-    tree: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """The per-element math of one transformation.
-
-    Attributes:
-      name: the transformation's name, for error messages.
-      state_type: the NamedTuple class (or tuple of classes) its state must be.
-      slots: names of the state fields holding per-parameter arrays (e.g. ("mu", "nu")).
-      scalars: `(state, updates, params) -> dict` of step-wide f32 scalars (or `PerLeaf` trees).
-        `updates` is the input of the fused run: its structure is always the leaves'; its values
-        are this rule's input only when `reads_updates` (which starts a run), so read them then only.
-      element: `(g, p, slots, scalars) -> (u, new_slots)` on f32 values of one element.
-      next_state: `(state, new_slots) -> new state`, new_slots a tuple of trees (one per slot).
-      reads_updates: the scalars reduce over the incoming updates (a global or per-leaf norm), so
-        the rule must begin a fused run: the updates it sees must exist in memory.
-      needs_params: `element` or `scalars` reads the parameters.
-      readonly_slots: the slots are constants (anchors, a Fisher diagonal): the fused pass reads
-        them but never writes them back; `element`'s returned slots are ignored.
-    """
-
-    name: str
-    state_type: type | tuple[type, ...]
-    slots: tuple[str, ...]
-    scalars: Callable[[Any, Any, Any], Scalars]
-    element: ElementFn
-    next_state: Callable[[Any, tuple], Any]
-    reads_updates: bool = False
-    needs_params: bool = False
-    readonly_slots: bool = False
+__all__ = [
+    "ElementFn",
+    "FusableTransformation",
+    "Gate",
+    "NoScalars",
+    "PerLeaf",
+    "Rule",
+    "Scalars",
+    "apply_if_finite",
+    "chain",
+    "fusable",
+    "scalar",
+    "update_and_apply",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +70,37 @@ class _Atom:
     gate: Gate | None = None
 
 
+# The fusion metadata (the atoms) of a transformation is keyed by its `update` function, not stored
+# on the transformation. `tx._replace(init=...)`, `optax.GradientTransformationExtraArgs(tx.init,
+# tx.update)` and any helper that rebuilds a transformation from its two fields drop whatever was
+# set on the instance, but keep the update function; and the atoms describe exactly what that
+# function computes (it is `_execute(atoms, ...)`). So any transformation whose update is ours fuses,
+# and one whose update was replaced (`tx._replace(update=f)`, `optax.masked(tx)`) is opaque, as it
+# must be. Weak keys: a dropped optimizer drops its entry. Not an attribute of the function:
+# `functools.wraps` copies a function's `__dict__`, which would make a wrapper that changes the
+# updates look fusable.
+_ATOMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _atoms_of(tx) -> tuple[_Atom, ...] | None:
+    """The atoms of `tx` when its `update` is one of ours, else None (an opaque transformation)."""
+    try:
+        return _ATOMS.get(tx.update)
+    except TypeError:  # an update that cannot be weakly referenced or hashed is not ours
+        return None
+
+
 class FusableTransformation(optax.GradientTransformationExtraArgs):
     """An `optax.GradientTransformationExtraArgs` that knows its per-element parts.
 
     It is a plain `(init, update)` NamedTuple to Optax (works in `optax.chain`, `optax.masked`,
-    `optax.inject_hyperparams`, ...); `optax_ext.chain` reads `atoms` to fuse adjacent rules.
+    `optax.inject_hyperparams`, ...); `optax_ext.chain` reads its `atoms` to fuse adjacent rules.
     """
 
-    atoms: tuple[_Atom, ...]
+    @property
+    def atoms(self) -> tuple[_Atom, ...] | None:
+        """The per-element parts of `update` (None once `update` was replaced by another function)."""
+        return _atoms_of(self)
 
     def update_and_apply(self, updates, state, params, **extra_args):
         """Return `(new_params, new_state)`; the last fused run writes the parameters directly.
@@ -111,16 +113,15 @@ class FusableTransformation(optax.GradientTransformationExtraArgs):
         kernel that writes into a buffer the caller did not donate makes XLA copy that buffer
         first, which adds about 24 bytes per parameter to a 28-byte AdamW step.
         """
-        return _execute(self.atoms, updates, state, params, apply=True, extra_args=extra_args)
+        return update_and_apply(self, updates, state, params, **extra_args)
 
 
 def _make(init: Callable, atoms: tuple[_Atom, ...]) -> FusableTransformation:
     def update(updates, state, params=None, **extra_args):
         return _execute(atoms, updates, state, params, apply=False, extra_args=extra_args)
 
-    tx = FusableTransformation(init, update)
-    tx.atoms = atoms
-    return tx
+    _ATOMS[update] = atoms
+    return FusableTransformation(init, update)
 
 
 def fusable(init: Callable, rule: Rule) -> FusableTransformation:
@@ -144,8 +145,9 @@ def chain(*transformations: optax.GradientTransformation) -> FusableTransformati
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise TypeError(
                 f"chain(): argument {i} must be a GradientTransformation (with init and update), "
-                f"got {type(tx).__name__}.")
-        inner = getattr(tx, "atoms", None)
+                f"got {type(tx).__name__}."
+            )
+        inner = _atoms_of(tx)
         if inner is not None:
             atoms.extend(dataclasses.replace(a, path=(i,) + a.path) for a in inner)
         else:
@@ -177,28 +179,39 @@ def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors:
       `optax.apply_if_finite`; Micikevicius et al., *Mixed Precision Training*, ICLR 2018 (skipping
       steps with overflowed gradients).
     """
-    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, (int, np.integer)) \
-            or max_consecutive_errors < 0:
-        raise ValueError(f"apply_if_finite: max_consecutive_errors must be an integer >= 0, "
-                         f"got {max_consecutive_errors!r}.")
+    if (
+        isinstance(max_consecutive_errors, bool)
+        or not isinstance(max_consecutive_errors, (int, np.integer))
+        or max_consecutive_errors < 0
+    ):
+        raise ValueError(
+            f"apply_if_finite: max_consecutive_errors must be an integer >= 0, got {max_consecutive_errors!r}."
+        )
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
         raise TypeError(f"apply_if_finite: inner must be a GradientTransformation, got {type(inner).__name__}.")
-    inner_atoms = getattr(inner, "atoms", None) or (_Atom(None, optax.with_extra_args_support(inner).update, ()),)
+    inner_atoms = _atoms_of(inner) or (_Atom(None, optax.with_extra_args_support(inner).update, ()),)
     at = optax.ApplyIfFiniteState._fields.index("inner_state")
-    atoms = (_Atom(None, None, (), Gate(int(max_consecutive_errors), len(inner_atoms))),
-             *(dataclasses.replace(a, path=(at,) + a.path) for a in inner_atoms))
+    atoms = (
+        _Atom(None, None, (), Gate(int(max_consecutive_errors), len(inner_atoms))),
+        *(dataclasses.replace(a, path=(at,) + a.path) for a in inner_atoms),
+    )
 
     def init(params):
-        return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
-                                        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+        return optax.ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32),
+            last_finite=jnp.array(True),
+            total_notfinite=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(params),
+        )
 
     return _make(init, atoms)
 
 
 def update_and_apply(tx: optax.GradientTransformation, updates, state, params, **extra_args):
-    """`(new_params, new_state)` for any transformation; fused when `tx` is ours."""
-    if isinstance(tx, FusableTransformation):
-        return tx.update_and_apply(updates, state, params, **extra_args)
+    """`(new_params, new_state)` for any transformation; fused when `tx`'s update is ours."""
+    atoms = _atoms_of(tx)
+    if atoms is not None:
+        return _execute(atoms, updates, state, params, apply=True, extra_args=extra_args)
     updates, state = tx.update(updates, state, params, **extra_args)
     return optax.apply_updates(params, updates), state
 
@@ -239,52 +252,22 @@ def _check_state(atoms, state):
             raise TypeError(
                 f"update(): state does not match this transformation (no entry at {atom.path}); "
                 f"got {type(state).__name__}. Pass the state returned by this transformation's "
-                f"init (or its previous update).") from None
+                f"init (or its previous update)."
+            ) from None
         if atom.gate is not None and not isinstance(sub, optax.ApplyIfFiniteState):
-            raise TypeError(f"update(): apply_if_finite expected its state to be ApplyIfFiniteState, got "
-                            f"{type(sub).__name__}. Was `init` called with this transformation?")
+            raise TypeError(
+                f"update(): apply_if_finite expected its state to be ApplyIfFiniteState, got "
+                f"{type(sub).__name__}. Was `init` called with this transformation?"
+            )
         if atom.rule is not None and not _stateless(atom) and not isinstance(sub, atom.rule.state_type):
             raise TypeError(
                 f"update(): {atom.rule.name} expected its state to be {_type_names(atom.rule.state_type)}, "
-                f"got {type(sub).__name__}. Was `init` called with this transformation?")
+                f"got {type(sub).__name__}. Was `init` called with this transformation?"
+            )
 
 
 def _type_names(t):
     return " or ".join(c.__name__ for c in (t if isinstance(t, tuple) else (t,)))
-
-
-def _check_trees(updates, params):
-    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
-        dtype = jnp.result_type(u)
-        if not (jnp.issubdtype(dtype, jnp.inexact) or jnp.issubdtype(dtype, jnp.integer)):
-            raise TypeError(
-                f"update(): updates must be numbers (floating point, complex or integer); got {dtype} at "
-                f"{jax.tree_util.keystr(path)}.")
-    if params is None:
-        return
-    # `None` update leaves (no update for that part of the params) may stand for whole subtrees.
-    full = jax.tree.structure(updates, is_leaf=_is_none)
-    try:
-        p_parts = full.flatten_up_to(params)
-    except (ValueError, TypeError):
-        raise ValueError(
-            "update(): updates and params must have the same tree structure; got\n"
-            f"  updates: {jax.tree.structure(updates)}\n  params:  {jax.tree.structure(params)}") from None
-    u_parts = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)[0]
-    for (path, u), p in zip(u_parts, p_parts):
-        if u is None:
-            continue
-        if jnp.shape(u) != jnp.shape(p):
-            raise ValueError(
-                f"update(): updates and params differ in shape at {jax.tree_util.keystr(path)}: "
-                f"updates {jnp.shape(u)}, params {jnp.shape(p)}.")
-        if not jnp.issubdtype(jnp.result_type(p), jnp.inexact) and jnp.issubdtype(jnp.result_type(u), jnp.inexact):
-            # optax.apply_updates would cast p + u back to the integer dtype: a small update rounds
-            # to nothing, silently. Integer leaves belong outside the optimizer (optax.masked, freeze).
-            raise TypeError(
-                f"update(): params at {jax.tree_util.keystr(path)} are {jnp.result_type(p)} but their updates are "
-                f"{jnp.result_type(u)}: applying them would round the updates away. Optimize floating-point or "
-                f"complex parameters; keep integer leaves out of the optimizer (optax.masked, optax_ext.freeze).")
 
 
 def _runs(atoms: Sequence[_Atom]) -> list[tuple[int, list[_Atom]]]:
@@ -296,8 +279,13 @@ def _runs(atoms: Sequence[_Atom]) -> list[tuple[int, list[_Atom]]]:
             starts.update((i + 1, i + 1 + atom.gate.span))
     runs: list[tuple[int, list[_Atom]]] = []
     for i, atom in enumerate(atoms):
-        mergeable = (atom.rule is not None and not atom.rule.reads_updates and i not in starts and runs
-                     and runs[-1][1][0].rule is not None)
+        mergeable = (
+            atom.rule is not None
+            and not atom.rule.reads_updates
+            and i not in starts
+            and runs
+            and runs[-1][1][0].rule is not None
+        )
         if mergeable:
             runs[-1][1].append(atom)
         else:
@@ -307,7 +295,7 @@ def _runs(atoms: Sequence[_Atom]) -> list[tuple[int, list[_Atom]]]:
 
 def _execute(atoms, updates, state, params, *, apply: bool, extra_args):
     _check_state(atoms, state)
-    _check_trees(updates, params)
+    check_trees(updates, params)
     if apply and params is None:
         raise ValueError("update_and_apply(): params are required.")
     with reductions.sharing():  # a gate's finiteness test and a global norm of the same grads: one pass
@@ -370,20 +358,29 @@ def _opaque_step(atom, updates, state, params, extra_args, gate):
         updates, sub = atom.update(updates, old, params, **extra_args)
     else:
         updates, sub = jax.lax.cond(
-            gate, lambda: atom.update(updates, old, params, **extra_args),
-            lambda: (jax.tree.map(jnp.zeros_like, updates), old))
+            gate,
+            lambda: atom.update(updates, old, params, **extra_args),
+            lambda: (jax.tree.map(jnp.zeros_like, updates), old),
+        )
     return updates, _set(state, atom.path, sub)
 
 
 def _scalar_columns(rule: Rule, scalars: Scalars, treedef, shared: list, per_leaf: list) -> dict:
     """File a rule's scalars: step-wide values into `shared`, `PerLeaf` trees into `per_leaf` columns.
 
-    Returns `{name: ("shared" | "leaf", index)}`: where the composed body reads each scalar.
+    Returns `{field: ("shared" | "leaf", index) or None}`: where the composed body reads each
+    scalar (None: a field left None, which the body passes on as None).
     """
+    if type(scalars) is not rule.scalars_type:
+        raise TypeError(
+            f"{rule.name}: Rule.scalars must return a {rule.scalars_type.__name__} (the rule's "
+            f"scalars_type), got {type(scalars).__name__}."
+        )
     where = {}
-    for name in sorted(scalars):
-        v = scalars[name]
-        if isinstance(v, PerLeaf):
+    for name, v in scalars._asdict().items():
+        if v is None:
+            where[name] = None
+        elif isinstance(v, PerLeaf):
             leaves = treedef.flatten_up_to(v.tree)
             where[name] = ("leaf", len(per_leaf))
             per_leaf.append([scalar(x).reshape(()) for x in leaves])
@@ -431,14 +428,18 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
             parts[i] = pruned[j]
         return full.unflatten(parts)
 
-    pruned_states = [st._replace(**{f: prune(getattr(st, f)) for f in rule.slots}) if rule.slots else st
-                     for rule, st in zip(rules, states)]
-    out, new_pruned = _fused_run_leaves(rules, pruned_states, prune(updates),
-                                        None if params is None else prune(params), write_params, gate)
+    pruned_states = [
+        st._replace(**{f: prune(getattr(st, f)) for f in rule.slots}) if rule.slots else st
+        for rule, st in zip(rules, states)
+    ]
+    out, new_pruned = _fused_run_leaves(
+        rules, pruned_states, prune(updates), None if params is None else prune(params), write_params, gate
+    )
     new_states = []
     for rule, st, new in zip(rules, states, new_pruned):
-        trees = tuple(getattr(st, f) if rule.readonly_slots else unprune(getattr(new, f), getattr(st, f))
-                      for f in rule.slots)
+        trees = tuple(
+            getattr(st, f) if rule.readonly_slots else unprune(getattr(new, f), getattr(st, f)) for f in rule.slots
+        )
         new_states.append(rule.next_state(st, trees) if rule.slots else new)
     return unprune(out, params if write_params else None), new_states
 
@@ -469,13 +470,15 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
             except (ValueError, TypeError) as e:
                 raise ValueError(
                     f"update(): {rule.name} state field {field!r} does not match the updates' tree "
-                    f"structure ({treedef}); was the state made by init on these params? ({e})") from None
+                    f"structure ({treedef}); was the state made by init on these params? ({e})"
+                ) from None
             for (path, g), x in zip(jax.tree_util.tree_flatten_with_path(updates)[0], slot):
                 if x.shape != jnp.shape(g):
                     raise ValueError(
                         f"update(): {rule.name} state field {field!r} has shape {x.shape} at "
                         f"{jax.tree_util.keystr(path)} where the updates have {jnp.shape(g)}; was the state "
-                        f"made by init on these params?")
+                        f"made by init on these params?"
+                    )
             per_slot.append(slot)
         slot_leaves.append(per_slot)
         scal = rule.scalars(st, updates, params)
@@ -502,8 +505,11 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
                     out_dtypes.append(_storage(slot[i]))
                 inputs.append(slot[i])
         # An output may overwrite an input only of its own dtype (a bf16 slot written as f32 cannot).
-        aliases = {a: o for a, o in aliases.items()
-                   if _elementwise.same_storage(_elementwise.storage_of(inputs[a]), out_dtypes[o])}
+        aliases = {
+            a: o
+            for a, o in aliases.items()
+            if _elementwise.same_storage(_elementwise.storage_of(inputs[a]), out_dtypes[o])
+        }
         jobs.append(_elementwise.Job(inputs, out_dtypes, _stack([col[i] for col in per_leaf]), aliases))
 
     outs = _elementwise.run_fused(body, jobs, _stack(shared))
@@ -528,8 +534,11 @@ def _keep_unless(gate, rule: Rule, new, old):
     in the fused pass)."""
     if not hasattr(new, "_fields") or type(new) is not type(old):
         return jax.tree.map(lambda n, o: jnp.where(gate, n, o), new, old)
-    fields = {f: jax.tree.map(lambda n, o: jnp.where(gate, n, o), getattr(new, f), getattr(old, f))
-              for f in new._fields if f not in rule.slots}
+    fields = {
+        f: jax.tree.map(lambda n, o: jnp.where(gate, n, o), getattr(new, f), getattr(old, f))
+        for f in new._fields
+        if f not in rule.slots
+    }
     return new._replace(**fields)
 
 
@@ -537,19 +546,23 @@ def _compose(rules, positions, needs_params, write_params, gate_at=None):
     """The composed per-element rule: `body(inputs, shared, leaf) -> [u or new p, *new slots]`.
 
     inputs = [g, (p), slots of rule 1, slots of rule 2, ...]; `positions[r][name]` says whether rule
-    r's scalar `name` is `shared[j]` (step-wide) or `leaf[j]` (this leaf's own value). Read-only
-    slots are inputs only. With `gate_at`, `shared[gate_at]` is 1 to apply the step and 0 to skip
-    it: then the outputs are zero updates (or the unchanged params) and the old slots.
+    r's scalar `name` is `shared[j]` (step-wide), `leaf[j]` (this leaf's own value) or None; rule r's
+    element gets them back as its `scalars_type`. Read-only slots are inputs only. With `gate_at`,
+    `shared[gate_at]` is 1 to apply the step and 0 to skip it: then the outputs are zero updates (or
+    the unchanged params) and the old slots.
     """
 
     def body(inputs, shared, leaf):
+        def read(w):
+            return None if w is None else (shared if w[0] == "shared" else leaf)[w[1]]
+
         it = iter(inputs)
         g = next(it)
         p = next(it) if needs_params else None
         new_slots_all, old_slots_all = [], []
         for rule, where in zip(rules, positions):
             slots = tuple(next(it) for _ in range(len(rule.slots)))
-            s = {name: (shared if kind == "shared" else leaf)[j] for name, (kind, j) in where.items()}
+            s = rule.scalars_type(**{name: read(w) for name, w in where.items()})
             g, new_slots = rule.element(g, p, slots, s)
             if not rule.readonly_slots:
                 new_slots_all.extend(new_slots)
@@ -566,9 +579,3 @@ def _compose(rules, positions, needs_params, write_params, gate_at=None):
 
 def _stack(scalars):
     return jnp.stack(scalars) if scalars else jnp.zeros((0,), jax.dtypes.canonicalize_dtype(jnp.float64))
-
-
-def scalar(x) -> jax.Array:
-    """A step-wide value in the widest float JAX allows now (f64 under `jax_enable_x64`, else f32):
-    f64 leaves then get f64 bias corrections; the kernels read them as f32."""
-    return jnp.asarray(x, jax.dtypes.canonicalize_dtype(jnp.float64))

@@ -19,8 +19,9 @@ from optax_ext import _validate as check
 __all__ = ["jensen_shannon_consistency", "nt_xent", "softmax_cross_entropy"]
 
 
-def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, label_smoothing: float = 0.0,
-                          num_classes: int | None = None) -> jax.Array:
+def softmax_cross_entropy(
+    logits, labels, axis=-1, where=None, *, label_smoothing: float = 0.0, num_classes: int | None = None
+) -> jax.Array:
     r"""Cross-entropy :math:`-\sum_k \tilde y_k \log\mathrm{softmax}(z)_k` over the class axis.
 
     `optax.softmax_cross_entropy`'s arguments (`axis`: the class axis or axes; `where`: a mask of
@@ -51,10 +52,12 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, label_smoothin
         if not isinstance(axis, int):
             raise ValueError(f"{fn}: integer labels need a single class axis, got axis={axis!r}.")
         k = logits.shape[axis]
-        lead = logits.shape[:axis % logits.ndim] + logits.shape[axis % logits.ndim + 1:]
+        lead = logits.shape[: axis % logits.ndim] + logits.shape[axis % logits.ndim + 1 :]
         if labels.shape != lead:
-            raise ValueError(f"{fn}: integer labels must have the shape of logits without the class axis, "
-                             f"{lead}, got {labels.shape}.")
+            raise ValueError(
+                f"{fn}: integer labels must have the shape of logits without the class axis, "
+                f"{lead}, got {labels.shape}."
+            )
         targets = jax.nn.one_hot(labels, k, dtype=dtype, axis=axis)
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         if labels.shape != logits.shape:
@@ -140,8 +143,10 @@ def jensen_shannon_consistency(logits_clean, logits_aug1, logits_aug2) -> jax.Ar
     logits = [jnp.asarray(x) for x in (logits_clean, logits_aug1, logits_aug2)]
     shapes = [x.shape for x in logits]
     if len(set(shapes)) != 1 or logits[0].ndim < 1:
-        raise ValueError("jensen_shannon_consistency: logits_clean, logits_aug1 and logits_aug2 must have the same "
-                         f"shape (..., num_classes); got {shapes[0]}, {shapes[1]} and {shapes[2]}.")
+        raise ValueError(
+            "jensen_shannon_consistency: logits_clean, logits_aug1 and logits_aug2 must have the same "
+            f"shape (..., num_classes); got {shapes[0]}, {shapes[1]} and {shapes[2]}."
+        )
     log_ps = [jax.nn.log_softmax(x.astype(jnp.float32), axis=-1) for x in logits]
     ps = [jnp.exp(lp) for lp in log_ps]
     log_m = jnp.log(jnp.clip((ps[0] + ps[1] + ps[2]) / 3.0, 1e-7, 1.0))

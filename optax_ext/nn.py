@@ -154,8 +154,10 @@ class BatchNorm(nnx.BatchNorm):
         # The call's argument wins over the module's attribute, as in flax (its `first_from`).
         use_running_average = next((v for v in (use_running_average, self.use_running_average) if v is not None), None)
         if use_running_average is None:
-            raise ValueError("No `use_running_average` argument was provided to BatchNorm: pass it to the "
-                             "constructor or to the call, or use model.train() / model.eval().")
+            raise ValueError(
+                "No `use_running_average` argument was provided to BatchNorm: pass it to the "
+                "constructor or to the call, or use model.train() / model.eval()."
+            )
         feat = _canonical_axes(x.ndim, self.axis)
         red = tuple(i for i in range(x.ndim) if i not in feat)
         x, ra_mean, ra_var, scale, bias = self.promote_dtype(
@@ -176,10 +178,12 @@ class BatchNorm(nnx.BatchNorm):
             else:
                 mean_d, var_d = batch_norm_stats(xt)
                 mean = lax.pmean(mean_d, self.axis_name, axis_index_groups=self.axis_index_groups)
-                var = lax.pmean(var_d + jnp.square(mean_d - mean), self.axis_name,
-                                axis_index_groups=self.axis_index_groups)
-                yt = _normalize(xt, mean, var, scale, bias, _all_but_last(xt.ndim), (xt.ndim - 1,), self.dtype,
-                                self.epsilon)
+                var = lax.pmean(
+                    var_d + jnp.square(mean_d - mean), self.axis_name, axis_index_groups=self.axis_index_groups
+                )
+                yt = _normalize(
+                    xt, mean, var, scale, bias, _all_but_last(xt.ndim), (xt.ndim - 1,), self.dtype, self.epsilon
+                )
             y = jnp.moveaxis(yt, -1, axis)
 
         # Running statistics: no gradient flows into them (flax does the same).

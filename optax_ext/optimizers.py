@@ -45,8 +45,9 @@ def _chain(kahan_sum: bool, *parts) -> FusableTransformation:
     return chain(*parts, kahan_summation()) if kahan_sum else chain(*parts)
 
 
-def sgd(learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=None, *,
-        kahan_sum: bool = False) -> FusableTransformation:
+def sgd(
+    learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=None, *, kahan_sum: bool = False
+) -> FusableTransformation:
     r"""SGD, optionally with heavy-ball or Nesterov momentum.
 
     :math:`v_t = \rho v_{t-1} + g_t`, :math:`\theta_{t+1} = \theta_t - \eta_t v_t` (Nesterov:
@@ -56,14 +57,23 @@ def sgd(learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=
       Robbins & Monro, 1951; Sutskever et al., *On the importance of initialization and momentum in
       deep learning*, ICML 2013.
     """
-    first = (scale_by_momentum(momentum, nesterov, accumulator_dtype) if momentum is not None
-             else optax.identity())
+    first = scale_by_momentum(momentum, nesterov, accumulator_dtype) if momentum is not None else optax.identity()
     return _chain(kahan_sum, first, scale_by_learning_rate(learning_rate))
 
 
-def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True,
-            centered: bool = False, momentum=None, nesterov: bool = False,
-            bias_correction: bool = False, *, kahan_sum: bool = False) -> FusableTransformation:
+def rmsprop(
+    learning_rate,
+    decay=0.9,
+    eps=1e-8,
+    initial_scale=0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum=None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    kahan_sum: bool = False,
+) -> FusableTransformation:
     r"""RMSprop: :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`,
     :math:`\theta_{t+1} = \theta_t - \eta\, g_t / \sqrt{v_t + \epsilon}`; optionally centered and with
     momentum applied after the learning rate (as Optax and PyTorch).
@@ -79,20 +89,47 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: 
     )
 
 
-def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = False,
-         nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
+def adam(
+    learning_rate,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    mu_dtype=None,
+    *,
+    nesterov: bool = False,
+    nu_dtype=None,
+    kahan_sum: bool = False,
+) -> FusableTransformation:
     r"""Adam: :math:`\theta_{t+1} = \theta_t - \eta_t \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`.
 
     References:
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
     """
-    return _chain(kahan_sum, scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
-                  scale_by_learning_rate(learning_rate))
+    return _chain(
+        kahan_sum,
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
-def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=1e-4, mask=None,
-          *, nesterov: bool = False, nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
-    r"""AdamW: :math:`\theta_{t+1} = \theta_t - \eta_t\big(\hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda\theta_t\big)`,
+def adamw(
+    learning_rate,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    mu_dtype=None,
+    weight_decay=1e-4,
+    mask=None,
+    *,
+    nesterov: bool = False,
+    nu_dtype=None,
+    kahan_sum: bool = False,
+) -> FusableTransformation:
+    r"""AdamW: decoupled weight decay,
+
+    :math:`\theta_{t+1} = \theta_t - \eta_t\big(\hat m_t / (\sqrt{\hat v_t} + \epsilon) + \lambda\theta_t\big)`,
 
     i.e. :math:`(1-\eta_t\lambda)\theta_t - \eta_t \hat m_t/(\sqrt{\hat v_t}+\epsilon)`: decay decoupled
     from the adaptive scaling and following the learning-rate schedule.
@@ -100,70 +137,132 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
     References:
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
     """
-    return _chain(kahan_sum, scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
-                  add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
+    return _chain(
+        kahan_sum,
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
-def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = True,
-          nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
+def nadam(
+    learning_rate,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    mu_dtype=None,
+    *,
+    nesterov: bool = True,
+    nu_dtype=None,
+    kahan_sum: bool = False,
+) -> FusableTransformation:
     r"""NAdam: Adam with Nesterov momentum,
     :math:`\hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`.
 
     References:
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR workshop 2016.
     """
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype,
-                kahan_sum=kahan_sum)
+    return adam(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, nu_dtype=nu_dtype, kahan_sum=kahan_sum
+    )
 
 
-def adabelief(learning_rate, b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bool = False,
-              mu_dtype=None, nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
-    r"""AdaBelief: Adam with the second moment of :math:`g_t - m_t`, :math:`\theta_{t+1} = \theta_t - \eta_t \hat m_t/(\sqrt{\hat s_t}+\epsilon)`.
+def adabelief(
+    learning_rate,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-16,
+    eps_root=1e-16,
+    *,
+    nesterov: bool = False,
+    mu_dtype=None,
+    nu_dtype=None,
+    kahan_sum: bool = False,
+) -> FusableTransformation:
+    r"""AdaBelief: Adam with the second moment of :math:`g_t - m_t`,
+
+    :math:`\theta_{t+1} = \theta_t - \eta_t \hat m_t/(\sqrt{\hat s_t}+\epsilon)`.
 
     References:
       Zhuang et al., *AdaBelief Optimizer*, NeurIPS 2020.
     """
-    return _chain(kahan_sum, scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype,
-                                             nu_dtype=nu_dtype), scale_by_learning_rate(learning_rate))
+    return _chain(
+        kahan_sum,
+        scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
-def yogi(learning_rate, b1=0.9, b2=0.999, eps=1e-3, *, mu_dtype=None, nu_dtype=None,
-         kahan_sum: bool = False) -> FusableTransformation:
+def yogi(
+    learning_rate, b1=0.9, b2=0.999, eps=1e-3, *, mu_dtype=None, nu_dtype=None, kahan_sum: bool = False
+) -> FusableTransformation:
     r"""Yogi: :math:`v_t = v_{t-1} - (1-\beta_2)\mathrm{sign}(v_{t-1}-g_t^2) g_t^2`, then an Adam step.
 
     References:
       Zaheer et al., *Adaptive Methods for Nonconvex Optimization*, NeurIPS 2018.
     """
-    return _chain(kahan_sum, scale_by_yogi(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-                  scale_by_learning_rate(learning_rate))
+    return _chain(
+        kahan_sum,
+        scale_by_yogi(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
-def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
-         kahan_sum: bool = False) -> FusableTransformation:
-    r"""Lion: :math:`\theta_{t+1} = \theta_t - \eta_t(\mathrm{sign}((1-\beta_1)g_t + \beta_1 m_{t-1}) + \lambda\theta_t)`,
+def lion(
+    learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *, kahan_sum: bool = False
+) -> FusableTransformation:
+    r"""Lion: the sign of an interpolation of gradient and momentum,
+
+    :math:`\theta_{t+1} = \theta_t - \eta_t(\mathrm{sign}((1-\beta_1)g_t + \beta_1 m_{t-1}) + \lambda\theta_t)`,
     :math:`m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t`.
 
     References:
       Chen et al., *Symbolic Discovery of Optimization Algorithms*, 2023.
     """
-    return _chain(kahan_sum, scale_by_lion(b1, b2, mu_dtype), add_decayed_weights(weight_decay, mask),
-                  scale_by_learning_rate(learning_rate))
+    return _chain(
+        kahan_sum,
+        scale_by_lion(b1, b2, mu_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
-def amsgrad(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, bias_correction_mu: bool = True,
-            bias_correction_nu: bool = True, *, nu_dtype=None, kahan_sum: bool = False) -> FusableTransformation:
+def amsgrad(
+    learning_rate,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    mu_dtype=None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    nu_dtype=None,
+    kahan_sum: bool = False,
+) -> FusableTransformation:
     r"""AMSGrad: Adam with :math:`\hat v^{max}_t = \max(\hat v^{max}_{t-1}, \hat v_t)` in the denominator.
 
     References:
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
-    return _chain(kahan_sum, scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu,
-                                              bias_correction_nu, nu_dtype=nu_dtype),
-                  scale_by_learning_rate(learning_rate))
+    return _chain(
+        kahan_sum,
+        scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu, nu_dtype=nu_dtype),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
-def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coefficient=0.001, eps=0.0,
-         trust_ratio_mask=True, momentum=0.9, nesterov: bool = False) -> FusableTransformation:
+def lars(
+    learning_rate,
+    weight_decay=0.0,
+    weight_decay_mask=True,
+    trust_coefficient=0.001,
+    eps=0.0,
+    trust_ratio_mask=True,
+    momentum=0.9,
+    nesterov: bool = False,
+) -> FusableTransformation:
     r"""LARS: per-leaf trust ratio :math:`\tau\|\theta\|/\|g + \lambda\theta\|` times the learning rate, then momentum.
 
     References:
@@ -192,12 +291,23 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
     )
 
 
-def adafactor(learning_rate=None, min_dim_size_to_factor: int = 128, decay_rate=0.8, decay_offset=0,
-              multiply_by_parameter_scale: bool = True, clipping_threshold=1.0, momentum=None,
-              dtype_momentum="float32", weight_decay_rate=None, eps=1e-30, factored: bool = True,
-              weight_decay_mask=None) -> FusableTransformation:
+def adafactor(
+    learning_rate=None,
+    min_dim_size_to_factor: int = 128,
+    decay_rate=0.8,
+    decay_offset=0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold=1.0,
+    momentum=None,
+    dtype_momentum="float32",
+    weight_decay_rate=None,
+    eps=1e-30,
+    factored: bool = True,
+    weight_decay_mask=None,
+) -> FusableTransformation:
     r"""Adafactor: factored second moments (rows and columns), per-leaf RMS clipping and, by default,
-    steps relative to the parameters' RMS: :math:`\theta_{t+1} = \theta_t - \eta_t \max(\mathrm{rms}(\theta), 10^{-3})\, \hat u_t`.
+    steps relative to the parameters' RMS:
+    :math:`\theta_{t+1} = \theta_t - \eta_t \max(\mathrm{rms}(\theta), 10^{-3})\, \hat u_t`.
 
     References:
       Shazeer & Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory Cost*, ICML 2018.

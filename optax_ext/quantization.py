@@ -33,9 +33,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Int8Blockwise", "QuantFormat", "QuantizedArray", "decode", "decode_reference", "dequantize_blocks",
-           "dequantize_leaf", "dynamic_map", "encode", "int8_blockwise", "quantize_blocks", "quantize_blockwise_reference",
-           "quantize_leaf", "quantize_reference", "zero_code", "zeros_quantized"]
+__all__ = [
+    "Int8Blockwise",
+    "QuantFormat",
+    "QuantizedArray",
+    "decode",
+    "decode_reference",
+    "dequantize_blocks",
+    "dequantize_leaf",
+    "dynamic_map",
+    "encode",
+    "int8_blockwise",
+    "quantize_blocks",
+    "quantize_blockwise_reference",
+    "quantize_leaf",
+    "quantize_reference",
+    "zero_code",
+    "zeros_quantized",
+]
 
 LEVELS = 7  # exponent levels: values from 10^-7 to 1
 
@@ -124,8 +139,10 @@ class QuantizedArray:
         return self.size + 4 * int(np.prod(np.shape(self.absmax)))
 
     def tree_flatten_with_keys(self):
-        return ((jax.tree_util.GetAttrKey("codes"), self.codes),
-                (jax.tree_util.GetAttrKey("absmax"), self.absmax)), self.format
+        return (
+            (jax.tree_util.GetAttrKey("codes"), self.codes),
+            (jax.tree_util.GetAttrKey("absmax"), self.absmax),
+        ), self.format
 
     @classmethod
     def tree_unflatten(cls, format, children):  # noqa: A002
@@ -283,8 +300,8 @@ def quantize_blockwise_reference(x: np.ndarray, block_size: int, signed: bool):
     codes = np.zeros(flat.shape, np.uint8)
     absmax = []
     for start in range(0, flat.size, block_size):
-        block = flat[start:start + block_size]
+        block = flat[start : start + block_size]
         m = float(np.max(np.abs(block))) if block.size else 0.0
         absmax.append(m)
-        codes[start:start + block_size] = quantize_reference(block / m if m > 0 else block, signed)
+        codes[start : start + block_size] = quantize_reference(block / m if m > 0 else block, signed)
     return codes.reshape(x.shape), np.asarray(absmax)

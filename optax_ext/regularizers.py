@@ -80,12 +80,20 @@ class EWCState(NamedTuple):
 # --------------------------------------------------------------------------------- helpers
 
 
-def _strength_scalars(strength, mask, params, name="lam"):
-    """{name: strength}, or a per-leaf strength that is 0 where `mask` is False."""
+class _Strength(NamedTuple):
+    lam: Any  # the penalty's strength (PerLeaf with a mask)
+
+
+class _Threshold(NamedTuple):
+    thr: Any  # lr * strength, the soft-thresholding level (PerLeaf with a mask)
+
+
+def _masked_strength(strength, mask, params):
+    """`strength`, or a per-leaf strength that is 0 where `mask` is False."""
     if mask is None:
-        return {name: strength}
+        return strength
     flags = mask_leaves(mask, params)
-    return {name: PerLeaf(per_leaf_tree(params, [jnp.where(m, strength, 0.0) for m in flags]))}
+    return PerLeaf(per_leaf_tree(params, [jnp.where(m, strength, 0.0) for m in flags]))
 
 
 def _copy_like_params(fn_name: str, arg: str, tree, params):
@@ -116,11 +124,19 @@ def add_l1(strength, mask=None) -> optax.GradientTransformation:
     """
     check.non_negative("add_l1", "strength", strength)
 
-    def element(g, p, slots, s):
-        return g + s["lam"] * jnp.sign(p), ()
+    def element(g, p, slots, s: _Strength):
+        return g + s.lam * jnp.sign(p), ()
 
-    rule = Rule("add_l1", optax.EmptyState, (), lambda st, u, p: _strength_scalars(strength, mask, p), element,
-                lambda st, sl: st, needs_params=True)
+    rule = Rule(
+        "add_l1",
+        optax.EmptyState,
+        (),
+        lambda st, u, p: _Strength(_masked_strength(strength, mask, p)),
+        element,
+        lambda st, sl: st,
+        needs_params=True,
+        scalars_type=_Strength,
+    )
     return fusable(lambda params: optax.EmptyState(), rule)
 
 
@@ -153,11 +169,12 @@ def l1_shrinkage(strength, learning_rate, mask=None) -> optax.GradientTransforma
 
     def scalars(state, updates, params):
         lr = value_at(learning_rate, state.count) if scheduled else learning_rate
-        return _strength_scalars(jnp.asarray(lr, jnp.float32) * jnp.asarray(strength, jnp.float32),
-                                 mask, params, name="thr")
+        return _Threshold(
+            _masked_strength(jnp.asarray(lr, jnp.float32) * jnp.asarray(strength, jnp.float32), mask, params)
+        )
 
-    def element(g, p, slots, s):
-        t = s["thr"]
+    def element(g, p, slots, s: _Threshold):
+        t = s.thr
         x = p + g
         shrink = jnp.abs(x) <= t
         # -p (not prox(x) - p) where the prox is 0: p + (-p) is exactly 0.0 in any float format.
@@ -167,7 +184,10 @@ def l1_shrinkage(strength, learning_rate, mask=None) -> optax.GradientTransforma
     def next_state(state, new_slots):
         return optax.ScaleByScheduleState(count=increment(state.count)) if scheduled else state
 
-    return fusable(init, Rule("l1_shrinkage", state_type, (), scalars, element, next_state, needs_params=True))
+    return fusable(
+        init,
+        Rule("l1_shrinkage", state_type, (), scalars, element, next_state, needs_params=True, scalars_type=_Threshold),
+    )
 
 
 # --------------------------------------------------------------------------------- L2-SP and EWC
@@ -196,13 +216,22 @@ def l2_sp(strength, anchor_params, mask=None) -> optax.GradientTransformation:
     def init(params):
         return L2SPState(anchor=_copy_like_params("l2_sp", "anchor_params", anchor_params, params))
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _Strength):
         (a,) = slots
-        return g + s["lam"] * (p - a), (a,)
+        return g + s.lam * (p - a), (a,)
 
     # next_state keeps the old anchor: it is read-only (and under jit XLA drops the unused copy).
-    rule = Rule("l2_sp", L2SPState, ("anchor",), lambda st, u, p: _strength_scalars(strength, mask, p), element,
-                lambda st, sl: st, needs_params=True, readonly_slots=True)
+    rule = Rule(
+        "l2_sp",
+        L2SPState,
+        ("anchor",),
+        lambda st, u, p: _Strength(_masked_strength(strength, mask, p)),
+        element,
+        lambda st, sl: st,
+        needs_params=True,
+        readonly_slots=True,
+        scalars_type=_Strength,
+    )
     return fusable(init, rule)
 
 
@@ -222,20 +251,30 @@ def ewc(fisher, anchor_params, strength, mask=None) -> optax.GradientTransformat
     check.non_negative("ewc", "strength", strength)
 
     def init(params):
-        return EWCState(fisher=_copy_like_params("ewc", "fisher", fisher, params),
-                        anchor=_copy_like_params("ewc", "anchor_params", anchor_params, params))
+        return EWCState(
+            fisher=_copy_like_params("ewc", "fisher", fisher, params),
+            anchor=_copy_like_params("ewc", "anchor_params", anchor_params, params),
+        )
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _Strength):
         f, a = slots
-        return g + s["lam"] * f * (p - a), (f, a)
+        return g + s.lam * f * (p - a), (f, a)
 
-    rule = Rule("ewc", EWCState, ("fisher", "anchor"), lambda st, u, p: _strength_scalars(strength, mask, p),
-                element, lambda st, sl: st, needs_params=True, readonly_slots=True)
+    rule = Rule(
+        "ewc",
+        EWCState,
+        ("fisher", "anchor"),
+        lambda st, u, p: _Strength(_masked_strength(strength, mask, p)),
+        element,
+        lambda st, sl: st,
+        needs_params=True,
+        readonly_slots=True,
+        scalars_type=_Strength,
+    )
     return fusable(init, rule)
 
 
-def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params, batches: Iterable,
-                    per_example: bool = False):
+def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params, batches: Iterable, per_example: bool = False):
     r"""Empirical Fisher diagonal, :math:`F = \frac1B\sum_b \big(\nabla_\theta \ell(\theta, b)\big)^{\odot 2}`.
 
     `loss_fn(params, batch) -> scalar`; `batches` an iterable of batches (each a pytree of arrays).
@@ -251,8 +290,10 @@ def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params, batches: I
     if not callable(loss_fn):
         raise TypeError(f"fisher_diagonal: loss_fn must be a function (params, batch) -> loss, got {loss_fn!r}.")
     if isinstance(batches, (jax.Array, dict)) or not isinstance(batches, Iterable):
-        raise TypeError("fisher_diagonal: batches must be an iterable of batches (a list or a generator), "
-                        f"got {type(batches).__name__}.")
+        raise TypeError(
+            "fisher_diagonal: batches must be an iterable of batches (a list or a generator), "
+            f"got {type(batches).__name__}."
+        )
     grad_fn = jax.grad(loss_fn)
 
     def squared(g):
@@ -318,8 +359,9 @@ def l2_sp_penalty(params, strength, anchor_params, mask=None) -> jax.Array:
     r""":math:`\tfrac\lambda2\|\theta - \theta_{pre}\|_2^2` (f32 scalar); gradient
     :math:`\lambda(\theta - \theta_{pre})`, what :func:`l2_sp` adds (Li et al., ICML 2018)."""
     check.non_negative("l2_sp_penalty", "strength", strength)
-    anchors = match_by_path(params, anchor_params, "l2_sp_penalty", target_name="params",
-                            source_name="anchor_params", allow_unexpected=True)
+    anchors = match_by_path(
+        params, anchor_params, "l2_sp_penalty", target_name="params", source_name="anchor_params", allow_unexpected=True
+    )
     terms = [jnp.sum(jnp.square(_f32(x) - _f32(a))) for x, a in zip(jax.tree.leaves(params), anchors)]
     return 0.5 * strength * _masked_sum(terms, params, mask)
 
@@ -328,10 +370,9 @@ def ewc_penalty(params, fisher, anchor_params, strength, mask=None) -> jax.Array
     r""":math:`\tfrac\lambda2\sum_i F_i(\theta_i - \theta^*_i)^2` (f32 scalar); gradient
     :math:`\lambda F\odot(\theta - \theta^*)`, what :func:`ewc` adds (Kirkpatrick et al., 2017)."""
     check.non_negative("ewc_penalty", "strength", strength)
-    fs = match_by_path(params, fisher, "ewc_penalty", target_name="params", source_name="fisher",
-                       allow_unexpected=True)
-    anchors = match_by_path(params, anchor_params, "ewc_penalty", target_name="params",
-                            source_name="anchor_params", allow_unexpected=True)
-    terms = [jnp.sum(_f32(f) * jnp.square(_f32(x) - _f32(a)))
-             for x, f, a in zip(jax.tree.leaves(params), fs, anchors)]
+    fs = match_by_path(params, fisher, "ewc_penalty", target_name="params", source_name="fisher", allow_unexpected=True)
+    anchors = match_by_path(
+        params, anchor_params, "ewc_penalty", target_name="params", source_name="anchor_params", allow_unexpected=True
+    )
+    terms = [jnp.sum(_f32(f) * jnp.square(_f32(x) - _f32(a))) for x, f, a in zip(jax.tree.leaves(params), fs, anchors)]
     return 0.5 * strength * _masked_sum(terms, params, mask)

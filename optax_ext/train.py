@@ -3,6 +3,7 @@
     python -m optax_ext.train                      # adamw, cosine schedule with warm-up, 15 epochs
     python -m optax_ext.train --optimizer lion --lr 2e-3 --epochs 12 --plot curves.png
     python -m optax_ext.train --devices 8          # data-parallel on 8 devices (fake CPU devices if needed)
+    python -m optax_ext.train --state-dtype int8   # AdamW with 8-bit blockwise moments (~2 B/param of state)
 
 No download: the 1,797 8x8 digit images ship with scikit-learn. The optimizer step is fused:
 `tx.update_and_apply(grads, opt_state, params)` computes the moments and writes the new parameters
@@ -10,6 +11,11 @@ in one pass per leaf, in place: the step is jitted with params and optimizer sta
 compiled before the first step (the progress bar's ETA and "seconds" exclude compilation, reported
 as "compile_seconds"). Exits with status 1 if the final test accuracy is below `--min-accuracy` or
 the loss diverges, with status 2 (before training) on options that cannot work.
+
+Memory: `--state-dtype` stores the optimizer's moments as float32, bfloat16 or 8-bit blockwise codes
+(`optax_ext.int8_blockwise`), `--param-dtype bfloat16` trains bf16 weights (the model computes in f32)
+and `--kahan-sum` compensates their rounding; the optimizer state's size is printed before training
+("optimizer state: ... B/param") and reported as "state_bytes_per_param".
 
 With `--devices N` the step is data-parallel over a 1-D mesh ("data", explicit sharding): each
 device takes 1/N of the batch, parameters are replicated, and the optimizer state is sharded over
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -39,20 +46,63 @@ from jax.sharding import PartitionSpec as P
 
 import optax_ext as ox
 
+# `(learning_rate, weight_decay, **memory_options) -> optimizer`; the keyword arguments are the memory
+# options of `OPTIMIZER_FUNCTIONS[name]` (see `memory_options`), passed on to it.
 OPTIMIZERS: dict[str, Callable] = {
-    "adamw": lambda lr, wd: ox.adamw(lr, weight_decay=wd),
-    "adam": lambda lr, wd: ox.adam(lr),
-    "nadam": lambda lr, wd: ox.nadam(lr),
-    "sgd": lambda lr, wd: ox.chain(ox.add_l2(wd), ox.sgd(lr, momentum=0.9, nesterov=True)),
-    "rmsprop": lambda lr, wd: ox.rmsprop(lr),
-    "adabelief": lambda lr, wd: ox.adabelief(lr),
-    "yogi": lambda lr, wd: ox.yogi(lr),
-    "lion": lambda lr, wd: ox.lion(lr, weight_decay=wd),
-    "amsgrad": lambda lr, wd: ox.amsgrad(lr),
-    "lamb": lambda lr, wd: ox.lamb(lr, weight_decay=wd),
-    "lars": lambda lr, wd: ox.lars(lr, weight_decay=wd, trust_coefficient=0.02),
-    "adafactor": lambda lr, wd: ox.adafactor(lr, multiply_by_parameter_scale=False),
+    "adamw": lambda lr, wd, **kw: ox.adamw(lr, weight_decay=wd, **kw),
+    "adam": lambda lr, wd, **kw: ox.adam(lr, **kw),
+    "nadam": lambda lr, wd, **kw: ox.nadam(lr, **kw),
+    "sgd": lambda lr, wd, **kw: ox.chain(ox.add_l2(wd), ox.sgd(lr, momentum=0.9, nesterov=True, **kw)),
+    "rmsprop": lambda lr, wd, **kw: ox.rmsprop(lr, **kw),
+    "adabelief": lambda lr, wd, **kw: ox.adabelief(lr, **kw),
+    "yogi": lambda lr, wd, **kw: ox.yogi(lr, **kw),
+    "lion": lambda lr, wd, **kw: ox.lion(lr, weight_decay=wd, **kw),
+    "amsgrad": lambda lr, wd, **kw: ox.amsgrad(lr, **kw),
+    "lamb": lambda lr, wd, **kw: ox.lamb(lr, weight_decay=wd, **kw),
+    "lars": lambda lr, wd, **kw: ox.lars(lr, weight_decay=wd, trust_coefficient=0.02, **kw),
+    "adafactor": lambda lr, wd, **kw: ox.adafactor(lr, multiply_by_parameter_scale=False, **kw),
 }
+# The optax_ext function behind each entry: its signature says which memory options it takes.
+OPTIMIZER_FUNCTIONS: dict[str, Callable] = {name: getattr(ox, name) for name in OPTIMIZERS}
+
+# --state-dtype: the storage of the moments, passed as every moment-dtype argument the optimizer has
+# (adafactor's `dtype_momentum` is not one: the demo runs it without momentum).
+STATE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": ox.int8_blockwise}
+MOMENT_DTYPE_ARGS = ("mu_dtype", "nu_dtype", "accumulator_dtype")
+DEFAULT_STATE_DTYPE = "float32"
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _parameters(name: str):
+    return inspect.signature(OPTIMIZER_FUNCTIONS[name]).parameters
+
+
+def moment_dtype_args(name: str) -> tuple[str, ...]:
+    """The moment-storage arguments of optimizer `name` (e.g. ("mu_dtype", "nu_dtype")); () if none."""
+    return tuple(arg for arg in MOMENT_DTYPE_ARGS if arg in _parameters(name))
+
+
+def takes_kahan_sum(name: str) -> bool:
+    return "kahan_sum" in _parameters(name)
+
+
+STATE_DTYPE_OPTIMIZERS = tuple(name for name in OPTIMIZERS if moment_dtype_args(name))
+KAHAN_OPTIMIZERS = tuple(name for name in OPTIMIZERS if takes_kahan_sum(name))
+
+
+def memory_options(name: str, state_dtype: str = DEFAULT_STATE_DTYPE, kahan_sum: bool = False) -> dict:
+    """Keyword arguments for `OPTIMIZERS[name]`: the moment storage where the optimizer takes one
+    (an optimizer without moment dtypes gets none: its state is in the params' dtype), and kahan_sum."""
+    options = {arg: STATE_DTYPES[state_dtype] for arg in moment_dtype_args(name)}
+    if kahan_sum:
+        options["kahan_sum"] = True
+    return options
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array in a pytree (a `QuantizedArray` counts its codes and its absmax)."""
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
 
 # Peak learning rates that train this model well in a few epochs: sign-based (lion) and
 # trust-ratio (lars, lamb) optimizers live on other scales than Adam's.
@@ -78,7 +128,7 @@ def train_set_size(test_fraction: float = TEST_FRACTION) -> int:
 
 
 class ConvNet(nnx.Module):
-    """Two 3x3 convolutions and a linear head: ~20k parameters, enough for > 95% on digits."""
+    """Two 3x3 convolutions and a linear head: ~10k parameters (9,930), enough for > 95% on digits."""
 
     def __init__(self, rngs: nnx.Rngs, channels: int = 32, num_classes: int = 10):
         self.conv1 = nnx.Conv(1, channels // 2, (3, 3), rngs=rngs)
@@ -150,6 +200,7 @@ def data_parallel_mesh(devices: int):
 
 def zero1_layout(tree, devices: int):
     """Optimizer state sharded over "data" along each array's first dim when it divides evenly."""
+
     def spec(x):
         if getattr(x, "ndim", 0) and x.shape[0] % devices == 0:
             return P("data")
@@ -171,11 +222,29 @@ def _train(args, mesh) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set ({len(x_train)} images)")
     total_steps = steps_per_epoch * args.epochs
     schedule = make_schedule(args.schedule, args.lr, total_steps, args.warmup_steps)
-    tx = OPTIMIZERS[args.optimizer](schedule, args.weight_decay)
+    state_dtype = getattr(args, "state_dtype", None) or DEFAULT_STATE_DTYPE
+    param_dtype = getattr(args, "param_dtype", "float32")
+    kahan_sum = getattr(args, "kahan_sum", False)
+    tx = OPTIMIZERS[args.optimizer](
+        schedule, args.weight_decay, **memory_options(args.optimizer, state_dtype, kahan_sum)
+    )
 
     model = ConvNet(nnx.Rngs(args.seed))
     graphdef, params = nnx.split(model, nnx.Param)
+    # bf16 weights are stored as bf16 (and updated so); the layers compute in f32 (promoted with the f32 input).
+    params = jax.tree.map(lambda p: p.astype(PARAM_DTYPES[param_dtype]), params)
     opt_state = tx.init(params)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    state_bytes = tree_bytes(opt_state)
+    if not getattr(args, "json", False):
+        moments = state_dtype if moment_dtype_args(args.optimizer) else f"in the {param_dtype} params' dtype"
+        print(
+            f"optimizer state: {state_bytes / n_params:.2f} B/param ({state_bytes:,} bytes for {n_params:,} "
+            f"{param_dtype} params; {args.optimizer}, moments {moments}"
+            + (", Kahan compensation" if kahan_sum else "")
+            + ")",
+            flush=True,
+        )
     if mesh is not None:
         if args.batch_size % args.devices:
             raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}.")
@@ -210,8 +279,9 @@ def _train(args, mesh) -> dict:
     # Compile before the loop, so that neither the progress bar's ETA nor "seconds" includes it. Lowering
     # only reads shapes and shardings: the donated buffers are not consumed.
     start = time.perf_counter()
-    step_fn = train_step.lower(params, opt_state, batch(x_train[:args.batch_size]), batch(y_train[:args.batch_size]),
-                               key).compile()
+    step_fn = train_step.lower(
+        params, opt_state, batch(x_train[: args.batch_size]), batch(y_train[: args.batch_size]), key
+    ).compile()
     accuracy_fn = accuracy.lower(params, x_test, y_test).compile()
     _, _ = jax.random.split(key)  # the loop's eager ops too (each compiles on first use)
     float(schedule(0))
@@ -224,14 +294,15 @@ def _train(args, mesh) -> dict:
     for epoch in range(args.epochs):
         order = rng.permutation(len(x_train))
         for b in range(steps_per_epoch):
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
             key, sub = jax.random.split(key)
             params, opt_state, loss = step_fn(params, opt_state, batch(x_train[idx]), batch(y_train[idx]), sub)
             loss = float(loss)
             if not np.isfinite(loss):
                 progress.close()
-                raise FloatingPointError(f"the loss became {loss} at step {step}: the run diverged; lower --lr "
-                                         f"(now {args.lr:g})")
+                raise FloatingPointError(
+                    f"the loss became {loss} at step {step}: the run diverged; lower --lr (now {args.lr:g})"
+                )
             history["step"].append(step)
             history["loss"].append(loss)
             history["lr"].append(float(schedule(step)))
@@ -240,10 +311,24 @@ def _train(args, mesh) -> dict:
             progress.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
     progress.close()
     acc = float(accuracy_fn(params, x_test, y_test))
-    result = {"optimizer": args.optimizer, "schedule": args.schedule, "epochs": args.epochs, "steps": total_steps,
-              "final_loss": history["loss"][-1], "test_accuracy": acc,
-              "seconds": round(time.perf_counter() - start, 2), "compile_seconds": round(compile_seconds, 2),
-              "backend": ox.kernels.get_backend(), "devices": args.devices}
+    result = {
+        "optimizer": args.optimizer,
+        "schedule": args.schedule,
+        "epochs": args.epochs,
+        "steps": total_steps,
+        "final_loss": history["loss"][-1],
+        "test_accuracy": acc,
+        "seconds": round(time.perf_counter() - start, 2),
+        "compile_seconds": round(compile_seconds, 2),
+        "backend": ox.kernels.get_backend(),
+        "devices": args.devices,
+        "state_dtype": state_dtype if moment_dtype_args(args.optimizer) else None,
+        "param_dtype": param_dtype,
+        "kahan_sum": kahan_sum,
+        "params": n_params,
+        "state_bytes": state_bytes,
+        "state_bytes_per_param": round(state_bytes / n_params, 4),
+    }
     if args.plot:
         _plot(history, args.plot, title=f"{args.optimizer} on digits: test accuracy {acc:.1%}")
         result["plot"] = str(args.plot)
@@ -256,10 +341,17 @@ def _progress(total: int, quiet: bool):
     except ImportError:  # pragma: no cover
         tqdm = None
     if tqdm is None or quiet:
+
         class _Silent:
-            def update(self, n): pass
-            def set_postfix(self, **kw): pass
-            def close(self): pass
+            def update(self, n):
+                pass
+
+            def set_postfix(self, **kw):
+                pass
+
+            def close(self):
+                pass
+
         return _Silent()
     return tqdm(total=total, desc="training", unit="step", file=sys.stderr)
 
@@ -298,31 +390,70 @@ def _default_lr_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     description, examples = __doc__.split("\n\n")[:2]
-    p = argparse.ArgumentParser(prog=PROG, description=description, epilog="examples:\n" + examples,
-                                formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=description, epilog="examples:\n" + examples, formatter_class=_HelpFormatter
+    )
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="the optax_ext optimizer")
     p.add_argument("--lr", type=float, default=None, help=_default_lr_help())
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help=f"weight decay, decoupled for {', '.join(w for w in WEIGHT_DECAY_OPTIMIZERS if w != 'sgd')}, "
-                        f"an L2 term for sgd; the others ignore it (default: {DEFAULT_WEIGHT_DECAY:g})")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=f"weight decay, decoupled for {', '.join(w for w in WEIGHT_DECAY_OPTIMIZERS if w != 'sgd')}, "
+        f"an L2 term for sgd; the others ignore it (default: {DEFAULT_WEIGHT_DECAY:g})",
+    )
     p.add_argument("--schedule", choices=SCHEDULES, default="warmup_cosine", help="learning-rate schedule")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"linear warm-up steps, for --schedule {' or '.join(WARMUP_SCHEDULES)} only "
-                        f"(default: {DEFAULT_WARMUP_STEPS})")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"linear warm-up steps, for --schedule {' or '.join(WARMUP_SCHEDULES)} only "
+        f"(default: {DEFAULT_WARMUP_STEPS})",
+    )
     p.add_argument("--epochs", type=int, default=15, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help=f"images per step, at most the {train_set_size()} of the training set")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help=f"images per step, at most the {train_set_size()} of the training set",
+    )
     p.add_argument("--augment", action="store_true", help="random 1-pixel shifts and +-10 degree rotations")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the batches")
-    p.add_argument("--plot", type=Path, default=Path("train_curves.png"),
-                   help="PNG of loss and learning-rate curves ('' to skip)")
-    p.add_argument("--min-accuracy", type=float, default=0.9,
-                   help="exit 1 below this test accuracy, in (0, 1]")
+    p.add_argument(
+        "--plot", type=Path, default=Path("train_curves.png"), help="PNG of loss and learning-rate curves ('' to skip)"
+    )
+    p.add_argument("--min-accuracy", type=float, default=0.9, help="exit 1 below this test accuracy, in (0, 1]")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--devices", type=int, default=1,
-                   help="data-parallel over this many devices, a divisor of --batch-size (fake CPU devices when "
-                        "the CPU is the backend)")
+    p.add_argument(
+        "--state-dtype",
+        choices=sorted(STATE_DTYPES),
+        default=None,
+        help=f"storage of the optimizer's moments, for {', '.join(STATE_DTYPE_OPTIMIZERS)} only (an "
+        f"error for the others): int8 is optax_ext.int8_blockwise, 8-bit codes + an f32 absmax per "
+        f"{ox.int8_blockwise.block_size} elements; leaves under {ox.int8_blockwise.min_size:,} "
+        f"elements stay f32 (in this convnet the biases and the first conv's 144 weights, 2%% of "
+        f"its parameters) (default: {DEFAULT_STATE_DTYPE})",
+    )
+    p.add_argument(
+        "--param-dtype",
+        choices=sorted(PARAM_DTYPES),
+        default="float32",
+        help="storage of the weights (the layers compute in f32 either way)",
+    )
+    p.add_argument(
+        "--kahan-sum",
+        action="store_true",
+        help=f"Kahan-compensated updates (a buffer in the params' dtype; meant for --param-dtype "
+        f"bfloat16), for {', '.join(KAHAN_OPTIMIZERS)} only",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="data-parallel over this many devices, a divisor of --batch-size (fake CPU devices when "
+        "the CPU is the backend)",
+    )
     return p
 
 
@@ -368,8 +499,10 @@ def parse_args(argv=None):
     elif not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         p.error(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
     elif args.weight_decay and args.optimizer not in WEIGHT_DECAY_OPTIMIZERS:
-        _warn(f"--weight-decay does nothing for --optimizer {args.optimizer} (only for "
-              f"{', '.join(WEIGHT_DECAY_OPTIMIZERS)})")
+        _warn(
+            f"--weight-decay does nothing for --optimizer {args.optimizer} (only for "
+            f"{', '.join(WEIGHT_DECAY_OPTIMIZERS)})"
+        )
     if args.warmup_steps is None:
         args.warmup_steps = DEFAULT_WARMUP_STEPS
     elif args.warmup_steps < 0:
@@ -378,8 +511,30 @@ def parse_args(argv=None):
         _warn(f"--warmup-steps does nothing for --schedule {args.schedule} (only for {', '.join(WARMUP_SCHEDULES)})")
     total_steps = train_set_size() // args.batch_size * args.epochs
     if args.schedule in WARMUP_SCHEDULES and args.warmup_steps >= total_steps:
-        _warn(f"--warmup-steps {args.warmup_steps} >= the {total_steps} training steps: the learning rate never "
-              f"reaches its peak")
+        _warn(
+            f"--warmup-steps {args.warmup_steps} >= the {total_steps} training steps: the learning rate never "
+            f"reaches its peak"
+        )
+
+    if args.state_dtype is None:
+        args.state_dtype = DEFAULT_STATE_DTYPE
+    elif not moment_dtype_args(args.optimizer):
+        p.error(
+            f"--state-dtype: --optimizer {args.optimizer} has no moment storage to set (only "
+            f"{', '.join(STATE_DTYPE_OPTIMIZERS)} have)"
+        )
+    if args.kahan_sum and not takes_kahan_sum(args.optimizer):
+        p.error(
+            f"--kahan-sum: --optimizer {args.optimizer} has no Kahan-compensated form (only "
+            f"{', '.join(KAHAN_OPTIMIZERS)} have)"
+        )
+    try:  # what the optimizer itself rejects (cheap: nothing is allocated before init)
+        OPTIMIZERS[args.optimizer](
+            args.lr, args.weight_decay, **memory_options(args.optimizer, args.state_dtype, args.kahan_sum)
+        )
+    except (TypeError, ValueError) as e:
+        asked = [f"--state-dtype {args.state_dtype}"] + (["--kahan-sum"] if args.kahan_sum else [])
+        p.error(f"--optimizer {args.optimizer} with {' '.join(asked)}: {str(e).splitlines()[0]}")
 
     if args.plot is not None and str(args.plot) in ("", "."):
         args.plot = None
@@ -417,10 +572,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['optimizer']} / {result['schedule']}: {result['steps']} steps in {result['seconds']} s "
-              f"(+ {result['compile_seconds']} s compiling), final loss {result['final_loss']:.4f}, "
-              f"test accuracy {result['test_accuracy']:.2%}"
-              + (f", curves in {result['plot']}" if "plot" in result else ""))
+        print(
+            f"{result['optimizer']} / {result['schedule']}: {result['steps']} steps in {result['seconds']} s "
+            f"(+ {result['compile_seconds']} s compiling), final loss {result['final_loss']:.4f}, "
+            f"test accuracy {result['test_accuracy']:.2%}"
+            + (f", curves in {result['plot']}" if "plot" in result else "")
+        )
     if result["test_accuracy"] < args.min_accuracy:
         print(f"FAILED: test accuracy {result['test_accuracy']:.2%} < {args.min_accuracy:.0%}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +113,10 @@ def _compile_rules(rules, fn_name: str) -> list[tuple[re.Pattern, Any]]:
             if not (isinstance(item, tuple) and len(item) == 2):
                 raise TypeError(f"{fn_name}: rules[{i}] must be a (regex, label) pair, got {item!r}.")
     else:
-        raise TypeError(f"{fn_name}: rules must be a dict {{label: regex}} or a list of (regex, label) pairs, "
-                        f"got {type(rules).__name__}: {rules!r}.")
+        raise TypeError(
+            f"{fn_name}: rules must be a dict {{label: regex}} or a list of (regex, label) pairs, "
+            f"got {type(rules).__name__}: {rules!r}."
+        )
     out = []
     for pattern, label in items:
         try:
@@ -141,16 +143,20 @@ def label_fn(rules, default=_NO_DEFAULT) -> Callable[[Any], Any]:
     """
     compiled = _compile_rules(rules, "label_fn")
     if any(label is None for _, label in compiled) or default is None:
-        raise ValueError("label_fn: labels must not be None (None is an empty pytree, the labels tree would lose "
-                         "leaves); use a string, a number or a bool.")
+        raise ValueError(
+            "label_fn: labels must not be None (None is an empty pytree, the labels tree would lose "
+            "leaves); use a string, a number or a bool."
+        )
 
     def label_of(path: str):
         for regex, label in compiled:
             if regex.search(path):
                 return label
         if default is _NO_DEFAULT:
-            raise ValueError(f"label_params: parameter {path!r} matches no rule "
-                             f"({[r.pattern for r, _ in compiled]}) and no default label was given.")
+            raise ValueError(
+                f"label_params: parameter {path!r} matches no rule "
+                f"({[r.pattern for r, _ in compiled]}) and no default label was given."
+            )
         return default
 
     return lambda params: _map_labelled_nodes(label_of, params)
@@ -165,8 +171,9 @@ def label_params(params, rules, default=_NO_DEFAULT):
     return label_fn(rules, default)(params)
 
 
-def partition_by_path(transforms: Mapping[Any, optax.GradientTransformation], rules,
-                      default=_NO_DEFAULT) -> optax.GradientTransformation:
+def partition_by_path(
+    transforms: Mapping[Any, optax.GradientTransformation], rules, default=_NO_DEFAULT
+) -> optax.GradientTransformation:
     """`optax.partition(transforms, label_fn(rules, default))`: one transformation per group of paths."""
     return optax.partition(dict(transforms), label_fn(rules, default))
 
@@ -183,6 +190,10 @@ def _patterns(patterns, fn_name: str, arg: str) -> list[re.Pattern]:
         return [re.compile(p) for p in patterns]
     except (re.error, TypeError) as e:
         raise ValueError(f"{fn_name}: {arg} must be regular expressions, got {patterns!r}: {e}") from None
+
+
+class _Keep(NamedTuple):
+    keep: Any  # PerLeaf: 1.0 where the leaf trains, 0.0 where it is frozen
 
 
 def freeze(mask) -> optax.GradientTransformation:
@@ -204,30 +215,45 @@ def freeze(mask) -> optax.GradientTransformation:
       >>> tx = ox.chain(ox.adam(1e-3), freeze(r"^backbone/"))
       >>> tx = ox.chain(ox.adam(1e-3), freeze({"backbone": True, "head": False}))
     """
-    def element(g, p, slots, s):
-        return jnp.where(s["keep"] > 0.5, g, jnp.zeros_like(g)), ()
+
+    def element(g, p, slots, s: _Keep):
+        return jnp.where(s.keep > 0.5, g, jnp.zeros_like(g)), ()
 
     if isinstance(mask, str) or (isinstance(mask, (list, tuple)) and mask and all(isinstance(m, str) for m in mask)):
         compiled = _patterns(mask, "freeze", "mask")
 
         def scalars(state, updates, params):
             keep = [0.0 if any(r.search(path) for r in compiled) else 1.0 for path, _ in named_leaves(params)]
-            return {"keep": PerLeaf(per_leaf_tree(params, keep))}
+            return _Keep(keep=PerLeaf(per_leaf_tree(params, keep)))
 
         # needs_params: the mask is built from the parameters' paths.
-        return fusable(lambda params: optax.EmptyState(),
-                       Rule("freeze", optax.EmptyState, (), scalars, element, lambda st, sl: st, needs_params=True))
+        return fusable(
+            lambda params: optax.EmptyState(),
+            Rule(
+                "freeze",
+                optax.EmptyState,
+                (),
+                scalars,
+                element,
+                lambda st, sl: st,
+                needs_params=True,
+                scalars_type=_Keep,
+            ),
+        )
 
     def masked_scalars(state, updates, params):
         frozen = mask_leaves(mask, updates)
-        return {"keep": PerLeaf(per_leaf_tree(updates, [jnp.where(f, 0.0, 1.0) for f in frozen]))}
+        return _Keep(keep=PerLeaf(per_leaf_tree(updates, [jnp.where(f, 0.0, 1.0) for f in frozen])))
 
-    return fusable(lambda params: optax.MaskedState(inner_state=optax.EmptyState()),
-                   Rule("freeze", optax.MaskedState, (), masked_scalars, element, lambda st, sl: st))
+    return fusable(
+        lambda params: optax.MaskedState(inner_state=optax.EmptyState()),
+        Rule("freeze", optax.MaskedState, (), masked_scalars, element, lambda st, sl: st, scalars_type=_Keep),
+    )
 
 
-def fine_tune(optimizer: optax.GradientTransformation, frozen=None, head=None,
-              head_lr_mult: float = 10.0) -> optax.GradientTransformation:
+def fine_tune(
+    optimizer: optax.GradientTransformation, frozen=None, head=None, head_lr_mult: float = 10.0
+) -> optax.GradientTransformation:
     r"""Fine-tuning optimizer: frozen parameters get exactly zero updates, the head a larger step.
 
     Parameters whose path matches `frozen` get `optax.set_to_zero()` (no optimizer state, updates
@@ -252,8 +278,11 @@ def fine_tune(optimizer: optax.GradientTransformation, frozen=None, head=None,
             return "head"
         return "body"
 
-    transforms = {"frozen": optax.set_to_zero(), "body": optimizer,
-                  "head": optax.chain(optimizer, optax.scale(head_lr_mult))}
+    transforms = {
+        "frozen": optax.set_to_zero(),
+        "body": optimizer,
+        "head": optax.chain(optimizer, optax.scale(head_lr_mult)),
+    }
     return optax.partition(transforms, lambda params: _map_labelled_nodes(label_of, params))
 
 
@@ -264,9 +293,11 @@ def _layer_labeller(num_layers: int, layer_of: Callable[[str], int], fn_name: st
     def label_of(path):
         i = layer_of(path)
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= num_layers:
-            raise ValueError(f"{fn_name}: layer_of({path!r}) must return an int in [0, num_layers={num_layers}], "
-                             f"got {i!r}.")
+            raise ValueError(
+                f"{fn_name}: layer_of({path!r}) must return an int in [0, num_layers={num_layers}], got {i!r}."
+            )
         return i
+
     return label_of
 
 
@@ -287,8 +318,14 @@ def layerwise_multipliers(params, num_layers: int, decay: float, *, layer_of: Ca
     return _map_labelled_nodes(lambda path: float(decay) ** (num_layers - label_of(path)), params)
 
 
-def layerwise_lr_decay(optimizer_factory: Callable[[Any], optax.GradientTransformation], num_layers: int,
-                       decay: float, *, layer_of: Callable[[str], int], base_lr) -> optax.GradientTransformation:
+def layerwise_lr_decay(
+    optimizer_factory: Callable[[Any], optax.GradientTransformation],
+    num_layers: int,
+    decay: float,
+    *,
+    layer_of: Callable[[str], int],
+    base_lr,
+) -> optax.GradientTransformation:
     r"""Discriminative (layer-wise decayed) learning rates: layer :math:`i` trains with
     :math:`\eta_i = \eta\,\text{decay}^{L - i}`, :math:`L` = `num_layers`.
 
@@ -309,8 +346,10 @@ def layerwise_lr_decay(optimizer_factory: Callable[[Any], optax.GradientTransfor
     """
     _check_layers("layerwise_lr_decay", num_layers, decay, layer_of)
     if not callable(optimizer_factory):
-        raise TypeError(f"layerwise_lr_decay: optimizer_factory must be a function lr -> GradientTransformation, "
-                        f"got {optimizer_factory!r}.")
+        raise TypeError(
+            f"layerwise_lr_decay: optimizer_factory must be a function lr -> GradientTransformation, "
+            f"got {optimizer_factory!r}."
+        )
     if not callable(base_lr):
         check.non_negative("layerwise_lr_decay", "base_lr", base_lr)
 
@@ -332,16 +371,26 @@ def _restore_checkpoint(path):
     try:
         import orbax.checkpoint as ocp
     except ImportError:
-        raise ImportError("load_pretrained: loading a checkpoint directory needs orbax-checkpoint "
-                          "(pip install orbax-checkpoint); or pass the pretrained pytree itself.") from None
+        raise ImportError(
+            "load_pretrained: loading a checkpoint directory needs orbax-checkpoint "
+            "(pip install orbax-checkpoint); or pass the pretrained pytree itself."
+        ) from None
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise ValueError(f"load_pretrained: pretrained={path!r} is not a checkpoint directory.")
     return ocp.StandardCheckpointer().restore(path)
 
 
-def match_by_path(target, source, fn_name: str, *, strict: bool = True, target_name: str = "model",
-                  source_name: str = "pretrained", allow_unexpected: bool = False) -> list:
+def match_by_path(
+    target,
+    source,
+    fn_name: str,
+    *,
+    strict: bool = True,
+    target_name: str = "model",
+    source_name: str = "pretrained",
+    allow_unexpected: bool = False,
+) -> list:
     """The arrays of `source` in the leaf order of `target`, matched by path, shapes checked.
 
     Raises one `ValueError` listing every path whose shapes differ (with both shapes) and, when
@@ -361,16 +410,19 @@ def match_by_path(target, source, fn_name: str, *, strict: bool = True, target_n
             continue
         s = source_map[path]
         if tuple(jnp.shape(s)) != tuple(jnp.shape(t)):
-            problems.append(f"  shape mismatch at {path}: {target_name} {tuple(jnp.shape(t))}, "
-                            f"{source_name} {tuple(jnp.shape(s))}")
+            problems.append(
+                f"  shape mismatch at {path}: {target_name} {tuple(jnp.shape(t))}, {source_name} {tuple(jnp.shape(s))}"
+            )
         out.append(s)
     if strict and not allow_unexpected:
         for path, s in source_map.items():
             if path not in target_paths:
                 problems.append(f"  unexpected in {source_name}: {path} (shape {tuple(jnp.shape(s))})")
     if problems:
-        raise ValueError(f"{fn_name}: {source_name} does not match {target_name} "
-                         f"({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n" + "\n".join(problems))
+        raise ValueError(
+            f"{fn_name}: {source_name} does not match {target_name} "
+            f"({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n" + "\n".join(problems)
+        )
     return out
 
 
@@ -405,6 +457,7 @@ def load_pretrained(model_or_state, pretrained, strict: bool = True):
         pretrained = _restore_checkpoint(pretrained)
     try:
         from flax import nnx
+
         is_module = isinstance(model_or_state, nnx.Module)
     except ImportError:  # pragma: no cover
         is_module = False

@@ -16,8 +16,10 @@ RAGGED_SHAPES = [(), (1,), (7,), (1000,), (3, 5, 7)]
 def random_tree(key, shapes=RAGGED_SHAPES, dtype=jnp.float32, scale=1.0):
     """A dict pytree with one leaf per shape, fresh normal values."""
     keys = jax.random.split(key, len(shapes))
-    return {f"w{i}": (scale * jax.random.normal(k, s, jnp.float32)).astype(dtype)
-            for i, (k, s) in enumerate(zip(keys, shapes))}
+    return {
+        f"w{i}": (scale * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+        for i, (k, s) in enumerate(zip(keys, shapes))
+    }
 
 
 def assert_trees_close(actual, expected, rtol=1e-6, atol=0.0, err_msg=""):
@@ -26,8 +28,9 @@ def assert_trees_close(actual, expected, rtol=1e-6, atol=0.0, err_msg=""):
     e_leaves, e_def = jax.tree.flatten(expected)
     assert a_def == e_def, f"tree structures differ: {a_def} vs {e_def} {err_msg}"
     for a, e in zip(a_leaves, e_leaves):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
-                                   err_msg=err_msg)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol, err_msg=err_msg
+        )
 
 
 def assert_trees_rel_close(actual, expected, rel=1e-6, err_msg=""):
@@ -46,7 +49,8 @@ def assert_trees_rel_close(actual, expected, rel=1e-6, err_msg=""):
         scale = np.max(np.abs(e)) if e.size else 0.0
         err = np.max(np.abs(a - e)) if e.size else 0.0
         assert err <= rel * scale or err == 0.0, (
-            f"leaf {i} {e.shape}: max abs error {err:.3e} > {rel:g} * max|expected| {scale:.3e} {err_msg}")
+            f"leaf {i} {e.shape}: max abs error {err:.3e} > {rel:g} * max|expected| {scale:.3e} {err_msg}"
+        )
 
 
 @pytest.fixture
@@ -119,9 +123,11 @@ def assert_within(actual, exact, tol, err_msg=""):
     ratio = np.where(np.isnan(diff), np.inf, ratio)
     i = np.unravel_index(np.argmax(ratio), a.shape)
     used = float(ratio[i])
-    assert used <= 1.0, (f"{err_msg}: |actual - exact| = {diff[i]:.3e} at {i} (actual {a[i]:.8g}, exact {e[i]:.8g})"
-                         f" > atol {np.max(tol['atol']):.3e} + rtol {tol['rtol']:.3e} * |exact|"
-                         f"; max error {np.nanmax(diff):.3e}, {used:.3g} times the tolerance")
+    assert used <= 1.0, (
+        f"{err_msg}: |actual - exact| = {diff[i]:.3e} at {i} (actual {a[i]:.8g}, exact {e[i]:.8g})"
+        f" > atol {np.max(tol['atol']):.3e} + rtol {tol['rtol']:.3e} * |exact|"
+        f"; max error {np.nanmax(diff):.3e}, {used:.3g} times the tolerance"
+    )
     return used
 
 
@@ -165,20 +171,25 @@ def assert_grads_match_finite_differences(f, f64, args, out_tols, *, eps=3e-2, f
 
         third = leaves(jax.jvp(d2, x64, t64)[1])
     assert len(out_tols) == len(fd) == len(third), (len(out_tols), len(fd), len(third))
-    bound = [(2 * tol["atol"] + tol["rtol"] * (np.abs(p) + np.abs(m))) / (2 * eps) + 2 * eps**2 / 6 * np.abs(d3)
-             for tol, p, m, d3 in zip(out_tols, y_plus, y_minus, third)]
+    bound = [
+        (2 * tol["atol"] + tol["rtol"] * (np.abs(p) + np.abs(m))) / (2 * eps) + 2 * eps**2 / 6 * np.abs(d3)
+        for tol, p, m, d3 in zip(out_tols, y_plus, y_minus, third)
+    ]
     t32 = tuple(d.astype(np.float32) for d in t)
     if fwd:
         _, jt = jax.jvp(f, tuple(args), t32)
         for i, (a, e, b) in enumerate(zip(leaves(jt), fd, bound)):
-            assert np.all(np.abs(a - e) <= b), (f"{err_msg} jvp output {i}: max |AD - finite differences| "
-                                                f"{np.max(np.abs(a - e)):.3e}, bound {np.min(b):.3e}..{np.max(b):.3e}")
+            assert np.all(np.abs(a - e) <= b), (
+                f"{err_msg} jvp output {i}: max |AD - finite differences| "
+                f"{np.max(np.abs(a - e)):.3e}, bound {np.min(b):.3e}..{np.max(b):.3e}"
+            )
     y, vjp = jax.vjp(f, *args)
     c = [rng.standard_normal(np.shape(v)).astype(np.float32) for v in jax.tree.leaves(y)]
     ct = leaves(vjp(jax.tree.unflatten(jax.tree.structure(y), c)))
     ip_ad = sum(np.vdot(g, d) for g, d in zip(ct, t))
     ip_fd = sum(np.vdot(np.asarray(cc, np.float64), e) for cc, e in zip(c, fd))
     ip_bound = sum(np.sum(np.abs(np.asarray(cc, np.float64)) * b) for cc, b in zip(c, bound))
-    assert abs(ip_ad - ip_fd) <= ip_bound, (f"{err_msg} vjp: |<J^T c, t> - <c, finite differences>| = "
-                                            f"{abs(ip_ad - ip_fd):.3e} > bound {ip_bound:.3e}")
+    assert abs(ip_ad - ip_fd) <= ip_bound, (
+        f"{err_msg} vjp: |<J^T c, t> - <c, finite differences>| = {abs(ip_ad - ip_fd):.3e} > bound {ip_bound:.3e}"
+    )
     return abs(ip_ad - ip_fd) / ip_bound

@@ -30,8 +30,10 @@ def pretend_cpu_is_a_tpu_v5e(setitem=None):
             return False
         import pytest
 
-        pytest.skip(f"cannot fake a TPU for Mosaic lowering on jax {jax.__version__}: the private "
-                    f"jax._src.pallas.mosaic.tpu_info changed ({type(e).__name__}: {e}); update tests/fake_tpu.py")
+        pytest.skip(
+            f"cannot fake a TPU for Mosaic lowering on jax {jax.__version__}: the private "
+            f"jax._src.pallas.mosaic.tpu_info changed ({type(e).__name__}: {e}); update tests/fake_tpu.py"
+        )
     kind = jax.devices()[0].device_kind
     if chip_version_of(kind) is None and kind not in registry:
         if setitem is None:

@@ -14,8 +14,14 @@ import optax
 
 import optax_ext as ox
 
-NAMES = sorted(n for n in ox.__all__ if hasattr(optax, n) and callable(getattr(ox, n))
-               and not isinstance(getattr(ox, n), type) and not hasattr(getattr(ox, n), "__path__"))
+NAMES = sorted(
+    n
+    for n in ox.__all__
+    if hasattr(optax, n)
+    and callable(getattr(ox, n))
+    and not isinstance(getattr(ox, n), type)
+    and not hasattr(getattr(ox, n), "__path__")
+)
 
 
 def _patch():

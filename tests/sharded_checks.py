@@ -15,7 +15,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -56,9 +55,13 @@ PARAM_SPECS = {"w": P("data", "model"), "v": P(None, "model"), "b": P("model"), 
 
 def make_params(key):
     k = jax.random.split(key, 5)
-    return {"w": jax.random.normal(k[0], (64, 130)), "v": jax.random.normal(k[1], (7, 256)),
-            "b": jax.random.normal(k[2], (130,)), "s": jax.random.normal(k[3], ()),
-            "e": jax.random.normal(k[4], (1000,))}
+    return {
+        "w": jax.random.normal(k[0], (64, 130)),
+        "v": jax.random.normal(k[1], (7, 256)),
+        "b": jax.random.normal(k[2], (130,)),
+        "s": jax.random.normal(k[3], ()),
+        "e": jax.random.normal(k[4], (1000,)),
+    }
 
 
 def place(tree, mesh, specs):
@@ -132,14 +135,55 @@ def zero1_and_fsdp(mode):
             assert laid_out(new_state[1][0].mu["w"], mesh, P("data")), new_state[1][0].mu["w"].sharding
 
 
+def int8_states(mode):
+    """8-bit moments with sharded params: same result as one device, state laid out like the params
+    (the quantized leaves' kernels run whole: blocks of the flattened leaf do not follow shards)."""
+    mesh = mesh_for(mode)
+    params0 = make_params(jax.random.PRNGKey(5))
+    grads0 = jax.tree.map(lambda x: jnp.sin(2 * x), params0)
+    tx = ox.adamw(1e-2, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise, weight_decay=0.1)
+    specs = {**PARAM_SPECS, "w": P("data") if mode == "explicit" else PARAM_SPECS["w"]}
+    for backend in ("xla", "interpret"):
+        with ox.kernels.use_backend(backend):
+            ref_p, ref_s = params0, tx.init(params0)
+            for _ in range(3):
+                ref_p, ref_s = jax.jit(tx.update_and_apply)(grads0, ref_s, ref_p)
+        with jax.set_mesh(mesh), ox.kernels.use_backend(backend):
+            params, grads = place(params0, mesh, specs), place(grads0, mesh, specs)
+            state = jax.jit(tx.init)(params)
+            assert isinstance(state[0].mu["w"], ox.QuantizedArray)
+            assert laid_out(state[0].mu["w"].codes, mesh, specs["w"]), state[0].mu["w"].codes.sharding
+            step = jax.jit(tx.update_and_apply)  # (not donated: params0's buffers are reused for both backends)
+            for _ in range(3):
+                params, state = step(grads, state, params)
+            assert laid_out(params["w"], mesh, specs["w"])
+            if mode == "explicit":  # (Auto axes: where the partitioner puts them; out_shardings pins them)
+                assert laid_out(state[0].mu["w"].codes, mesh, specs["w"]), state[0].mu["w"].codes.sharding
+        close(params, ref_p, rel=1e-5, what=f"{backend} params")
+        close(state, ref_s, rel=1e-5, what=f"{backend} state")
+
+
 def init_keeps_sharding(mode):
     """jax.jit(tx.init) lays every optimizer's state out like the params (Adafactor's factors too)."""
     mesh = mesh_for(mode)
     with jax.set_mesh(mesh):
-        params = {"w": jax.device_put(jnp.ones((64, 128)), NamedSharding(mesh, P("data", "model"))),
-                  "b": jax.device_put(jnp.ones((128,)), NamedSharding(mesh, P("model")))}
-        for name in ["sgd", "rmsprop", "adam", "adamw", "nadam", "adabelief", "yogi", "lion", "amsgrad",
-                     "lars", "lamb"]:
+        params = {
+            "w": jax.device_put(jnp.ones((64, 128)), NamedSharding(mesh, P("data", "model"))),
+            "b": jax.device_put(jnp.ones((128,)), NamedSharding(mesh, P("model"))),
+        }
+        for name in [
+            "sgd",
+            "rmsprop",
+            "adam",
+            "adamw",
+            "nadam",
+            "adabelief",
+            "yogi",
+            "lion",
+            "amsgrad",
+            "lars",
+            "lamb",
+        ]:
             kwargs = {"momentum": 0.9} if name == "sgd" else {}
             state = jax.jit(getattr(ox, name)(1e-3, **kwargs).init)(params)
             arrays = [x for x in jax.tree.leaves(state) if x.ndim]
@@ -255,10 +299,17 @@ def lowers_for_accelerators(mode):
     with jax.set_mesh(mesh):
         params = place(make_params(jax.random.PRNGKey(0)), mesh, PARAM_SPECS)
         state = tx.init(params)
-        for backend, platform, marker in [("triton", "cuda", "__gpu$xla.gpu.triton"), ("mosaic", "tpu", "tpu_custom_call")]:
+        for backend, platform, marker in [
+            ("triton", "cuda", "__gpu$xla.gpu.triton"),
+            ("mosaic", "tpu", "tpu_custom_call"),
+        ]:
             with ox.kernels.use_backend(backend):
-                text = jax.jit(lambda g, s, p: tx.update_and_apply(g, s, p)).trace(params, state, params).lower(
-                    lowering_platforms=(platform,)).as_text()
+                text = (
+                    jax.jit(lambda g, s, p: tx.update_and_apply(g, s, p))
+                    .trace(params, state, params)
+                    .lower(lowering_platforms=(platform,))
+                    .as_text()
+                )
             if mode == "auto":
                 # Partitioned at compile time: the kernels are traced per shard by the partitioner.
                 assert text.count("CustomSPMDPartitioning") == 2, text.count("CustomSPMDPartitioning")
@@ -275,9 +326,27 @@ def demo(_mode):
     # The demo as a user runs it (its own process, one CPU: it asks jax for 8 CPU devices itself),
     # against the same run on one device: data parallelism must not change what is learnt.
     def run(devices):
-        out = subprocess.run([sys.executable, "-m", "optax_ext.train", "--devices", str(devices), "--epochs", "3",
-                              "--plot", "", "--quiet", "--json", "--min-accuracy", "0.8"],
-                             capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "optax_ext.train",
+                "--devices",
+                str(devices),
+                "--epochs",
+                "3",
+                "--plot",
+                "",
+                "--quiet",
+                "--json",
+                "--min-accuracy",
+                "0.8",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "XLA_FLAGS": ""},
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 

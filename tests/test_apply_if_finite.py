@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_tree
 
 import optax_ext as ox
-from conftest import random_tree
 
 # Steps whose gradients hold a NaN or an infinity, and where: several in a row (2, 3, 4) exceed
 # max_consecutive_errors=2 on the third, which Optax then applies anyway.
@@ -19,8 +19,9 @@ OPTIMIZERS = {
     "clip_adamw": lambda m: m.chain(m.clip_by_global_norm(1.0), m.adamw(1e-2)),
     "lamb": lambda m: m.lamb(1e-2, weight_decay=0.01),
     "sgd_momentum": lambda m: m.sgd(0.1, momentum=0.9),
-    "with_optax_inside": lambda m: m.chain(m.scale_by_adam(), optax.scale_by_schedule(lambda t: 1.0 / (t + 1)),
-                                           m.scale(-0.1)),
+    "with_optax_inside": lambda m: m.chain(
+        m.scale_by_adam(), optax.scale_by_schedule(lambda t: 1.0 / (t + 1)), m.scale(-0.1)
+    ),
 }
 
 
@@ -44,13 +45,15 @@ def _bits(tree):
 
 # Every optimizer on XLA; the kernels (interpreter) on the two that exercise a shared reduction and
 # an Optax transformation inside the gate.
-CASES = ([(n, e, "xla", a) for n in sorted(OPTIMIZERS) for e in (0, 2) for a in (False, True)]
-         + [(n, 2, "interpret", a) for n in ("clip_adamw", "with_optax_inside") for a in (False, True)])
+CASES = [(n, e, "xla", a) for n in sorted(OPTIMIZERS) for e in (0, 2) for a in (False, True)] + [
+    (n, 2, "interpret", a) for n in ("clip_adamw", "with_optax_inside") for a in (False, True)
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, max_errors, backend, apply", CASES,
-                         ids=[f"{n}-{e}-{b}-{'apply' if a else 'update'}" for n, e, b, a in CASES])
+@pytest.mark.parametrize(
+    "name, max_errors, backend, apply", CASES, ids=[f"{n}-{e}-{b}-{'apply' if a else 'update'}" for n, e, b, a in CASES]
+)
 def test_matches_optax_apply_if_finite(key, name, max_errors, backend, apply):
     params = _params(key)
     ours = ox.apply_if_finite(OPTIMIZERS[name](ox), max_errors)
@@ -108,8 +111,12 @@ def test_large_finite_gradients_are_finite(key):
 def _count_triton(tx, params):
     state = jax.eval_shape(tx.init, params)
     with ox.kernels.use_backend("triton"):
-        text = jax.jit(lambda p, s, g: tx.update_and_apply(g, s, p), donate_argnums=(0, 1)).trace(
-            params, state, params).lower(lowering_platforms=("cuda",)).as_text()
+        text = (
+            jax.jit(lambda p, s, g: tx.update_and_apply(g, s, p), donate_argnums=(0, 1))
+            .trace(params, state, params)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     return text.count("__gpu$xla.gpu.triton")
 
 

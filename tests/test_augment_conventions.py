@@ -34,13 +34,16 @@ def ref_rotate_nearest(x, cos, sin, fill):
     return np.where(inside[..., None], out, np.float32(fill))
 
 
-@pytest.mark.parametrize("shape,angle,cos,sin", [
-    ((16, 23, 2), 90.0, 0.0, 1.0),     # sides of different parity: every column position is a tie
-    ((16, 23, 2), -90.0, 0.0, -1.0),
-    ((16, 23, 2), 270.0, 0.0, -1.0),
-    ((17, 23, 2), 30.0, math.sqrt(3) / 2, 0.5),  # ties where a coordinate is a multiple of sin 30 = 1/2
-    ((17, 23, 2), -30.0, math.sqrt(3) / 2, -0.5),
-])
+@pytest.mark.parametrize(
+    "shape,angle,cos,sin",
+    [
+        ((16, 23, 2), 90.0, 0.0, 1.0),  # sides of different parity: every column position is a tie
+        ((16, 23, 2), -90.0, 0.0, -1.0),
+        ((16, 23, 2), 270.0, 0.0, -1.0),
+        ((17, 23, 2), 30.0, math.sqrt(3) / 2, 0.5),  # ties where a coordinate is a multiple of sin 30 = 1/2
+        ((17, 23, 2), -30.0, math.sqrt(3) / 2, -0.5),
+    ],
+)
 def test_nearest_ties_round_up_consistently(shape, angle, cos, sin):
     x = rand_image(0, shape)
     out = np.asarray(A.rotate(x, angle, fill=0.5))
@@ -55,9 +58,12 @@ def test_quarter_turn_with_ties_is_a_shifted_rot90():
     rot = np.rot90(x[..., 0], 1)  # (23, 16), counter-clockwise
     kept = out[:, ~np.all(out == -1.0, axis=0)]
     kept = kept[~np.all(kept == -1.0, axis=1)]
-    rows = [i for i in range(rot.shape[0] - kept.shape[0] + 1)
-            for j in range(rot.shape[1] - kept.shape[1] + 1)
-            if np.array_equal(rot[i:i + kept.shape[0], j:j + kept.shape[1]], kept)]
+    rows = [
+        i
+        for i in range(rot.shape[0] - kept.shape[0] + 1)
+        for j in range(rot.shape[1] - kept.shape[1] + 1)
+        if np.array_equal(rot[i : i + kept.shape[0], j : j + kept.shape[1]], kept)
+    ]
     assert rows, "the kept part is not a window of np.rot90"
 
 
@@ -84,9 +90,21 @@ def test_bilinear_fill_is_interpolation_of_the_extended_image():
 
 def test_package_docstring_states_the_conventions():
     doc = " ".join(A.__doc__.split())
-    for phrase in ["counter-clockwise", "F.affine(x, angle=a)", "half to even", "NEAREST_EXACT",
-                   "fill=None", "B - 1 - i", "i - 1", "posterize", "k / 2^bits", "cutout", "2 (size // 2)",
-                   "shorter side", "antialias"]:
+    for phrase in [
+        "counter-clockwise",
+        "F.affine(x, angle=a)",
+        "half to even",
+        "NEAREST_EXACT",
+        "fill=None",
+        "B - 1 - i",
+        "i - 1",
+        "posterize",
+        "k / 2^bits",
+        "cutout",
+        "2 (size // 2)",
+        "shorter side",
+        "antialias",
+    ]:
         assert phrase in doc, phrase
     for name in ["crop", "center_crop", "pad", "resize"]:
         assert name in A.__all__ and callable(getattr(A, name)) and getattr(A, name).__doc__

@@ -26,6 +26,7 @@ def rand_image(seed, shape, dtype=np.float32):
 # float64 references.
 # ----------------------------------------------------------------------------
 
+
 def weights_antialias(n, m):
     """PIL's ImagingResample coefficients (bilinear, support 1 scaled by the reduction), n -> m."""
     scale = n / m
@@ -77,7 +78,7 @@ def ref_resize(x, out_h, out_w, interpolation="bilinear", antialias=True):
 
 def ref_resized_crop(x, top, left, bh, bw, out_h, out_w, interpolation, antialias):
     """torchvision's resized_crop: crop the box first, then resize the crop."""
-    return ref_resize(x[top:top + bh, left:left + bw], out_h, out_w, interpolation, antialias)
+    return ref_resize(x[top : top + bh, left : left + bw], out_h, out_w, interpolation, antialias)
 
 
 def ref_crop(x, top, left, height, width):
@@ -103,7 +104,7 @@ def ref_center_crop(x, ch, cw):
         h, w, _ = x.shape
     top = round((h - ch) / 2.0)
     left = round((w - cw) / 2.0)
-    return x[top:top + ch, left:left + cw]
+    return x[top : top + ch, left : left + cw]
 
 
 # ----------------------------------------------------------------------------
@@ -111,18 +112,17 @@ def ref_center_crop(x, ch, cw):
 # ----------------------------------------------------------------------------
 
 RESIZE_CASES = [
-    ((17, 23, 3), (7, 9)),     # downscale by non-integer factors
-    ((17, 23, 3), (40, 31)),   # upscale
-    ((17, 23, 3), (5, 50)),    # down rows, up columns
-    ((32, 32, 1), (8, 8)),     # integer 4x reduction
-    ((9, 6, 3), (9, 4)),       # one axis unchanged
-    ((1, 7, 2), (3, 2)),       # a single row
+    ((17, 23, 3), (7, 9)),  # downscale by non-integer factors
+    ((17, 23, 3), (40, 31)),  # upscale
+    ((17, 23, 3), (5, 50)),  # down rows, up columns
+    ((32, 32, 1), (8, 8)),  # integer 4x reduction
+    ((9, 6, 3), (9, 4)),  # one axis unchanged
+    ((1, 7, 2), (3, 2)),  # a single row
 ]
 
 
 @pytest.mark.parametrize("shape,out", RESIZE_CASES)
-@pytest.mark.parametrize("interpolation,antialias", [("bilinear", True), ("bilinear", False),
-                                                     ("nearest", True)])
+@pytest.mark.parametrize("interpolation,antialias", [("bilinear", True), ("bilinear", False), ("nearest", True)])
 def test_resize_matches_reference(shape, out, interpolation, antialias):
     x = rand_image(hash((shape, out)) % 2**31, shape)
     got = A.resize(x, out, interpolation=interpolation, antialias=antialias)
@@ -204,11 +204,11 @@ def test_resize_dtype_range_jit_vmap(dtype):
 # crop, center_crop, pad.
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_crop_matches_torchvision(dtype):
     x = np.asarray(rand_image(4, (9, 14, 3)), dtype)
-    cases = [(0, 0, 9, 14), (2, 3, 5, 7), (8, 13, 1, 1), (-2, 4, 6, 3), (5, -3, 7, 20), (-4, -4, 2, 2),
-             (20, 1, 3, 3)]
+    cases = [(0, 0, 9, 14), (2, 3, 5, 7), (8, 13, 1, 1), (-2, 4, 6, 3), (5, -3, 7, 20), (-4, -4, 2, 2), (20, 1, 3, 3)]
     for top, left, ch, cw in cases:
         out = A.crop(x, top, left, ch, cw)
         assert out.dtype == x.dtype
@@ -216,7 +216,7 @@ def test_crop_matches_torchvision(dtype):
     # Traced offsets, one per image under vmap (zero where the window leaves the image).
     tops = jnp.array([0, -3, 6, 2])
     lefts = jnp.array([5, 1, -2, 12])
-    fn = jax.jit(jax.vmap(lambda t, l: A.crop(x, t, l, 5, 4)))
+    fn = jax.jit(jax.vmap(lambda top, left: A.crop(x, top, left, 5, 4)))
     out = np.asarray(fn(tops, lefts))
     for k in range(4):
         np.testing.assert_array_equal(out[k], ref_crop(x, int(tops[k]), int(lefts[k]), 5, 4))
@@ -224,8 +224,10 @@ def test_crop_matches_torchvision(dtype):
 
 def test_center_crop_matches_torchvision():
     # Even and odd margins of both signs, per axis and mixed (one axis cropped, the other padded).
-    for shape, sizes in [((9, 14, 3), [(1, 1), (4, 14), (5, 11), (9, 14), (9, 15), (12, 3), (2, 19), (14, 21)]),
-                         ((10, 7, 1), [(7, 4), (3, 6), (10, 7), (13, 2), (11, 10)])]:
+    for shape, sizes in [
+        ((9, 14, 3), [(1, 1), (4, 14), (5, 11), (9, 14), (9, 15), (12, 3), (2, 19), (14, 21)]),
+        ((10, 7, 1), [(7, 4), (3, 6), (10, 7), (13, 2), (11, 10)]),
+    ]:
         x = rand_image(5, shape)
         for ch, cw in sizes:
             out = np.asarray(A.center_crop(x, (ch, cw)))
@@ -241,17 +243,26 @@ def test_center_crop_matches_torchvision():
 @pytest.mark.parametrize("mode", ["constant", "edge", "reflect", "symmetric"])
 def test_pad_matches_numpy(mode):
     x = rand_image(7, (6, 5, 3))
-    for padding, ltrb in [(2, (2, 2, 2, 2)), ([3], (3, 3, 3, 3)), ((1, 4), (1, 4, 1, 4)),
-                          ((0, 2, 3, 1), (0, 2, 3, 1)), ((4, 0, 0, 5), (4, 0, 0, 5))]:
-        l, t, r, b = ltrb
+    for padding, ltrb in [
+        (2, (2, 2, 2, 2)),
+        ([3], (3, 3, 3, 3)),
+        ((1, 4), (1, 4, 1, 4)),
+        ((0, 2, 3, 1), (0, 2, 3, 1)),
+        ((4, 0, 0, 5), (4, 0, 0, 5)),
+    ]:
+        left, t, r, b = ltrb
         out = np.asarray(A.pad(x, padding, fill=0.25, padding_mode=mode))
         kw = {"constant_values": 0.25} if mode == "constant" else {}
-        ref = np.pad(x.astype(np.float64), ((t, b), (l, r), (0, 0)), mode=mode, **kw)
+        ref = np.pad(x.astype(np.float64), ((t, b), (left, r), (0, 0)), mode=mode, **kw)
         np.testing.assert_array_equal(out, ref.astype(np.float32))
     # torchvision's documented examples on a row [1 2 3] padded by 2.
     row = np.array([1.0, 2.0, 3.0], np.float32).reshape(1, 3, 1)
-    expect = {"constant": [0, 0, 1, 2, 3, 0, 0], "edge": [1, 1, 1, 2, 3, 3, 3], "reflect": [3, 2, 1, 2, 3, 2, 1],
-              "symmetric": [2, 1, 1, 2, 3, 3, 2]}[mode]
+    expect = {
+        "constant": [0, 0, 1, 2, 3, 0, 0],
+        "edge": [1, 1, 1, 2, 3, 3, 3],
+        "reflect": [3, 2, 1, 2, 3, 2, 1],
+        "symmetric": [2, 1, 1, 2, 3, 3, 2],
+    }[mode]
     np.testing.assert_array_equal(A.pad(row, (2, 0), padding_mode=mode)[0, :, 0], expect)
 
 
@@ -282,41 +293,81 @@ def test_eval_pipeline_under_vmap():
         np.testing.assert_allclose(out[k], ref_center_crop(big, 12, 12), atol=2e-6)
 
 
-@pytest.mark.parametrize("call,exc,msg", [
-    (lambda: A.resize(np.zeros((8, 8, 3), np.uint8), 4), TypeError, r"resize: image must have a floating dtype"),
-    (lambda: A.resize(np.zeros((8, 8)), 4), ValueError, r"resize: image must be 3-D"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), 0), ValueError, r"resize: size must be >= 1, got 0"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), (4, 4, 4)), TypeError, r"resize: size must be an int or a pair"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), 4.5), TypeError, r"resize: size must be a Python int, got 4.5"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), None), ValueError, r"resize: max_size is required when size is None"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), 6, max_size=6), ValueError,
-     r"resize: max_size must be > size \(the shorter side\), got max_size=6 and size=6"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), (4, 6), max_size=9), ValueError,
-     r"resize: max_size applies only when size is an int"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), 4, interpolation="bicubic"), ValueError,
-     r"resize: interpolation must be one of \['bilinear', 'nearest'\], got 'bicubic'"),
-    (lambda: A.resize(np.zeros((8, 8, 3)), 4, antialias="yes"), TypeError,
-     r"resize: antialias must be a bool, got 'yes'"),
-    (lambda: A.crop(np.zeros((8, 8, 3)), 1.5, 0, 2, 2), TypeError,
-     r"crop: top must be an int or an integer scalar array, got 1.5"),
-    (lambda: A.crop(np.zeros((8, 8, 3)), 0, jnp.zeros(2, jnp.int32), 2, 2), TypeError, r"crop: left must be an int"),
-    (lambda: A.crop(np.zeros((8, 8, 3)), 0, 0, 0, 2), ValueError, r"crop: height must be >= 1, got 0"),
-    (lambda: A.crop(np.zeros((8, 8, 3)), 0, 0, 2, jnp.int32(2)), TypeError, r"crop: width must be a Python int"),
-    (lambda: A.center_crop(np.zeros((8, 8, 3)), (0, 3)), ValueError, r"center_crop: output_size must be >= 1"),
-    (lambda: A.center_crop(np.zeros((8, 8, 3), np.int32), 3), TypeError,
-     r"center_crop: image must have a floating dtype"),
-    (lambda: A.pad(np.zeros((8, 8, 3)), -1), ValueError, r"pad: padding must be >= 0, got -1"),
-    (lambda: A.pad(np.zeros((8, 8, 3)), (1, 2, 3)), TypeError,
-     r"pad: padding must be an int or a sequence of 1, 2 or 4 ints"),
-    (lambda: A.pad(np.zeros((8, 8, 3)), 1, padding_mode="wrap"), ValueError,
-     r"pad: padding_mode must be one of \['constant', 'edge', 'reflect', 'symmetric'\], got 'wrap'"),
-    (lambda: A.pad(np.zeros((8, 8, 3)), 1, fill=(0.0, 1.0)), ValueError,
-     r"pad: fill must be a scalar or have one value per channel \(3\)"),
-    (lambda: A.random_resized_crop(jax.random.key(0), np.zeros((8, 8, 3)), 4, antialias=None), TypeError,
-     r"random_resized_crop: antialias must be a bool"),
-    (lambda: A.random_crop(jax.random.key(0), np.zeros((8, 8, 3)), 4, padding=(1, 2, 3)), TypeError,
-     r"random_crop: padding must be an int or a sequence of 1, 2 or 4 ints"),
-])
+@pytest.mark.parametrize(
+    "call,exc,msg",
+    [
+        (lambda: A.resize(np.zeros((8, 8, 3), np.uint8), 4), TypeError, r"resize: image must have a floating dtype"),
+        (lambda: A.resize(np.zeros((8, 8)), 4), ValueError, r"resize: image must be 3-D"),
+        (lambda: A.resize(np.zeros((8, 8, 3)), 0), ValueError, r"resize: size must be >= 1, got 0"),
+        (lambda: A.resize(np.zeros((8, 8, 3)), (4, 4, 4)), TypeError, r"resize: size must be an int or a pair"),
+        (lambda: A.resize(np.zeros((8, 8, 3)), 4.5), TypeError, r"resize: size must be a Python int, got 4.5"),
+        (lambda: A.resize(np.zeros((8, 8, 3)), None), ValueError, r"resize: max_size is required when size is None"),
+        (
+            lambda: A.resize(np.zeros((8, 8, 3)), 6, max_size=6),
+            ValueError,
+            r"resize: max_size must be > size \(the shorter side\), got max_size=6 and size=6",
+        ),
+        (
+            lambda: A.resize(np.zeros((8, 8, 3)), (4, 6), max_size=9),
+            ValueError,
+            r"resize: max_size applies only when size is an int",
+        ),
+        (
+            lambda: A.resize(np.zeros((8, 8, 3)), 4, interpolation="bicubic"),
+            ValueError,
+            r"resize: interpolation must be one of \['bilinear', 'nearest'\], got 'bicubic'",
+        ),
+        (
+            lambda: A.resize(np.zeros((8, 8, 3)), 4, antialias="yes"),
+            TypeError,
+            r"resize: antialias must be a bool, got 'yes'",
+        ),
+        (
+            lambda: A.crop(np.zeros((8, 8, 3)), 1.5, 0, 2, 2),
+            TypeError,
+            r"crop: top must be an int or an integer scalar array, got 1.5",
+        ),
+        (
+            lambda: A.crop(np.zeros((8, 8, 3)), 0, jnp.zeros(2, jnp.int32), 2, 2),
+            TypeError,
+            r"crop: left must be an int",
+        ),
+        (lambda: A.crop(np.zeros((8, 8, 3)), 0, 0, 0, 2), ValueError, r"crop: height must be >= 1, got 0"),
+        (lambda: A.crop(np.zeros((8, 8, 3)), 0, 0, 2, jnp.int32(2)), TypeError, r"crop: width must be a Python int"),
+        (lambda: A.center_crop(np.zeros((8, 8, 3)), (0, 3)), ValueError, r"center_crop: output_size must be >= 1"),
+        (
+            lambda: A.center_crop(np.zeros((8, 8, 3), np.int32), 3),
+            TypeError,
+            r"center_crop: image must have a floating dtype",
+        ),
+        (lambda: A.pad(np.zeros((8, 8, 3)), -1), ValueError, r"pad: padding must be >= 0, got -1"),
+        (
+            lambda: A.pad(np.zeros((8, 8, 3)), (1, 2, 3)),
+            TypeError,
+            r"pad: padding must be an int or a sequence of 1, 2 or 4 ints",
+        ),
+        (
+            lambda: A.pad(np.zeros((8, 8, 3)), 1, padding_mode="wrap"),
+            ValueError,
+            r"pad: padding_mode must be one of \['constant', 'edge', 'reflect', 'symmetric'\], got 'wrap'",
+        ),
+        (
+            lambda: A.pad(np.zeros((8, 8, 3)), 1, fill=(0.0, 1.0)),
+            ValueError,
+            r"pad: fill must be a scalar or have one value per channel \(3\)",
+        ),
+        (
+            lambda: A.random_resized_crop(jax.random.key(0), np.zeros((8, 8, 3)), 4, antialias=None),
+            TypeError,
+            r"random_resized_crop: antialias must be a bool",
+        ),
+        (
+            lambda: A.random_crop(jax.random.key(0), np.zeros((8, 8, 3)), 4, padding=(1, 2, 3)),
+            TypeError,
+            r"random_crop: padding must be an int or a sequence of 1, 2 or 4 ints",
+        ),
+    ],
+)
 def test_bad_arguments_raise(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
@@ -325,6 +376,7 @@ def test_bad_arguments_raise(call, exc, msg):
 # ----------------------------------------------------------------------------
 # random_resized_crop: crop first, then resize.
 # ----------------------------------------------------------------------------
+
 
 @partial(jax.jit, static_argnums=(1, 2, 3))
 def _boxes(keys, h, w, scale):
@@ -346,15 +398,17 @@ def test_resample_box_reads_only_the_box():
     x[8:14, 9:16] = inside
     box = tuple(jnp.float32(b) for b in (8, 9, 6, 7))
     for order, antialias, interpolation in [(1, True, "bilinear"), (1, False, "bilinear"), (0, True, "nearest")]:
-        fn = jax.jit(partial(sizing.resample_box, out_size=(25, 30), order=order, antialias=antialias,
-                             max_scale=(20 / 25, 24 / 30)))
+        fn = jax.jit(
+            partial(
+                sizing.resample_box, out_size=(25, 30), order=order, antialias=antialias, max_scale=(20 / 25, 24 / 30)
+            )
+        )
         out = np.asarray(fn(jnp.asarray(x), box=box))
         assert out.max() <= 1.0, (order, antialias)
         np.testing.assert_allclose(out, ref_resize(inside, 25, 30, interpolation, antialias), atol=2e-6)
 
 
-@pytest.mark.parametrize("interpolation,antialias", [("bilinear", True), ("bilinear", False),
-                                                     ("nearest", True)])
+@pytest.mark.parametrize("interpolation,antialias", [("bilinear", True), ("bilinear", False), ("nearest", True)])
 def test_random_resized_crop_is_crop_then_resize(interpolation, antialias):
     h, w, out_h, out_w = 23, 29, 31, 27
     keys = jax.random.split(jax.random.key(10), 12)
@@ -362,10 +416,11 @@ def test_random_resized_crop_is_crop_then_resize(interpolation, antialias):
     images = []
     for seed, (top, left, bh, bw) in enumerate(boxes):
         x = np.full((h, w, 3), 7.0, np.float32)  # a colour outside [0, 1] everywhere but the box
-        x[top:top + bh, left:left + bw] = rand_image(seed, (bh, bw, 3))
+        x[top : top + bh, left : left + bw] = rand_image(seed, (bh, bw, 3))
         images.append(x)
-    op = partial(A.random_resized_crop, size=(out_h, out_w), scale=(0.05, 0.6), interpolation=interpolation,
-                 antialias=antialias)
+    op = partial(
+        A.random_resized_crop, size=(out_h, out_w), scale=(0.05, 0.6), interpolation=interpolation, antialias=antialias
+    )
     outs = np.asarray(jax.jit(jax.vmap(op))(keys, jnp.asarray(np.stack(images))))
     assert outs.max() <= 1.0  # no output pixel contains the outside colour
     assert any(bh < out_h and top > 0 for top, _, bh, _ in boxes)  # upscaled boxes away from the edge
@@ -378,7 +433,6 @@ def test_random_resized_crop_downscale_antialias():
     x = rand_image(11, (40, 36, 3))
     keys = jax.random.split(jax.random.key(3), 4)
     for antialias in (True, False):
-        op = jax.jit(jax.vmap(partial(A.random_resized_crop, image=x, size=9, scale=(0.5, 1.0),
-                                      antialias=antialias)))
+        op = jax.jit(jax.vmap(partial(A.random_resized_crop, image=x, size=9, scale=(0.5, 1.0), antialias=antialias)))
         for out, box in zip(np.asarray(op(keys)), draw_boxes(keys, 40, 36, (0.5, 1.0))):
             np.testing.assert_allclose(out, ref_resized_crop(x, *box, 9, 9, "bilinear", antialias), atol=2e-6)

@@ -3,11 +3,11 @@ the behaviour of theirs it re-implements in public terms: one test per item, eac
 message that names the item and what changed, so an upgrade of Optax, flax or jax that breaks one
 says so instead of failing somewhere downstream. Tested with optax 0.2.8, flax 0.12.8, jax 0.10.2."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import flax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -29,62 +29,93 @@ def _check_state_class(item, state, fields, made_by, ours):
         f"optax {optax.__version__}: {made_by} returns {got.__module__}.{got.__qualname__} with fields "
         f"{getattr(got, '_fields', None)}; optax_ext._compat.{item} expects Optax's own class with fields "
         f"{fields} (tested with optax 0.2.8), and is {expected.__module__}.{expected.__qualname__}. "
-        f"Update optax_ext/_compat.py and the optax_ext transformation that builds this state.")
+        f"Update optax_ext/_compat.py and the optax_ext transformation that builds this state."
+    )
     assert jnp.asarray(state.count).dtype == jnp.int32 and jnp.shape(state.count) == (), (
         f"optax {optax.__version__}: {made_by}: count is {jnp.asarray(state.count).dtype}{jnp.shape(state.count)}, "
-        f"expected an int32 scalar (optax_ext._compat.{item}).")
+        f"expected an int32 scalar (optax_ext._compat.{item})."
+    )
     assert type(ours) is got, f"optax_ext makes {type(ours)} where Optax makes {got} ({item})."
     for name in fields[1:]:  # the moments are trees shaped like the params
         assert jax.tree.structure(getattr(state, name)) == jax.tree.structure(PARAMS), (item, name)
 
 
 def test_scale_by_rms_with_count_state():
-    _check_state_class("ScaleByRmsWithCountState", optax.scale_by_rms(bias_correction=True).init(PARAMS),
-                       ("count", "nu"), "optax.scale_by_rms(bias_correction=True).init",
-                       ox.scale_by_rms(bias_correction=True).init(PARAMS))
+    _check_state_class(
+        "ScaleByRmsWithCountState",
+        optax.scale_by_rms(bias_correction=True).init(PARAMS),
+        ("count", "nu"),
+        "optax.scale_by_rms(bias_correction=True).init",
+        ox.scale_by_rms(bias_correction=True).init(PARAMS),
+    )
 
 
 def test_scale_by_stddev_with_count_state():
-    _check_state_class("ScaleByRStdDevWithCountState", optax.scale_by_stddev(bias_correction=True).init(PARAMS),
-                       ("count", "mu", "nu"), "optax.scale_by_stddev(bias_correction=True).init",
-                       ox.scale_by_rms(bias_correction=True, centered=True).init(PARAMS))
+    _check_state_class(
+        "ScaleByRStdDevWithCountState",
+        optax.scale_by_stddev(bias_correction=True).init(PARAMS),
+        ("count", "mu", "nu"),
+        "optax.scale_by_stddev(bias_correction=True).init",
+        ox.scale_by_rms(bias_correction=True, centered=True).init(PARAMS),
+    )
 
 
 def test_weight_decay_schedule():
     schedule = optax.linear_schedule(1e-2, 0.0, 10)
     state = optax.add_decayed_weights(schedule).init(PARAMS)
-    _check_state_class("WeightDecaySchedule", state, ("count",), "optax.add_decayed_weights(schedule).init",
-                       ox.add_decayed_weights(schedule).init(PARAMS))
+    _check_state_class(
+        "WeightDecaySchedule",
+        state,
+        ("count",),
+        "optax.add_decayed_weights(schedule).init",
+        ox.add_decayed_weights(schedule).init(PARAMS),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Re-implemented in public terms: flax's dtype rule (optax_ext.nn), jax's manual-axis annotation.
 
 
-@pytest.mark.parametrize("x_dtype,param_dtype,dtype", [(jnp.bfloat16, jnp.float32, None),
-                                                        (jnp.float32, jnp.bfloat16, jnp.bfloat16),
-                                                        (jnp.float16, jnp.float16, None),
-                                                        (jnp.float32, jnp.float32, jnp.float16)])
+@pytest.mark.parametrize(
+    "x_dtype,param_dtype,dtype",
+    [
+        (jnp.bfloat16, jnp.float32, None),
+        (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+        (jnp.float16, jnp.float16, None),
+        (jnp.float32, jnp.float32, jnp.float16),
+    ],
+)
 def test_output_dtype_rule_matches_flax(x_dtype, param_dtype, dtype):
     """optax_ext.nn's plain-jnp paths pick the output dtype as flax's `canonicalize_dtype` does."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)), x_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, rngs=nnx.Rngs(0))
-    cases = [("LayerNorm(reduction_axes=0)", onn.LayerNorm(6, reduction_axes=0, **kw),
-              nnx.LayerNorm(6, reduction_axes=0, **kw)),
-             ("BatchNorm eval", onn.BatchNorm(6, use_running_average=True, **kw),
-              nnx.BatchNorm(6, use_running_average=True, **kw))]
+    cases = [
+        (
+            "LayerNorm(reduction_axes=0)",
+            onn.LayerNorm(6, reduction_axes=0, **kw),
+            nnx.LayerNorm(6, reduction_axes=0, **kw),
+        ),
+        (
+            "BatchNorm eval",
+            onn.BatchNorm(6, use_running_average=True, **kw),
+            nnx.BatchNorm(6, use_running_average=True, **kw),
+        ),
+    ]
     for label, ours, theirs in cases:
         got, want = ours(x).dtype, theirs(x).dtype
-        assert got == want, (f"flax {flax.__version__} {label} with x {jnp.dtype(x_dtype).name}, param_dtype "
-                             f"{jnp.dtype(param_dtype).name}, dtype {dtype}: flax now returns {want}, optax_ext.nn "
-                             f"{got}; update optax_ext.nn._result_dtype (tested with flax 0.12.8).")
+        assert got == want, (
+            f"flax {flax.__version__} {label} with x {jnp.dtype(x_dtype).name}, param_dtype "
+            f"{jnp.dtype(param_dtype).name}, dtype {dtype}: flax now returns {want}, optax_ext.nn "
+            f"{got}; update optax_ext.nn._result_dtype (tested with flax 0.12.8)."
+        )
 
 
 def test_manual_axis_type_annotation():
     """`blocks.out_struct` marks a kernel output as varying over the manual axes of its inputs with
     jax's public `ManualAxisType` (jax >= 0.10; `vma=` before)."""
     assert hasattr(jax.sharding, "ManualAxisType"), (
-        f"jax {jax.__version__} has no jax.sharding.ManualAxisType; update optax_ext.kernels.blocks.out_struct.")
+        f"jax {jax.__version__} has no jax.sharding.ManualAxisType; update optax_ext.kernels.blocks.out_struct."
+    )
     mesh = jax.make_mesh((1,), ("x",))
     seen = {}
 
@@ -97,5 +128,6 @@ def test_manual_axis_type_annotation():
     mat = seen["struct"].manual_axis_type
     assert mat is not None and mat.varying == frozenset({"x"}), (
         f"jax {jax.__version__}: out_struct inside shard_map gave manual_axis_type={mat}, expected varying over "
-        f"'x'; jax.typeof(a).manual_axis_type or ShapeDtypeStruct(manual_axis_type=) changed.")
+        f"'x'; jax.typeof(a).manual_axis_type or ShapeDtypeStruct(manual_axis_type=) changed."
+    )
     assert blocks.out_struct((2,), jnp.float32, jnp.zeros(2)).manual_axis_type.varying == frozenset()

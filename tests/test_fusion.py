@@ -1,5 +1,6 @@
 """The fusion core: runs, composition with Optax, pytrees, jit/vmap, dtypes, sharding."""
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -9,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close, assert_trees_rel_close, random_tree
 
 import optax_ext as ox
 from optax_ext.kernels import elementwise
-from conftest import RAGGED_SHAPES, assert_trees_close, assert_trees_rel_close, random_tree
 
 
 def _triton_kernels(tx, params):
@@ -20,15 +21,20 @@ def _triton_kernels(tx, params):
     state = jax.eval_shape(tx.init, params)
     avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     with ox.kernels.use_backend("triton"):
-        text = jax.jit(lambda g, s, p: tx.update(g, s, p)).trace(avals, state, avals).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = (
+            jax.jit(lambda g, s, p: tx.update(g, s, p))
+            .trace(avals, state, avals)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     return text.count("__gpu$xla.gpu.triton")
 
 
 def test_adjacent_rules_fuse_into_one_pass(key):
     params = random_tree(key)
-    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.scale_by_adam(), ox.decoupled_weight_decay(0.1),
-                  ox.scale_by_learning_rate(1e-3))
+    tx = ox.chain(
+        ox.clip_by_global_norm(1.0), ox.scale_by_adam(), ox.decoupled_weight_decay(0.1), ox.scale_by_learning_rate(1e-3)
+    )
     # One reduction launch (the global norm) and one fused launch for every leaf.
     assert _triton_kernels(tx, params) == 2
     assert _triton_kernels(ox.chain(ox.scale_by_adam(), ox.scale_by_learning_rate(1e-3)), params) == 1
@@ -48,10 +54,12 @@ def test_rule_that_reads_updates_starts_a_new_run(key):
 
 def test_mixed_chain_equals_optax_chain(key):
     params = random_tree(key)
-    ours = ox.chain(ox.clip_by_global_norm(0.7), optax.scale_by_adam(), ox.add_decayed_weights(0.01),
-                    optax.scale(-1e-2))
-    theirs = optax.chain(optax.clip_by_global_norm(0.7), optax.scale_by_adam(), optax.add_decayed_weights(0.01),
-                         optax.scale(-1e-2))
+    ours = ox.chain(
+        ox.clip_by_global_norm(0.7), optax.scale_by_adam(), ox.add_decayed_weights(0.01), optax.scale(-1e-2)
+    )
+    theirs = optax.chain(
+        optax.clip_by_global_norm(0.7), optax.scale_by_adam(), optax.add_decayed_weights(0.01), optax.scale(-1e-2)
+    )
     s1, s2 = ours.init(params), theirs.init(params)
     p1 = p2 = params
     for t in range(10):
@@ -70,8 +78,11 @@ def test_nested_chains_flatten_and_keep_nested_state(key):
     params = random_tree(key)
     inner = ox.chain(ox.scale_by_adam(), ox.add_decayed_weights(0.1))
     tx = ox.chain(ox.clip_by_global_norm(1.0), inner, ox.scale_by_learning_rate(0.1))
-    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(0.1)),
-                      optax.scale_by_learning_rate(0.1))
+    ref = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(0.1)),
+        optax.scale_by_learning_rate(0.1),
+    )
     s1, s2 = tx.init(params), ref.init(params)
     assert jax.tree.structure(s1) == jax.tree.structure(s2)
     g = random_tree(jax.random.fold_in(key, 7))
@@ -137,10 +148,10 @@ def test_vmap_over_independent_problems(key):
     states = jax.vmap(tx.init)(params)
     u_batched, _ = jax.vmap(tx.update)(grads, states, params)
     for i in range(batch):
-        p_i = jax.tree.map(lambda x: x[i], params)
-        g_i = jax.tree.map(lambda x: x[i], grads)
+        p_i = jax.tree.map(lambda x, i=i: x[i], params)
+        g_i = jax.tree.map(lambda x, i=i: x[i], grads)
         u_i, _ = tx.update(g_i, tx.init(p_i), p_i)
-        assert_trees_close(jax.tree.map(lambda x: x[i], u_batched), u_i, rtol=1e-6, atol=1e-8)
+        assert_trees_close(jax.tree.map(lambda x, i=i: x[i], u_batched), u_i, rtol=1e-6, atol=1e-8)
 
 
 def test_dtypes_preserved_moments_in_requested_dtype(key):
@@ -260,11 +271,20 @@ def test_sharding_preserved_on_8_fake_devices():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("make,launches", [
-    (lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, weight_decay=0.1,
-                                                             mask=lambda p: {k: v.ndim > 1 for k, v in p.items()})), 2),
-    (lambda: ox.lamb(1e-2, weight_decay=0.01), 3),
-], ids=["clip_adamw_masked", "lamb"])
+@pytest.mark.parametrize(
+    "make,launches",
+    [
+        (
+            lambda: ox.chain(
+                ox.clip_by_global_norm(1.0),
+                ox.adamw(1e-2, weight_decay=0.1, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}),
+            ),
+            2,
+        ),
+        (lambda: ox.lamb(1e-2, weight_decay=0.01), 3),
+    ],
+    ids=["clip_adamw_masked", "lamb"],
+)
 def test_pallas_path_runs_all_leaves_per_launch_with_per_leaf_scalars(make, launches, key):
     """Interpret backend: one multi-tensor launch per reduction and per fused run, whatever the
     number of leaves; per-leaf scalars (mask, trust ratio) stay per leaf; results equal the XLA path."""
@@ -296,3 +316,71 @@ def test_readonly_slots_are_read_not_written(monkeypatch, key):
     # Inputs g, p, anchor, mu, nu; outputs u, mu, nu: the anchor is never written back.
     assert set(outputs) == {(5, 3)}
     assert new_state[0].anchor is state[0].anchor
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion metadata survives rebuilds of the (init, update) pair
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _two_steps(tx, params, key):
+    """(updates of step 2, state after step 2, params from update_and_apply of step 2)."""
+    state = tx.init(params)
+    g1, g2 = random_tree(jax.random.fold_in(key, 1)), random_tree(jax.random.fold_in(key, 2))
+    _, state = tx.update(g1, state, params)
+    updates, new_state = tx.update(g2, state, params)
+    applied, _ = ox.update_and_apply(tx, g2, state, params)
+    return updates, new_state, applied
+
+
+def test_replace_init_keeps_fusing(key):
+    params = random_tree(key)
+    tx = ox.adamw(1e-2, weight_decay=0.1)
+    replaced = tx._replace(init=lambda p: tx.init(p))
+    assert isinstance(replaced, ox.FusableTransformation) and replaced.atoms == tx.atoms
+    chained = ox.chain(replaced, ox.scale(0.5))
+    assert all(a.rule is not None for a in chained.atoms)
+    assert _triton_kernels(chained, params) == 1  # one fused pass, as for the original
+    _assert_trees_equal(_two_steps(chained, params, key), _two_steps(ox.chain(tx, ox.scale(0.5)), params, key))
+    g = random_tree(jax.random.fold_in(key, 3))
+    _assert_trees_equal(
+        replaced.update_and_apply(g, replaced.init(params), params), tx.update_and_apply(g, tx.init(params), params)
+    )
+
+
+def test_optax_rebuild_of_ours_still_fuses(key):
+    params = random_tree(key)
+    tx = ox.adam(1e-2)
+    rebuilt = optax.GradientTransformationExtraArgs(tx.init, tx.update)
+    assert not isinstance(rebuilt, ox.FusableTransformation)
+    assert all(a.rule is not None for a in ox.chain(rebuilt).atoms)
+    assert _triton_kernels(ox.chain(ox.clip(1.0), rebuilt), params) == 1
+    _assert_trees_equal(_two_steps(rebuilt, params, key), _two_steps(tx, params, key))
+
+
+def test_replaced_update_is_opaque(key):
+    """A new update function computes something else for all we know: it must not fuse as the old one."""
+    params = random_tree(key)
+    tx = ox.adam(1e-2)
+
+    def half(tree):
+        return jax.tree.map(lambda x: x / 2, tree)
+
+    halved = tx._replace(update=lambda u, s, p=None, **kw: tx.update(half(u), s, p))
+    assert halved.atoms is None
+    chained = ox.chain(halved)
+    (atom,) = chained.atoms
+    assert atom.rule is None and atom.update is not None
+    g = random_tree(jax.random.fold_in(key, 1))
+    expected_u, expected_s = tx.update(half(g), tx.init(params), params)
+    _assert_trees_equal(chained.update(g, chained.init(params), params), (expected_u, (expected_s,)))
+    new, _ = halved.update_and_apply(g, halved.init(params), params)
+    _assert_trees_equal(new, optax.apply_updates(params, expected_u))
+    # functools.wraps copies a function's attributes: the registry is keyed by the function itself.
+    wrapped = functools.wraps(tx.update)(lambda u, s, p=None, **kw: tx.update(half(u), s, p))
+    assert ox.chain(optax.GradientTransformationExtraArgs(tx.init, wrapped)).atoms[0].rule is None

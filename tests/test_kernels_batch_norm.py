@@ -13,18 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import assert_grads_match_finite_differences, assert_within, tolerance, unit_roundoff
 from fake_tpu import pretend_cpu_is_a_tpu_v5e
+from flax import nnx
+
 from optax_ext.kernels import batch_norm as bn
 from optax_ext.kernels import blocks
 from optax_ext.kernels.backend import use_backend
 
 # (interpreter layout, shape). Blocks are shrunk below so every shape but the tiny ones spans
 # several row blocks with a ragged last one.
-CASES = [("triton", (33, 10)), ("triton", (4, 5, 7, 3)), ("triton", (2, 3)), ("mosaic", (70, 6)),
-         ("mosaic", (4, 5, 7, 3))]
+CASES = [
+    ("triton", (33, 10)),
+    ("triton", (4, 5, 7, 3)),
+    ("triton", (2, 3)),
+    ("mosaic", (70, 6)),
+    ("mosaic", (4, 5, 7, 3)),
+]
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
@@ -42,8 +47,7 @@ def _inputs(shape, dtype, seed):
     x = (jax.random.normal(k[0], shape) * 3.0 + 1.0).astype(dtype)
     scale = 1.0 + 0.5 * jax.random.normal(k[1], (c,))
     bias = jax.random.normal(k[2], (c,))
-    cts = (jax.random.normal(k[3], shape).astype(dtype), jax.random.normal(k[4], (c,)),
-           jax.random.normal(k[5], (c,)))
+    cts = (jax.random.normal(k[3], shape).astype(dtype), jax.random.normal(k[4], (c,)), jax.random.normal(k[5], (c,)))
     return x, scale, bias, cts
 
 
@@ -89,9 +93,13 @@ def _exact(x, scale, bias, cts, eps=1e-5):
         "mean": np.abs(x2).mean(0).max(),  # the plain sum (xla path)
         "mean_shifted": np.abs(x2 - x2[:1]).mean(0).max(),  # the kernel's sum of x - K, K = the first row
         "var": var.max(),  # positive terms: relative to the result
-        "dx": np.max(k * np.abs(dy2) + (np.abs(dmean) + k * rss(dy2)) / r
-                     + 2 * (np.abs(x2) + np.abs(mean)) * (np.abs(dvar) + 0.5 * k * rstd * rss(dy2 * xterms)) / r),
-        "dscale": rss(dy2 * xterms).max(), "dbias": rss(dy2).max(),
+        "dx": np.max(
+            k * np.abs(dy2)
+            + (np.abs(dmean) + k * rss(dy2)) / r
+            + 2 * (np.abs(x2) + np.abs(mean)) * (np.abs(dvar) + 0.5 * k * rstd * rss(dy2 * xterms)) / r
+        ),
+        "dscale": rss(dy2 * xterms).max(),
+        "dbias": rss(dy2).max(),
         "sdx": np.max(np.abs(dmean) / r + 2 * np.abs(dvar) * (np.abs(x2) + np.abs(mean)) / r),
     }
     return exact, scales
@@ -127,8 +135,12 @@ def _tol(name, dtype, shape, scales, shifted=False):
 def _check(results, exact, scales, shape, dtypes, err_msg="", shifted=False):
     """Every result in `results` {name: array} against float64 `exact`: the check the mutants must fail."""
     for name, value in results.items():
-        assert_within(value, exact[name], _tol(name, dtypes.get(name, jnp.float32), shape, scales, shifted),
-                      err_msg=f"{name} {err_msg}")
+        assert_within(
+            value,
+            exact[name],
+            _tol(name, dtypes.get(name, jnp.float32), shape, scales, shifted),
+            err_msg=f"{name} {err_msg}",
+        )
 
 
 @pytest.mark.parametrize("layout,shape", CASES)
@@ -177,21 +189,38 @@ def _check_vjp(x, scale, bias, cts, backends):
             tol["atol"] += 2 * unit_roundoff(dtype) * scales["dx"]
             assert_within(results.pop("dx"), exact["dx"], tol, err_msg="dx reference")
         _check(results, exact, scales, shape, {"y": dtype, "dx": dtype}, err_msg=label, shifted=shifted)
-        _check({"mean": s[0], "var": s[1], "sdx": sg[0]}, exact, scales, shape, {"sdx": dtype},
-               err_msg=f"{label} stats", shifted=shifted)
+        _check(
+            {"mean": s[0], "var": s[1], "sdx": sg[0]},
+            exact,
+            scales,
+            shape,
+            {"sdx": dtype},
+            err_msg=f"{label} stats",
+            shifted=shifted,
+        )
 
 
 def _fd_checks(x, scale, bias, backend=None):
     """(f, float64 twin, args, tolerances of f's outputs, label) for the finite-difference checks."""
     shape = x.shape
     _, scales = _exact(x, scale, bias, (x, bias, bias))
-    f_bn, f_stats = (bn.batch_norm_reference, bn.batch_norm_stats_reference) if backend is None else (
-        bn.batch_norm, bn.batch_norm_stats)
+    f_bn, f_stats = (
+        (bn.batch_norm_reference, bn.batch_norm_stats_reference)
+        if backend is None
+        else (bn.batch_norm, bn.batch_norm_stats)
+    )
     shifted = backend not in (None, "xla")
     stat_tols = [_tol(name, jnp.float32, shape, scales, shifted) for name in ("mean", "var")]
-    return [(lambda x, s, b: f_bn(x, s, b), lambda x, s, b: _bn64(x, s, b, 1e-5), (x, scale, bias),
-             [_tol("y", jnp.float32, shape, scales), *stat_tols], "batch_norm"),
-            (f_stats, _stats64, (x,), stat_tols, "batch_norm_stats")]
+    return [
+        (
+            lambda x, s, b: f_bn(x, s, b),
+            lambda x, s, b: _bn64(x, s, b, 1e-5),
+            (x, scale, bias),
+            [_tol("y", jnp.float32, shape, scales), *stat_tols],
+            "batch_norm",
+        ),
+        (f_stats, _stats64, (x,), stat_tols, "batch_norm_stats"),
+    ]
 
 
 def test_grads_match_finite_differences_reference_and_xla_path():
@@ -342,8 +371,15 @@ def test_mutants_fail(monkeypatch, mutant, dtype):
         dx, dscale, dbias = vjp(cts)
     value = {"y": y, "var": var, "dx": dx, "dscale": dscale, "dbias": dbias}[result]
     with pytest.raises(AssertionError, match=f"^{result} "):
-        _check({result: value}, exact, scales, shape, {"y": dtype, "dx": dtype}, err_msg=backend,
-               shifted=backend == "interpret")
+        _check(
+            {result: value},
+            exact,
+            scales,
+            shape,
+            {"y": dtype, "dx": dtype},
+            err_msg=backend,
+            shifted=backend == "interpret",
+        )
 
 
 def test_mutant_fails_finite_differences(monkeypatch):
@@ -359,8 +395,9 @@ LOWERINGS = [("triton", "cuda", "__gpu$xla.gpu.triton"), ("mosaic", "tpu", "tpu_
 
 
 @pytest.mark.parametrize("backend,platform,marker", LOWERINGS)
-@pytest.mark.parametrize("shape,dtype", [((256, 56, 56, 64), jnp.bfloat16), ((33, 10), jnp.float32),
-                                         ((4, 5, 7, 3), jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "shape,dtype", [((256, 56, 56, 64), jnp.bfloat16), ((33, 10), jnp.float32), ((4, 5, 7, 3), jnp.bfloat16)]
+)
 def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
     x = jax.ShapeDtypeStruct(shape, dtype)
     s = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
@@ -375,8 +412,12 @@ def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
 
     # forward: stats + normalise; backward adds the sums kernel and the dx kernel.
     # Fresh lambdas: jax.jit caches traces by function identity, and the backend is read at trace time.
-    for f, args, calls in ((lambda x, s: bn.batch_norm(x, s, s), (x, s), 2), (lambda x: bn.batch_norm_stats(x), (x,), 1),
-                           (jax.grad(bn_loss, argnums=(0, 1)), (x, s), 4), (jax.grad(stats_loss), (x,), 2)):
+    for f, args, calls in (
+        (lambda x, s: bn.batch_norm(x, s, s), (x, s), 2),
+        (lambda x: bn.batch_norm_stats(x), (x,), 1),
+        (jax.grad(bn_loss, argnums=(0, 1)), (x, s), 4),
+        (jax.grad(stats_loss), (x,), 2),
+    ):
         with use_backend(backend):
             text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
         assert text.count(marker) == calls
@@ -396,8 +437,13 @@ def fake_tpu(monkeypatch):
 
 # (interpreter layout, shape) with 64-element blocks and 3 programs: every program loops over
 # 2-9 row blocks, with a ragged last row block and/or power-of-two-padded columns.
-PERSISTENT_CASES = [("triton", (200, 5)), ("triton", (3, 50, 7)), ("triton", (64, 16)), ("mosaic", (300, 6)),
-                    ("mosaic", (5, 40, 3))]
+PERSISTENT_CASES = [
+    ("triton", (200, 5)),
+    ("triton", (3, 50, 7)),
+    ("triton", (64, 16)),
+    ("mosaic", (300, 6)),
+    ("mosaic", (5, 40, 3)),
+]
 
 
 @pytest.mark.parametrize("layout,shape", PERSISTENT_CASES)
@@ -428,8 +474,9 @@ def test_persistent_stats_and_bwd_sums_match_reference(monkeypatch, layout, shap
     xterms = (np.abs(x64) + np.abs(np.asarray(mean, np.float64))) * np.asarray(rstd, np.float64)
     rss = lambda t: np.sqrt(np.sum(np.square(t), 0)).max()  # noqa: E731
     assert_within(sdy, dy64.sum(0), tolerance(jnp.float32, r, rss(dy64)), err_msg="sum dy")
-    assert_within(sdyx, (dy64 * xhat64).sum(0), tolerance(jnp.float32, r, rss(dy64 * xterms), ops=3),
-                  err_msg="sum dy * xhat")
+    assert_within(
+        sdyx, (dy64 * xhat64).sum(0), tolerance(jnp.float32, r, rss(dy64 * xterms), ops=3), err_msg="sum dy * xhat"
+    )
 
 
 def _kernel_results(text):
@@ -455,13 +502,13 @@ def test_partials_are_per_program_not_per_row_block(fake_tpu, rows):
     x = jax.ShapeDtypeStruct((rows, c), jnp.bfloat16)
     s = jax.ShapeDtypeStruct((c,), jnp.float32)
     for backend, platform in (("triton", "cuda"), ("mosaic", "tpu")):
+
         def loss(x, s):  # fresh per backend: jit caches traces, the backend is read at trace time
             y, mean, var = bn.batch_norm(x, s, s)
             return jnp.sum(y.astype(jnp.float32)) + jnp.sum(mean * var)
 
         with use_backend(backend):
-            text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(
-                lowering_platforms=(platform,)).as_text()
+            text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(lowering_platforms=(platform,)).as_text()
         results = _kernel_results(text)
         partial = f"{blocks.PERSISTENT_PROGRAMS[backend]}x1x{c}xf32"
         assert results["batch_norm_stats"] == [partial, partial]

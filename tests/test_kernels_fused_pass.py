@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close
 
 import optax_ext as ox
-from conftest import assert_trees_close
 from optax_ext.kernels import multi_tensor as mt
 from optax_ext.kernels import use_backend
 from optax_ext.kernels.elementwise import Job, run_elementwise_reference, run_fused
@@ -32,8 +32,8 @@ FORMS = [("multi_tensor", 256), ("per_leaf", 8), ("multi_tensor", None), ("per_l
 def adam_body(xs, shared, leaf):
     """Adam (Kingma & Ba, 2015) with decoupled decay: 2 slots, 6 shared scalars, a per-leaf decay."""
     g, p, m, v = xs
-    m = shared[0] * m + shared[1] * g            # b1, 1 - b1
-    v = shared[2] * v + shared[3] * (g * g)      # b2, 1 - b2
+    m = shared[0] * m + shared[1] * g  # b1, 1 - b1
+    v = shared[2] * v + shared[3] * (g * g)  # b2, 1 - b2
     u = (m / shared[4]) / (jnp.sqrt(v) + shared[5])  # bias correction 1, eps
     return [p - 1e-2 * (u + leaf[0] * p), m, v]
 
@@ -100,6 +100,7 @@ def _count_pallas_calls(fn, *args):
     Traces a fresh wrapper each time: tracing is cached per function object, and the launch plan
     read from module constants at trace time may have changed since.
     """
+
     def count(jaxpr):
         n = 0
         for eqn in jaxpr.eqns:
@@ -107,6 +108,7 @@ def _count_pallas_calls(fn, *args):
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 n += count(sub)
         return n
+
     return count(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
 
 
@@ -121,8 +123,12 @@ def test_many_leaves_match_reference(key, form, block):
 @pytest.mark.parametrize("form,block", FORMS[:2])
 def test_leaves_of_different_dtypes_share_a_launch(key, form, block):
     # bf16 params and grads with f32 or bf16 slots, f16 grads, f32: upcast inside, round once on the way out.
-    dtypes = ((jnp.bfloat16, jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
-              (jnp.float16, jnp.float32, jnp.float16), (jnp.float32, jnp.float32, jnp.float32))
+    dtypes = (
+        (jnp.bfloat16, jnp.bfloat16, jnp.float32),
+        (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+        (jnp.float16, jnp.float32, jnp.float16),
+        (jnp.float32, jnp.float32, jnp.float32),
+    )
     jobs = _adam_jobs(key, [(1031,), (3, 5, 7), (3 * 1024 + 5,), (7,), (130, 128)], dtypes)
     got = fused_pass_pallas(adam_body, jobs, ADAM_SHARED, backend="interpret", form=form, block=block)
     for job, outs in zip(jobs, got):
@@ -199,8 +205,10 @@ def test_every_element_written(key, form, block):
 def test_aliases_with_donation_under_jit(key, form, block):
     # The params and slots p, m, v are updated in place: donated inputs 1, 2, 3 become outputs 0, 1, 2.
     jobs = _adam_jobs(key, [(3 * 1024 + 5,), (1000,)], aliases={1: 0, 2: 1, 3: 2})
-    want = [[np.asarray(x) for x in run_elementwise_reference(adam_body, j.inputs, ADAM_SHARED, j.scalars,
-                                                              j.out_dtypes)] for j in jobs]
+    want = [
+        [np.asarray(x) for x in run_elementwise_reference(adam_body, j.inputs, ADAM_SHARED, j.scalars, j.out_dtypes)]
+        for j in jobs
+    ]
 
     def step(gs, rest, shared):
         js = [j._replace(inputs=[g, *r]) for j, g, r in zip(jobs, gs, rest)]
@@ -228,8 +236,11 @@ def test_triton_on_gpu_matches_reference(key):
         return [j._replace(inputs=x) for j, x in zip(jobs, xs)]
 
     got = jax.jit(lambda xs, s: fused_pass_pallas(adam_body, with_inputs(xs), s, backend="triton"))(inputs, ADAM_SHARED)
-    want = jax.jit(lambda xs, s: [run_elementwise_reference(adam_body, j.inputs, s, j.scalars, j.out_dtypes)
-                                  for j in with_inputs(xs)])(inputs, ADAM_SHARED)
+    want = jax.jit(
+        lambda xs, s: [
+            run_elementwise_reference(adam_body, j.inputs, s, j.scalars, j.out_dtypes) for j in with_inputs(xs)
+        ]
+    )(inputs, ADAM_SHARED)
     for outs, w in zip(got, want):
         for a, e in zip(outs, w):
             assert_close_in_dtype(a, e)
@@ -253,14 +264,17 @@ def test_size_zero_inputs():
     assert out.shape == (0, 3) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(backend="cuda"), ValueError, "backend='cuda'"),
-    (dict(backend="interpret", form="tiles"), ValueError, "form='tiles'"),
-    (dict(backend="mosaic", form="multi_tensor"), ValueError, "per_leaf"),
-    (dict(backend="interpret", block=0), ValueError, "block=0"),
-    (dict(backend="interpret", form="per_leaf", block=12), ValueError, "multiple of 8"),
-    (dict(backend="triton", block=1000), ValueError, "power of 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(backend="cuda"), ValueError, "backend='cuda'"),
+        (dict(backend="interpret", form="tiles"), ValueError, "form='tiles'"),
+        (dict(backend="mosaic", form="multi_tensor"), ValueError, "per_leaf"),
+        (dict(backend="interpret", block=0), ValueError, "block=0"),
+        (dict(backend="interpret", form="per_leaf", block=12), ValueError, "multiple of 8"),
+        (dict(backend="triton", block=1000), ValueError, "power of 2"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     jobs = [Job([jnp.ones((2000,))], [jnp.float32], NO_SCALARS)]
     with pytest.raises(exc, match=match):
@@ -301,8 +315,9 @@ E2E = {
     "lion": lambda m: m.lion(1e-3, weight_decay=0.01),
     "rmsprop": lambda m: m.rmsprop(1e-2),
     "clip_adamw": lambda m: m.chain(m.clip_by_global_norm(1.0), m.adamw(1e-2)),
-    "clip_adamw_schedule": lambda m: m.chain(m.clip_by_global_norm(1.0),
-                                             m.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10))),
+    "clip_adamw_schedule": lambda m: m.chain(
+        m.clip_by_global_norm(1.0), m.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10))
+    ),
     "nadam": lambda m: m.nadam(1e-2),
     "adabelief": lambda m: m.adabelief(1e-2),
     "yogi": lambda m: m.yogi(1e-2),
@@ -330,10 +345,14 @@ def _run(tx, params, grads_seq, backend, apply):
 
 def _problem(key, dtype):
     kp, kg = jax.random.split(key)
-    params = {f"w{i}": jax.random.normal(k, s).astype(dtype)
-              for i, (k, s) in enumerate(zip(jax.random.split(kp, len(E2E_SHAPES)), E2E_SHAPES))}
-    grads = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.fold_in(k, p.size), p.shape).astype(dtype),
-                          params) for k in jax.random.split(kg, 5)]
+    params = {
+        f"w{i}": jax.random.normal(k, s).astype(dtype)
+        for i, (k, s) in enumerate(zip(jax.random.split(kp, len(E2E_SHAPES)), E2E_SHAPES))
+    }
+    grads = [
+        jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.fold_in(k, p.size), p.shape).astype(dtype), params)
+        for k in jax.random.split(kg, 5)
+    ]
     return params, grads
 
 
@@ -370,5 +389,4 @@ def test_optimizer_interpret_bf16_params(key, name):
     for a, e in zip(jax.tree.leaves(p_int), jax.tree.leaves(p_xla)):
         assert a.dtype == jnp.bfloat16
         # Same math in f32, one rounding to bf16 per step: at most a couple of bf16 ulps apart.
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
-                                   rtol=2 * 2.0**-8, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=2 * 2.0**-8, atol=1e-3)

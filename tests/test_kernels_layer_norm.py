@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import assert_grads_match_finite_differences, assert_within, tolerance, unit_roundoff
 from fake_tpu import pretend_cpu_is_a_tpu_v5e
+from flax import nnx
+
 from optax_ext.kernels import blocks
 from optax_ext.kernels import layer_norm as ln
 from optax_ext.kernels.backend import use_backend
@@ -23,8 +23,15 @@ from optax_ext.kernels.backend import use_backend
 DTYPES = [jnp.float32, jnp.bfloat16]
 # (interpreter layout, shape): the triton layout pads features to a power of two and masks; the
 # mosaic layout (whole rows, 32-row blocks here) is run on shapes whose last row block is ragged.
-CASES = [("triton", (3, 100)), ("triton", (5, 7, 1000)), ("triton", (1, 1)), ("triton", (2, 3, 4, 17)),
-         ("triton", (70, 33)), ("mosaic", (5, 7, 100)), ("mosaic", (70, 33))]
+CASES = [
+    ("triton", (3, 100)),
+    ("triton", (5, 7, 1000)),
+    ("triton", (1, 1)),
+    ("triton", (2, 3, 4, 17)),
+    ("triton", (70, 33)),
+    ("mosaic", (5, 7, 100)),
+    ("mosaic", (70, 33)),
+]
 
 
 def _set_layout(monkeypatch, layout):
@@ -82,9 +89,14 @@ def _exact(x, scale, bias, dy, eps, rms):
         return np.sqrt(np.sum(np.square(t.reshape(-1, t.shape[-1])), 0)).max()
 
     exact = {"y": y, "mean": mean[..., 0], "rstd": rstd[..., 0], "dx": dx, "dscale": ds, "dbias": db}
-    scales = {"y": np.max(xterms * np.abs(s) + (0.0 if rms else np.abs(b))), "mean": np.abs(x).mean(-1).max(),
-              "rstd": rstd.max(), "dx": np.max(rstd * (np.abs(g) + xterms * np.abs(c1) + np.abs(c2))),
-              "dscale": rss(dy * xterms), "dbias": rss(dy)}
+    scales = {
+        "y": np.max(xterms * np.abs(s) + (0.0 if rms else np.abs(b))),
+        "mean": np.abs(x).mean(-1).max(),
+        "rstd": rstd.max(),
+        "dx": np.max(rstd * (np.abs(g) + xterms * np.abs(c1) + np.abs(c2))),
+        "dscale": rss(dy * xterms),
+        "dbias": rss(dy),
+    }
     return exact, scales
 
 
@@ -116,8 +128,9 @@ def _tol(name, dtype, shape, scales):
 def _check(results, exact, scales, shape, dtypes, err_msg=""):
     """Every result in `results` {name: array} against float64 `exact`: the check the mutants must fail."""
     for name, value in results.items():
-        assert_within(value, exact[name], _tol(name, dtypes.get(name, jnp.float32), shape, scales),
-                      err_msg=f"{name} {err_msg}")
+        assert_within(
+            value, exact[name], _tol(name, dtypes.get(name, jnp.float32), shape, scales), err_msg=f"{name} {err_msg}"
+        )
 
 
 @pytest.mark.parametrize("layout,shape", CASES)
@@ -191,10 +204,22 @@ def _fd_checks(x, scale, bias, backend=None):
         f_ln, f_rms = ln.layer_norm_reference, ln.rms_norm_reference
     else:
         f_ln, f_rms = ln.layer_norm, ln.rms_norm
-    return [(lambda x, s, b: f_ln(x, s, b), lambda x, s, b: _norm64(x, s, b, 1e-6, False), (x, scale, bias),
-             [_tol("y", jnp.float32, shape, scales)], "layer"),
-            (lambda x, s: f_rms(x, s), lambda x, s: _norm64(x, s, None, 1e-6, True), (x, scale),
-             [_tol("y", jnp.float32, shape, scales_rms)], "rms")]
+    return [
+        (
+            lambda x, s, b: f_ln(x, s, b),
+            lambda x, s, b: _norm64(x, s, b, 1e-6, False),
+            (x, scale, bias),
+            [_tol("y", jnp.float32, shape, scales)],
+            "layer",
+        ),
+        (
+            lambda x, s: f_rms(x, s),
+            lambda x, s: _norm64(x, s, None, 1e-6, True),
+            (x, scale),
+            [_tol("y", jnp.float32, shape, scales_rms)],
+            "rms",
+        ),
+    ]
 
 
 def test_grads_match_finite_differences_reference_and_xla_path():
@@ -218,8 +243,9 @@ def test_bf16_reductions_accumulate_in_f32():
     exact, scales = _exact(x, scale, bias, dy, 1e-6, False)
     for backend in ("interpret", "xla"):
         with use_backend(backend):
-            ds, db = jax.grad(lambda s, b: jnp.sum(ln.layer_norm(x, s, b).astype(jnp.float32) * dy),
-                              argnums=(0, 1))(scale, bias)
+            ds, db = jax.grad(lambda s, b: jnp.sum(ln.layer_norm(x, s, b).astype(jnp.float32) * dy), argnums=(0, 1))(
+                scale, bias
+            )
         # f32 sums of exactly representable bf16 products: the f32 tolerance, about 1e-6 relative.
         _check({"dscale": ds, "dbias": db}, exact, scales, shape, {}, err_msg=backend)
 
@@ -234,8 +260,9 @@ def test_large_mean_small_std_normalizes_to_unit_std(backend):
     x64 = np.asarray(x, np.float64)
     std = x64.std(-1)
     # First order: the mean within its f32 tolerance (~12 u32 * 1e3 = 7e-4; measured 1.6-1.9 u32 * 1e3).
-    assert_within(mean, x64.mean(-1), _tol("mean", jnp.float32, x.shape, {"mean": np.abs(x64).mean(-1).max()}),
-                  err_msg="mean")
+    assert_within(
+        mean, x64.mean(-1), _tol("mean", jnp.float32, x.shape, {"mean": np.abs(x64).mean(-1).max()}), err_msg="mean"
+    )
     # The spread around that computed mean is sqrt(std^2 + d^2), d = its error, so rstd is within its f32
     # chain of 1 / sqrt(std^2 + d^2 + eps), and y = (x - mean) * rstd has std 1 - d^2 / (2 std^2):
     # second order in d, where the one-pass E[x^2] - E[x]^2 loses everything (below).
@@ -381,8 +408,10 @@ LOWERINGS = [("triton", "cuda", "__gpu$xla.gpu.triton"), ("mosaic", "tpu", "tpu_
 
 
 @pytest.mark.parametrize("backend,platform,marker", LOWERINGS)
-@pytest.mark.parametrize("shape,dtype", [((4096, 1000), jnp.bfloat16), ((3, 100), jnp.float32),
-                                         ((16, 8192), jnp.float32), ((2, 5, 17), jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((4096, 1000), jnp.bfloat16), ((3, 100), jnp.float32), ((16, 8192), jnp.float32), ((2, 5, 17), jnp.bfloat16)],
+)
 def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
     x = jax.ShapeDtypeStruct(shape, dtype)
     s = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
@@ -411,8 +440,9 @@ def fake_tpu(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["triton", "mosaic"])
-@pytest.mark.parametrize("m,block_rows,programs", [(1, 1, 5), (10, 4, 3), (37, 4, 3), (200, 8, 3), (300, 32, 3),
-                                                   (96, 32, 2), (5, 1, 528)])
+@pytest.mark.parametrize(
+    "m,block_rows,programs", [(1, 1, 5), (10, 4, 3), (37, 4, 3), (200, 8, 3), (300, 32, 3), (96, 32, 2), (5, 1, 528)]
+)
 def test_row_loop_covers_every_row_block_once(monkeypatch, layout, m, block_rows, programs):
     monkeypatch.setattr(blocks, "PERSISTENT_PROGRAMS", {"triton": programs, "mosaic": programs})
     t = ln.Tiling(layout, m, 7, block_rows, 8)
@@ -429,8 +459,14 @@ def test_row_loop_covers_every_row_block_once(monkeypatch, layout, m, block_rows
 
 # (interpreter layout, shape) with 64-element blocks and 3 programs: every program loops over
 # 2-9 row blocks; ragged last row block and/or power-of-two-padded columns (triton layout).
-PERSISTENT_CASES = [("triton", (37, 10)), ("triton", (4, 50, 7)), ("triton", (5, 100)), ("triton", (64, 16)),
-                    ("mosaic", (300, 20)), ("mosaic", (200, 7))]
+PERSISTENT_CASES = [
+    ("triton", (37, 10)),
+    ("triton", (4, 50, 7)),
+    ("triton", (5, 100)),
+    ("triton", (64, 16)),
+    ("mosaic", (300, 20)),
+    ("mosaic", (200, 7)),
+]
 
 
 @pytest.mark.parametrize("layout,shape", PERSISTENT_CASES)
@@ -485,13 +521,15 @@ def test_bwd_partials_are_per_program_not_per_row_block(fake_tpu, rows):
     for backend, platform in (("triton", "cuda"), ("mosaic", "tpu")):
         programs = blocks.PERSISTENT_PROGRAMS[backend]
         for rms, name in ((False, "layer_norm_bwd"), (True, "rms_norm_bwd")):
+
             def loss(x, s, rms=rms):  # fresh per backend: jit caches traces, the backend is read at trace
                 y = ln.rms_norm(x, s) if rms else ln.layer_norm(x, s, s)
                 return jnp.sum(y.astype(jnp.float32))
 
             with use_backend(backend):
-                text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(
-                    lowering_platforms=(platform,)).as_text()
+                text = (
+                    jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(lowering_platforms=(platform,)).as_text()
+                )
             partials = [f"{programs}x1x{n}xf32"] * (1 if rms else 2)
             assert _kernel_results(text)[name] == [f"{rows}x{n}xbf16", *partials]
     assert blocks.PERSISTENT_PROGRAMS["triton"] * n * 4 < 20e6  # bytes per partial, whatever M is

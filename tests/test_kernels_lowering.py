@@ -45,8 +45,7 @@ def _count_kernels(text, backend):
 
 def _lower(fn, avals, backend, donate=()):
     with use_backend(backend):
-        return jax.jit(fn, donate_argnums=donate).trace(*avals).lower(
-            lowering_platforms=(PLATFORM[backend],)).as_text()
+        return jax.jit(fn, donate_argnums=donate).trace(*avals).lower(lowering_platforms=(PLATFORM[backend],)).as_text()
 
 
 def adam_body(xs, shared, leaf):
@@ -63,8 +62,10 @@ def _adam_step(shapes, backend):
     state = [[jax.ShapeDtypeStruct(s, d) for d in (jnp.bfloat16, jnp.float32, jnp.float32)] for s in shapes]
 
     def f(grads, state, shared):
-        jobs = [Job([g, *pmv], [jnp.bfloat16, jnp.float32, jnp.float32], jnp.full((1,), 0.01 * k), {1: 0, 2: 1, 3: 2})
-                for k, (g, pmv) in enumerate(zip(grads, state))]
+        jobs = [
+            Job([g, *pmv], [jnp.bfloat16, jnp.float32, jnp.float32], jnp.full((1,), 0.01 * k), {1: 0, 2: 1, 3: 2})
+            for k, (g, pmv) in enumerate(zip(grads, state))
+        ]
         return fused_pass_pallas(adam_body, jobs, shared, backend=backend)
 
     return _lower(f, [grads, state, jax.ShapeDtypeStruct((6,), jnp.float32)], backend, donate=(1,))
@@ -92,8 +93,9 @@ def test_fused_pass_lowers_many_leaves(backend):
 def test_fused_pass_without_scalars_lowers(backend):
     def f(g):
         job = Job([g], [jnp.float16], jnp.zeros((0,)))
-        return fused_pass_pallas(lambda xs, s, t: [jnp.clip(xs[0], -1.0, 1.0)], [job, job], jnp.zeros((0,)),
-                                 backend=backend)
+        return fused_pass_pallas(
+            lambda xs, s, t: [jnp.clip(xs[0], -1.0, 1.0)], [job, job], jnp.zeros((0,)), backend=backend
+        )
 
     text = _lower(f, [jax.ShapeDtypeStruct((4096, 1000), jnp.float32)], backend)
     assert _count_kernels(text, backend) == (1 if backend == "triton" else 2)
@@ -111,11 +113,11 @@ def test_norms_lower(backend, dtype):
 
 
 PARAMS = {
-    "emb": jax.ShapeDtypeStruct((1000, 64), jnp.float32),      # 64000 = 500 * 128
-    "w": jax.ShapeDtypeStruct((300, 129), jnp.float32),        # ragged: 38700 = 302 * 128 + 44
+    "emb": jax.ShapeDtypeStruct((1000, 64), jnp.float32),  # 64000 = 500 * 128
+    "w": jax.ShapeDtypeStruct((300, 129), jnp.float32),  # ragged: 38700 = 302 * 128 + 44
     "b": jax.ShapeDtypeStruct((129,), jnp.float32),
     "scale": jax.ShapeDtypeStruct((), jnp.float32),
-    "head": jax.ShapeDtypeStruct((64, 3, 5), jnp.bfloat16),   # 960 = 7 * 128 + 64
+    "head": jax.ShapeDtypeStruct((64, 3, 5), jnp.bfloat16),  # 960 = 7 * 128 + 64
 }
 # name: (make, kernels on Triton, kernels on Mosaic) for the 5 leaves of PARAMS. Triton: one
 # launch per fused run and per reduction; Mosaic: one call per leaf for each (LAMB's norms read

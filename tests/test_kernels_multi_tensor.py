@@ -22,7 +22,7 @@ def _coverage(launch: mt.Launch, k: int) -> np.ndarray:
     for program in range(seg.start, seg.start + launch.num_blocks(seg)):
         cur = mt._Cursor(jnp.int32(program), iota)
 
-        def record(index, mask):
+        def record(index, mask, program=program):
             *row, ds = index
             row = int(row[0]) if row else 0
             lanes = int(ds.start) + np.arange(ds.size)
@@ -34,11 +34,14 @@ def _coverage(launch: mt.Launch, k: int) -> np.ndarray:
     return hits
 
 
-@pytest.mark.parametrize("sizes,block", [
-    ([1, 7, 1000, 4096, 4097, 3 * 1024 + 5, 16 * 128], 4096),
-    ([1, 7, 1000, 4096, 4097, 3 * 1024 + 5], 256),
-    ([2**17 + 3, 5], 4096),
-])
+@pytest.mark.parametrize(
+    "sizes,block",
+    [
+        ([1, 7, 1000, 4096, 4097, 3 * 1024 + 5, 16 * 128], 4096),
+        ([1, 7, 1000, 4096, 4097, 3 * 1024 + 5], 256),
+        ([2**17 + 3, 5], 4096),
+    ],
+)
 def test_every_element_addressed_exactly_once(sizes, block):
     for launch in mt.plan(sizes, 7, block):
         for k, leaf in enumerate(launch.leaves):
@@ -51,7 +54,7 @@ def test_huge_leaves_addressed_row_by_row(monkeypatch):
     monkeypatch.setattr(mt, "INDEX_LIMIT", 3000)
     monkeypatch.setattr(mt, "MIN_HUGE_COLS", 64)
     sizes = [5 * 1031, 4 * 1024, 11]
-    launch, = mt.plan(sizes, 1, 256)
+    (launch,) = mt.plan(sizes, 1, 256)
     assert [s.view for s in launch.segments] == [(5, 1031), (2, 2048), (11,)]
     for k, n in enumerate(sizes):
         hits = _coverage(launch, k)
@@ -76,6 +79,6 @@ def test_huge_leaf_views():
     n = 3 * (mt.INDEX_LIMIT - 5)  # over the int32 limit: three rows
     assert mt.view_for(n) == (3, mt.INDEX_LIMIT - 5)
     assert mt.view_for(2**31 + 11) is None  # 2147483659 is prime: no rows
-    big, = mt.plan([n], 7, 4096)
+    (big,) = mt.plan([n], 7, 4096)
     assert big.segments[0].rows == 3 and big.num_programs == 3 * -(-(mt.INDEX_LIMIT - 5) // 4096)
     assert mt.plan([2**31 + 11], 7, 4096) == []  # left to the caller's XLA path

@@ -28,19 +28,25 @@ def _f64_sq_norm(x):
 
 def _leaves(key, shapes, dtypes=(jnp.float32,)):
     keys = jax.random.split(key, len(shapes))
-    return [(3.0 * jax.random.normal(k, s) + 0.5).astype(dtypes[i % len(dtypes)])
-            for i, (k, s) in enumerate(zip(keys, shapes))]
+    return [
+        (3.0 * jax.random.normal(k, s) + 0.5).astype(dtypes[i % len(dtypes)])
+        for i, (k, s) in enumerate(zip(keys, shapes))
+    ]
 
 
 def _count_pallas_calls(fn):
     def count(jaxpr):
-        return sum((eqn.primitive.name == "pallas_call") + sum(count(j) for j in
-                   jax.extend.core.jaxprs_in_params(eqn.params)) for eqn in jaxpr.eqns)
+        return sum(
+            (eqn.primitive.name == "pallas_call") + sum(count(j) for j in jax.extend.core.jaxprs_in_params(eqn.params))
+            for eqn in jaxpr.eqns
+        )
+
     return count(jax.make_jaxpr(lambda: fn())().jaxpr)
 
 
-@pytest.mark.parametrize("dtypes", [(jnp.float32,), (jnp.bfloat16,), (jnp.float32, jnp.bfloat16, jnp.float16)],
-                         ids=["f32", "bf16", "mixed"])
+@pytest.mark.parametrize(
+    "dtypes", [(jnp.float32,), (jnp.bfloat16,), (jnp.float32, jnp.bfloat16, jnp.float16)], ids=["f32", "bf16", "mixed"]
+)
 @pytest.mark.parametrize("form,block", FORMS)
 def test_leaf_sq_norms_match_float64(key, form, block, dtypes):
     leaves = _leaves(key, SHAPES, dtypes)

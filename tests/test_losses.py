@@ -52,8 +52,9 @@ def test_cross_entropy_soft_labels_and_gradient(key):
     y = (1 - alpha) * np.asarray(soft, np.float64) + alpha / 5
     np.testing.assert_allclose(out, _ce64(logits, y), rtol=1e-5)
     # mixing the losses == loss of the mixed labels (linearity in the labels)
-    mixed = (lam * L.softmax_cross_entropy(logits, a, label_smoothing=alpha)
-             + (1 - lam) * L.softmax_cross_entropy(logits, b, label_smoothing=alpha))
+    mixed = lam * L.softmax_cross_entropy(logits, a, label_smoothing=alpha) + (1 - lam) * L.softmax_cross_entropy(
+        logits, b, label_smoothing=alpha
+    )
     np.testing.assert_allclose(out, mixed, rtol=1e-5)
     # d/dz sum CE = softmax(z) - y (y sums to 1)
     g = jax.grad(lambda z: L.softmax_cross_entropy(z, soft, label_smoothing=alpha).sum())(logits)
@@ -160,8 +161,7 @@ def test_jensen_shannon_against_formula(key, shape):
     np.testing.assert_allclose(out, _js64(*logits), rtol=1e-4, atol=1e-6)
     assert out.shape == shape[:-1]
     # symmetric in its three arguments, zero for identical views, bounded by log 3
-    np.testing.assert_allclose(L.jensen_shannon_consistency(logits[2], logits[0], logits[1]), out, rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(L.jensen_shannon_consistency(logits[2], logits[0], logits[1]), out, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(L.jensen_shannon_consistency(*[logits[0]] * 3), 0.0, atol=1e-6)
     assert np.all(np.asarray(out) <= np.log(3.0) + 1e-6)
 

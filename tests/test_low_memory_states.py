@@ -30,8 +30,12 @@ def _state_bytes(state):
 
 def test_state_layout_and_bytes_per_param():
     # A 4M-parameter tree, abstract (nothing allocated): <= 2.1 bytes of AdamW state per parameter.
-    params = {"a": jax.ShapeDtypeStruct((1024, 2048), jnp.float32), "b": jax.ShapeDtypeStruct((2048, 1000), jnp.float32),
-              "bias": jax.ShapeDtypeStruct((1000,), jnp.float32), "odd": jax.ShapeDtypeStruct((7, 4099), jnp.float32)}
+    params = {
+        "a": jax.ShapeDtypeStruct((1024, 2048), jnp.float32),
+        "b": jax.ShapeDtypeStruct((2048, 1000), jnp.float32),
+        "bias": jax.ShapeDtypeStruct((1000,), jnp.float32),
+        "odd": jax.ShapeDtypeStruct((7, 4099), jnp.float32),
+    }
     n = sum(np.prod(p.shape) for p in params.values())
     state = jax.eval_shape(ox.adamw(1e-3, mu_dtype=INT8, nu_dtype=INT8).init, params)
     f32_state = jax.eval_shape(ox.adamw(1e-3).init, params)
@@ -49,10 +53,11 @@ def test_state_layout_and_bytes_per_param():
 
 def _adamw8_reference(g, p, mu, nu, count, lr, b1, b2, eps, wd):
     """One 8-bit AdamW step in float64 from the paper: (new p, (codes, absmax) of mu and nu)."""
+
     def values(q, signed):
         if not isinstance(q, q8.QuantizedArray):
             return np.asarray(q, np.float64)
-        scale = np.repeat(np.asarray(q.absmax, np.float64), q.format.block_size)[:q.size].reshape(q.shape)
+        scale = np.repeat(np.asarray(q.absmax, np.float64), q.format.block_size)[: q.size].reshape(q.shape)
         return q8.decode_reference(np.asarray(q.codes), signed) * scale
 
     g, p = np.asarray(g, np.float64), np.asarray(p, np.float64)
@@ -79,12 +84,13 @@ def test_one_step_matches_the_float64_8bit_adamw(key, backend):
     step = jax.jit(tx.update_and_apply)
     with use_backend(backend):
         for i in range(4):  # from each reached state: the moments are non-trivial after the first
-            grads = _tree(jax.random.fold_in(key, 10 + i), scale=10.0 ** -i)
+            grads = _tree(jax.random.fold_in(key, 10 + i), scale=10.0**-i)
             adam = state[0]
             new_params, new_state = step(grads, state, params)
             for name in SHAPES:
-                want_p, want_m, want_v = _adamw8_reference(grads[name], params[name], adam.mu[name], adam.nu[name],
-                                                           int(adam.count), lr, b1, b2, eps, wd)
+                want_p, want_m, want_v = _adamw8_reference(
+                    grads[name], params[name], adam.mu[name], adam.nu[name], int(adam.count), lr, b1, b2, eps, wd
+                )
                 got_p = np.asarray(new_params[name], np.float64)
                 # f32 vs f64 arithmetic of one step: relative to the step's size (lr).
                 np.testing.assert_allclose(got_p, want_p, atol=1e-5 * lr * 10, rtol=1e-6)
@@ -103,8 +109,10 @@ def test_one_step_matches_the_float64_8bit_adamw(key, backend):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_interpret_equals_xla(key, dtype):
-    tx = ox.chain(ox.clip_by_global_norm(1.0),
-                  ox.adamw(ox.warmup_cosine(1e-2, 2, 10), mu_dtype=INT8, nu_dtype=INT8, weight_decay=0.1))
+    tx = ox.chain(
+        ox.clip_by_global_norm(1.0),
+        ox.adamw(ox.warmup_cosine(1e-2, 2, 10), mu_dtype=INT8, nu_dtype=INT8, weight_decay=0.1),
+    )
     params = _tree(key, dtype)
     outs = {}
     for backend in ("xla", "interpret"):
@@ -121,23 +129,27 @@ def test_interpret_equals_xla(key, dtype):
             # params: a one-ulp difference of a param feeds the next steps); then the values
             # differ by a code step, far below the block's absmax.
             assert np.mean(np.asarray(a.codes) == np.asarray(b.codes)) > 0.995
-            scale = np.repeat(np.asarray(a.absmax), 256)[:a.size].reshape(a.shape)
+            scale = np.repeat(np.asarray(a.absmax), 256)[: a.size].reshape(a.shape)
             diff = np.abs(np.asarray(q8.dequantize_leaf(a)) - np.asarray(q8.dequantize_leaf(b)))
             assert np.all(diff <= 0.02 * scale + 1e-30)
         else:
-            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5,
-                                       atol=float(jnp.finfo(dtype).eps))
+            np.testing.assert_allclose(
+                np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5, atol=float(jnp.finfo(dtype).eps)
+            )
 
 
-@pytest.mark.parametrize("name, factory", [
-    ("adam", lambda d: ox.adam(1e-2, mu_dtype=d, nu_dtype=d)),
-    ("nadam", lambda d: ox.nadam(1e-2, mu_dtype=d, nu_dtype=d)),
-    ("amsgrad", lambda d: ox.amsgrad(1e-2, mu_dtype=d, nu_dtype=d)),
-    ("adabelief", lambda d: ox.adabelief(1e-2, mu_dtype=d, nu_dtype=d)),
-    ("yogi", lambda d: ox.yogi(1e-2, mu_dtype=d, nu_dtype=d)),
-    ("lion", lambda d: ox.lion(1e-3, mu_dtype=d)),
-    ("sgd", lambda d: ox.sgd(1e-2, momentum=0.9, accumulator_dtype=d)),
-])
+@pytest.mark.parametrize(
+    "name, factory",
+    [
+        ("adam", lambda d: ox.adam(1e-2, mu_dtype=d, nu_dtype=d)),
+        ("nadam", lambda d: ox.nadam(1e-2, mu_dtype=d, nu_dtype=d)),
+        ("amsgrad", lambda d: ox.amsgrad(1e-2, mu_dtype=d, nu_dtype=d)),
+        ("adabelief", lambda d: ox.adabelief(1e-2, mu_dtype=d, nu_dtype=d)),
+        ("yogi", lambda d: ox.yogi(1e-2, mu_dtype=d, nu_dtype=d)),
+        ("lion", lambda d: ox.lion(1e-3, mu_dtype=d)),
+        ("sgd", lambda d: ox.sgd(1e-2, momentum=0.9, accumulator_dtype=d)),
+    ],
+)
 def test_every_moment_optimizer_takes_8bit_states_and_tracks_f32(key, name, factory):
     # 8-bit moments change the trajectory by the quantization error only: after 20 steps on a
     # quadratic the params stay within a few percent of the f32 run's total movement.
@@ -153,8 +165,10 @@ def test_every_moment_optimizer_takes_8bit_states_and_tracks_f32(key, name, fact
 
     p32, _ = run(factory(None))
     p8, s8 = run(factory(INT8))
-    assert any(isinstance(x, q8.QuantizedArray) for x in jax.tree.leaves(s8, is_leaf=lambda x: isinstance(
-        x, q8.QuantizedArray)))
+    assert any(
+        isinstance(x, q8.QuantizedArray)
+        for x in jax.tree.leaves(s8, is_leaf=lambda x: isinstance(x, q8.QuantizedArray))
+    )
     for k in SHAPES:
         # Normwise: a few elements whose moments sit decades below their block's absmax carry a
         # large relative quantization error (a sign-based Lion flips for them), the tree does not.
@@ -198,17 +212,29 @@ def test_ill_conditioned_least_squares_within_3_percent_of_f32():
 
 
 def test_lowered_cuda_step_has_no_more_kernels_than_f32():
-    params = {"a": jax.ShapeDtypeStruct((1024, 2048), jnp.float32), "b": jax.ShapeDtypeStruct((2048, 1000), jnp.float32),
-              "bias": jax.ShapeDtypeStruct((1000,), jnp.float32), "odd": jax.ShapeDtypeStruct((7, 4099), jnp.float32)}
+    params = {
+        "a": jax.ShapeDtypeStruct((1024, 2048), jnp.float32),
+        "b": jax.ShapeDtypeStruct((2048, 1000), jnp.float32),
+        "bias": jax.ShapeDtypeStruct((1000,), jnp.float32),
+        "odd": jax.ShapeDtypeStruct((7, 4099), jnp.float32),
+    }
     counts = {}
     for name, tx in (("f32", ox.adamw(1e-3)), ("int8", ox.adamw(1e-3, mu_dtype=INT8, nu_dtype=INT8))):
         tx = ox.chain(ox.clip_by_global_norm(1.0), tx)
         state = jax.eval_shape(tx.init, params)
         with use_backend("triton"):
-            text = jax.jit(tx.update_and_apply, donate_argnums=(1, 2)).trace(params, state, params).lower(
-                lowering_platforms=("cuda",)).as_text()
-        counts[name] = (text.count("__gpu$xla.gpu.triton"), text.count("stablehlo.concatenate"),
-                        text.count("stablehlo.gather"), text.count("stablehlo.slice"))
+            text = (
+                jax.jit(tx.update_and_apply, donate_argnums=(1, 2))
+                .trace(params, state, params)
+                .lower(lowering_platforms=("cuda",))
+                .as_text()
+            )
+        counts[name] = (
+            text.count("__gpu$xla.gpu.triton"),
+            text.count("stablehlo.concatenate"),
+            text.count("stablehlo.gather"),
+            text.count("stablehlo.slice"),
+        )
     print(counts)
     assert 0 < counts["int8"][0] <= counts["f32"][0], counts
     assert counts["int8"][1:] == counts["f32"][1:], counts  # no copies added around the kernels
@@ -273,8 +299,9 @@ def test_kahan_f32_params_are_ordinary_kahan_summation(key):
     g = -jnp.ones((64,))
     for _ in range(2000):
         p, s = step(g, s, p)
-    np.testing.assert_allclose(np.asarray(p, np.float64) + np.asarray(s[-1].compensation, np.float64),
-                               1.0 + 2000e-8, rtol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(p, np.float64) + np.asarray(s[-1].compensation, np.float64), 1.0 + 2000e-8, rtol=1e-7
+    )
     plain = jax.jit(ox.sgd(1e-8).update_and_apply)
     q, t = p0, ox.sgd(1e-8).init(p0)
     for _ in range(100):
@@ -289,6 +316,10 @@ def test_storage_errors_name_the_argument():
         ox.adamw(1e-3, nu_dtype=jnp.int32)
     with pytest.raises(TypeError, match="kahan_sum must be True or False"):
         ox.adamw(1e-3, kahan_sum="yes")
+    # Every floating storage is accepted, ml_dtypes' bfloat16 included (numpy does not call it inexact).
+    for dtype in (jnp.bfloat16, "bfloat16", jnp.float16, jnp.float32, None, INT8):
+        state = ox.adam(1e-3, mu_dtype=dtype, nu_dtype=dtype).init({"w": jnp.ones((3,))})
+        assert state[0].mu["w"].dtype == (jnp.float32 if dtype in (None, INT8) else jnp.dtype(dtype))
 
 
 def test_complex_and_small_leaves_stay_float(key):

@@ -24,37 +24,39 @@ def report():
 
 # Two Triton calls in @main (one with an embedded IR string holding a decoy signature), one more in
 # @helper called twice, a non-Triton custom call, and layout ops with known result sizes.
-SNIPPET = "\n".join([
-    'module @jit_step attributes {mhlo.num_partitions = 1 : i32} {',
-    '  func.func public @main(%arg0: tensor<1000xf32> {tf.aliasing_output = 0 : i32}, '
-    '%arg1: tensor<1000xbf16> {tf.aliasing_output = 1 : i32}, %arg2: tensor<16xf32>) '
-    '-> (tensor<1000xf32>, tensor<1000xbf16>, tensor<f32>) {',
-    '    %c = stablehlo.constant dense<0.0> : tensor<f32>',
-    r'    %0:2 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0, %arg1, %arg2) {backend_config = "", '
-    r'ir = "ML\EFR : (tensor<99999xf32>) -> tensor<99999xf32>\00", operand_layouts = [dense<0> : tensor<1xindex>]} '
-    ': (tensor<1000xf32>, tensor<1000xbf16>, tensor<16xf32>) -> (tensor<1000xf32>, tensor<1000xbf16>)',
-    '    %1 = stablehlo.custom_call @__gpu$xla.gpu.triton(%0#0) {backend_config = "", ir = "x"} '
-    ': (tensor<1000xf32>) -> tensor<2x3xf32>',
-    '    %2 = stablehlo.custom_call @Sharding(%1) {backend_config = ""} : (tensor<2x3xf32>) -> tensor<2x3xf32>',
-    '    %3 = stablehlo.concatenate %arg0, %arg0, dim = 0 : (tensor<1000xf32>, tensor<1000xf32>) -> tensor<2000xf32>',
-    '    %4 = stablehlo.slice %3 [0:700] : (tensor<2000xf32>) -> tensor<700xf32>',
-    '    %5 = "stablehlo.gather"(%3, %idx) <{dimension_numbers = #stablehlo.gather<collapsed_slice_dims = [0], '
-    'start_index_map = [0], index_vector_dim = 1>, slice_sizes = array<i64: 1>}> '
-    ': (tensor<2000xf32>, tensor<13x1xi32>) -> tensor<13xf32>',
-    '    %6 = stablehlo.add %4, %4 : tensor<700xf32>',
-    '    %7 = call @helper(%arg2) : (tensor<16xf32>) -> tensor<f32>',
-    '    %8 = func.call @helper(%arg2) : (tensor<16xf32>) -> tensor<f32>',
-    '    return %0#0, %0#1, %7 : tensor<1000xf32>, tensor<1000xbf16>, tensor<f32>',
-    '  }',
-    '  func.func private @helper(%arg0: tensor<16xf32>) -> tensor<f32> {',
-    '    %0 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0) {ir = "y"} : (tensor<16xf32>) -> tensor<1xf32>',
-    '    %1 = stablehlo.pad %0, %c, low = [0], high = [7], interior = [0] : (tensor<1xf32>, tensor<f32>) '
-    '-> tensor<8xf32>',
-    '    %2 = stablehlo.reshape %1 : (tensor<8xf32>) -> tensor<2x4xf32>',
-    '    return %2 : tensor<f32>',
-    '  }',
-    '}',
-])
+SNIPPET = "\n".join(
+    [
+        "module @jit_step attributes {mhlo.num_partitions = 1 : i32} {",
+        "  func.func public @main(%arg0: tensor<1000xf32> {tf.aliasing_output = 0 : i32}, "
+        "%arg1: tensor<1000xbf16> {tf.aliasing_output = 1 : i32}, %arg2: tensor<16xf32>) "
+        "-> (tensor<1000xf32>, tensor<1000xbf16>, tensor<f32>) {",
+        "    %c = stablehlo.constant dense<0.0> : tensor<f32>",
+        r'    %0:2 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0, %arg1, %arg2) {backend_config = "", '
+        r'ir = "ML\EFR : (tensor<99999xf32>) -> tensor<99999xf32>\00", operand_layouts = [dense<0> : tensor<1xindex>]} '
+        ": (tensor<1000xf32>, tensor<1000xbf16>, tensor<16xf32>) -> (tensor<1000xf32>, tensor<1000xbf16>)",
+        '    %1 = stablehlo.custom_call @__gpu$xla.gpu.triton(%0#0) {backend_config = "", ir = "x"} '
+        ": (tensor<1000xf32>) -> tensor<2x3xf32>",
+        '    %2 = stablehlo.custom_call @Sharding(%1) {backend_config = ""} : (tensor<2x3xf32>) -> tensor<2x3xf32>',
+        "    %3 = stablehlo.concatenate %arg0, %arg0, dim = 0 : (tensor<1000xf32>, tensor<1000xf32>) -> tensor<2000xf32>",  # noqa: E501 (one StableHLO line)
+        "    %4 = stablehlo.slice %3 [0:700] : (tensor<2000xf32>) -> tensor<700xf32>",
+        '    %5 = "stablehlo.gather"(%3, %idx) <{dimension_numbers = #stablehlo.gather<collapsed_slice_dims = [0], '
+        "start_index_map = [0], index_vector_dim = 1>, slice_sizes = array<i64: 1>}> "
+        ": (tensor<2000xf32>, tensor<13x1xi32>) -> tensor<13xf32>",
+        "    %6 = stablehlo.add %4, %4 : tensor<700xf32>",
+        "    %7 = call @helper(%arg2) : (tensor<16xf32>) -> tensor<f32>",
+        "    %8 = func.call @helper(%arg2) : (tensor<16xf32>) -> tensor<f32>",
+        "    return %0#0, %0#1, %7 : tensor<1000xf32>, tensor<1000xbf16>, tensor<f32>",
+        "  }",
+        "  func.func private @helper(%arg0: tensor<16xf32>) -> tensor<f32> {",
+        '    %0 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0) {ir = "y"} : (tensor<16xf32>) -> tensor<1xf32>',
+        "    %1 = stablehlo.pad %0, %c, low = [0], high = [7], interior = [0] : (tensor<1xf32>, tensor<f32>) "
+        "-> tensor<8xf32>",
+        "    %2 = stablehlo.reshape %1 : (tensor<8xf32>) -> tensor<2x4xf32>",
+        "    return %2 : tensor<f32>",
+        "  }",
+        "}",
+    ]
+)
 
 
 def test_parser_counts_kernels_bytes_and_copies(report):
@@ -87,8 +89,10 @@ def test_tensor_types(report):
 
 
 def test_a_triton_call_without_signature_is_an_error(report):
-    text = ('func.func public @main(%arg0: tensor<4xf32>) -> tensor<4xf32> {\n'
-            '  %0 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0) {ir = "x"}\n}\n')
+    text = (
+        "func.func public @main(%arg0: tensor<4xf32>) -> tensor<4xf32> {\n"
+        '  %0 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0) {ir = "x"}\n}\n'
+    )
     with pytest.raises(ValueError, match="without a type signature"):
         report.analyze_stablehlo(text)
 
@@ -104,9 +108,19 @@ def test_smoke_run_writes_table_and_json(report, tmp_path, capsys):
     assert [r["optimizer"] for r in rows] == list(report.OPTIMIZERS)
     for r in rows:
         assert r["tree"] == "tiny" and "error" not in r, r
-        for key in ("leaves", "params", "triton_kernels", "kernel_bytes_per_param", "floor_bytes_per_param",
-                    "kernel_over_floor", "copied_elements_per_param", "copied_elements_by_op", "xla_ops",
-                    "aliased_inputs", "trace_lower_seconds"):
+        for key in (
+            "leaves",
+            "params",
+            "triton_kernels",
+            "kernel_bytes_per_param",
+            "floor_bytes_per_param",
+            "kernel_over_floor",
+            "copied_elements_per_param",
+            "copied_elements_by_op",
+            "xla_ops",
+            "aliased_inputs",
+            "trace_lower_seconds",
+        ):
             assert key in r, (key, r)
         assert r["triton_kernels"] >= 1, r
         # Every parameter goes through a kernel that at least reads p and g and writes p.

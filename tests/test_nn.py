@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-
-import optax_ext
 import test_kernels_batch_norm as tbn
 import test_kernels_layer_norm as tln
 from conftest import assert_within, tolerance, unit_roundoff
+from flax import nnx
+
+import optax_ext
 from optax_ext import nn as onn
 from optax_ext.kernels.backend import use_backend
 
@@ -33,7 +33,9 @@ PAIRS = [(onn.LayerNorm, nnx.LayerNorm), (onn.RMSNorm, nnx.RMSNorm), (onn.BatchN
 def _err(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
-    return max(float(jnp.max(jnp.abs(jnp.asarray(u, jnp.float32) - jnp.asarray(v, jnp.float32)))) for u, v in zip(la, lb))
+    return max(
+        float(jnp.max(jnp.abs(jnp.asarray(u, jnp.float32) - jnp.asarray(v, jnp.float32)))) for u, v in zip(la, lb)
+    )
 
 
 def _make(cls, n, **kw):
@@ -107,8 +109,9 @@ def test_outputs_grads_and_stats_match_flax(ours, theirs, dtype, backend):
         # (f32) tighter than the 5e-2 and 2e-4 * max(1, |loss|) it replaced.
         yw = exact["y"] * w64
         e_max = y_tol["atol"] + y_tol["rtol"] * np.abs(exact["y"])
-        loss_tol = (6 * np.sqrt(np.sum((w64 * e_max) ** 2))
-                    + np.ceil(np.log2(yw.size)) * unit_roundoff(jnp.float32) * np.sqrt(np.sum(yw**2)))
+        loss_tol = 6 * np.sqrt(np.sum((w64 * e_max) ** 2)) + np.ceil(np.log2(yw.size)) * unit_roundoff(
+            jnp.float32
+        ) * np.sqrt(np.sum(yw**2))
         assert abs(float(loss_value) - float(np.sum(exact["y"] * w64))) <= loss_tol, (label, loss_value, loss_tol)
         # Flax sums dx's paths (through y, the mean, the variance) as separately rounded cotangents in
         # `dtype`: two more roundings of terms of size scales["dx"] (bf16: flax's dx is 15-40x our
@@ -124,8 +127,10 @@ def test_outputs_grads_and_stats_match_flax(ours, theirs, dtype, backend):
             shifted = label == "ours" and backend == "interpret"
             m_tol, v_tol = (tol(name, jnp.float32, shifted=shifted) for name in ("mean", "var"))
             assert_within(layer.mean[...], 0.2 * exact["mean"], m_tol, err_msg=f"running mean {label}")
-            v_tol = {"rtol": unit_roundoff(jnp.float32), "atol": 0.2 * (v_tol["atol"] + v_tol["rtol"] * exact["var"])
-                         + 2 * unit_roundoff(jnp.float32)}
+            v_tol = {
+                "rtol": unit_roundoff(jnp.float32),
+                "atol": 0.2 * (v_tol["atol"] + v_tol["rtol"] * exact["var"]) + 2 * unit_roundoff(jnp.float32),
+            }
             assert_within(layer.var[...], 0.8 + 0.2 * exact["var"], v_tol, err_msg=f"running var {label}")
             # Eval: both normalise with the running statistics cast to `dtype`, in `dtype` arithmetic:
             # x - mean, var + eps, rsqrt, scale * rsqrt, * , + bias: 6 roundings of u(dtype) on the terms.
@@ -150,8 +155,12 @@ def test_batchnorm_train_eval_and_call_override():
     # 0.8 and 1.7 u32 relative; was rtol 1e-5).
     assert_within(bn.mean[...], 0.5 * exact["mean"], tbn._tol("mean", jnp.float32, x.shape, scales), err_msg="mean")
     v_tol = tbn._tol("var", jnp.float32, x.shape, scales)
-    assert_within(bn.var[...], 0.5 + 0.5 * exact["var"],
-                  {"rtol": u32, "atol": 0.5 * (v_tol["atol"] + v_tol["rtol"] * exact["var"].max())}, err_msg="var")
+    assert_within(
+        bn.var[...],
+        0.5 + 0.5 * exact["var"],
+        {"rtol": u32, "atol": 0.5 * (v_tol["atol"] + v_tol["rtol"] * exact["var"].max())},
+        err_msg="var",
+    )
     bn.eval()
     before = nnx.clone(nnx.state(bn, nnx.BatchStat))
     y = bn(x)
@@ -166,8 +175,12 @@ def test_batchnorm_train_eval_and_call_override():
     # The batch mean of y is exactly 0 (bias 0): y's elements are each within their tolerance of exact
     # (measured 1.3e-7; was atol = 1e-5).
     y_tol = tbn._tol("y", jnp.float32, x.shape, scales)
-    np.testing.assert_allclose(np.asarray(y_train, np.float64).mean(0), 0.0, rtol=0,
-                               atol=y_tol["atol"] + y_tol["rtol"] * np.abs(exact["y"]).max())
+    np.testing.assert_allclose(
+        np.asarray(y_train, np.float64).mean(0),
+        0.0,
+        rtol=0,
+        atol=y_tol["atol"] + y_tol["rtol"] * np.abs(exact["y"]).max(),
+    )
     bn.train()
     assert bn.use_running_average is False
     with pytest.raises(ValueError, match="use_running_average"):
@@ -205,10 +218,24 @@ def test_fallback_axes_and_mask_match_flax():
     x = jax.random.normal(jax.random.key(4), (2, 3, 4, 5)) * 3 + 1
     mask = jax.random.bernoulli(jax.random.key(5), 0.7, x.shape)
     cases = [  # (constructor kwargs, ours, flax's, mask, mean?, reduction axes, feature shape)
-        ({"reduction_axes": (1, 2, 3), "feature_axes": -1}, onn.LayerNorm, nnx.LayerNorm, None, True, (1, 2, 3),
-         (1, 1, 1, 5)),
-        ({"reduction_axes": (-2, -1), "feature_axes": (-2, -1)}, onn.RMSNorm, nnx.RMSNorm, None, False, (2, 3),
-         (1, 1, 4, 5)),
+        (
+            {"reduction_axes": (1, 2, 3), "feature_axes": -1},
+            onn.LayerNorm,
+            nnx.LayerNorm,
+            None,
+            True,
+            (1, 2, 3),
+            (1, 1, 1, 5),
+        ),
+        (
+            {"reduction_axes": (-2, -1), "feature_axes": (-2, -1)},
+            onn.RMSNorm,
+            nnx.RMSNorm,
+            None,
+            False,
+            (2, 3),
+            (1, 1, 4, 5),
+        ),
         ({"axis": 1}, onn.BatchNorm, nnx.BatchNorm, None, True, (0, 2, 3), (1, 3, 1, 1)),  # NCHW
         ({}, onn.LayerNorm, nnx.LayerNorm, mask, True, (3,), (1, 1, 1, 5)),
         ({}, onn.BatchNorm, nnx.BatchNorm, mask, True, (0, 1, 2), (1, 1, 1, 5)),
@@ -223,8 +250,16 @@ def test_fallback_axes_and_mask_match_flax():
             ya = a(x, **call_kw)
         yb = b(x, **call_kw)
         for layer, y, label in ((a, ya, "ours"), (b, yb, "flax")):
-            _check_fallback(layer, x, y, m, use_mean=use_mean, reduction_axes=red, feature_shape=feature_shape,
-                            err_msg=f"{label} {ours.__name__} {kw} mask={m is not None}")
+            _check_fallback(
+                layer,
+                x,
+                y,
+                m,
+                use_mean=use_mean,
+                reduction_axes=red,
+                feature_shape=feature_shape,
+                err_msg=f"{label} {ours.__name__} {kw} mask={m is not None}",
+            )
 
 
 @pytest.mark.parametrize("cls", [onn.LayerNorm, onn.BatchNorm])
@@ -313,18 +348,21 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
 def test_batchnorm_across_devices_matches_full_batch():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     env.pop("OPTAX_EXT_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    results = json.loads(line[len("RESULT"):])
+    results = json.loads(line[len("RESULT") :])
     # Eval output, running stats, param grads, input grads: the sharded runs sum in another order than the
     # one-device batch, so each is within two f32 tolerances (both within one of exact): the deepest chain
     # of the kernel tests (BatchNorm's dx, 14 roundings and two sums over the 72 rows) on the magnitude
     # of the result: 5.9e-6 to 4.7e-5. Measured: 1.2e-7 to 2.6e-6, 0.02-0.06 of it (was < 1e-4 for all).
     for label, res in results.items():
-        tol = [2 * tolerance(jnp.float32, (72, 72), s, ops=14)["atol"] + 2 * unit_roundoff(jnp.float32) * s
-               for s in res["scale"]]
+        tol = [
+            2 * tolerance(jnp.float32, (72, 72), s, ops=14)["atol"] + 2 * unit_roundoff(jnp.float32) * s
+            for s in res["scale"]
+        ]
         for run in ("shard_map", "sharded_jit", "pmap"):
             assert all(e <= t for e, t in zip(res[run], tol)), (label, run, res, tol)
         assert res["jit_out_sharded"], label

@@ -16,8 +16,9 @@ def test_notebook_executes(path, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
@@ -30,14 +31,22 @@ def test_notebook_is_saved_with_its_outputs(path):
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert figures, f"{path.name} is saved without figures: run `python notebooks/run.py {path.stem}`"
     assert not [o for o in outputs if o.get("output_type") == "error"], f"{path.name} was saved with an error"
-    unexecuted = [c for c in nb["cells"] if c["cell_type"] == "code" and c.get("source") and
-                  c.get("execution_count") is None]
+    unexecuted = [
+        c for c in nb["cells"] if c["cell_type"] == "code" and c.get("source") and c.get("execution_count") is None
+    ]
     assert not unexecuted, f"{path.name} has cells that were not run"
 
 
 def test_the_seven_notebooks_exist():
-    assert {p.stem for p in NOTEBOOKS} >= {"optimizers", "normalization", "schedules", "regularization", "augment",
-                                          "transfer", "self_supervised"}
+    assert {p.stem for p in NOTEBOOKS} >= {
+        "optimizers",
+        "normalization",
+        "schedules",
+        "regularization",
+        "augment",
+        "transfer",
+        "self_supervised",
+    }
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -33,8 +33,10 @@ def _kwargs(name):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_complex_parameters_as_optax(key, name, backend):
     kr, ki = jax.random.split(key)
-    params = {"z": (jax.random.normal(kr, (4, 3)) + 1j * jax.random.normal(ki, (4, 3))).astype(jnp.complex64),
-              "r": jnp.linspace(-1.0, 1.0, 5)}
+    params = {
+        "z": (jax.random.normal(kr, (4, 3)) + 1j * jax.random.normal(ki, (4, 3))).astype(jnp.complex64),
+        "r": jnp.linspace(-1.0, 1.0, 5),
+    }
     grads = lambda p, i: jax.tree.map(lambda x: jnp.conj(jnp.sin(x * (i + 1))), p)  # noqa: E731
     with ox.kernels.use_backend(backend):
         ours, s_ours = _run(getattr(ox, name)(0.05, **_kwargs(name)), params, jax.jit(grads), 5)
@@ -111,9 +113,17 @@ def test_integer_updates_through_scale():
     np.testing.assert_array_equal(u["a"], ref["a"])
 
 
-@pytest.mark.parametrize("make", [lambda m: m.clip(0.5), lambda m: m.clip_by_global_norm(1.0), lambda m: m.scale(0.3),
-                                  lambda m: m.add_decayed_weights(0.1), lambda m: m.clip_by_block_rms(0.2)],
-                         ids=["clip", "clip_by_global_norm", "scale", "add_decayed_weights", "clip_by_block_rms"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: m.clip(0.5),
+        lambda m: m.clip_by_global_norm(1.0),
+        lambda m: m.scale(0.3),
+        lambda m: m.add_decayed_weights(0.1),
+        lambda m: m.clip_by_block_rms(0.2),
+    ],
+    ids=["clip", "clip_by_global_norm", "scale", "add_decayed_weights", "clip_by_block_rms"],
+)
 @pytest.mark.parametrize("state", [None, {}, optax.EmptyState(), ()], ids=["None", "dict", "EmptyState", "tuple"])
 def test_stateless_transforms_ignore_their_state_and_pass_none_leaves(make, state):
     updates = {"a": jnp.array([3.0, -4.0]), "b": None, "c": {"d": jnp.array([0.5])}}
@@ -149,8 +159,7 @@ def test_scale_by_rms_takes_optax_positional_order(key):
 def test_exponential_decay_takes_optax_positional_order():
     steps = jnp.arange(0, 60)
     for args in [(1.0, 10, 0.5), (2.0, 7, 0.9, 5, True), (1.0, 3, 1.5, 0, False, 4.0), (1.0, 10, 0.5, 0, False, 0.2)]:
-        np.testing.assert_allclose(ox.exponential_decay(*args)(steps), optax.exponential_decay(*args)(steps),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(ox.exponential_decay(*args)(steps), optax.exponential_decay(*args)(steps), rtol=1e-6)
 
 
 def test_learning_rate_none_is_the_identity(key):
@@ -158,8 +167,9 @@ def test_learning_rate_none_is_the_identity(key):
     for name in ["adam", "sgd", "rmsprop"]:
         ours, ref = getattr(ox, name)(None), getattr(optax, name)(None)
         assert jax.tree.structure(ours.init(g)) == jax.tree.structure(ref.init(g))
-        np.testing.assert_allclose(ours.update(g, ours.init(g), g)[0]["w"], ref.update(g, ref.init(g), g)[0]["w"],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            ours.update(g, ours.init(g), g)[0]["w"], ref.update(g, ref.init(g), g)[0]["w"], rtol=1e-6
+        )
 
 
 def test_adafactor_takes_params_by_keyword_and_works_in_multisteps(key):
@@ -188,7 +198,11 @@ def test_softmax_cross_entropy_takes_axis_and_where(key):
     logits = jax.random.normal(key, (4, 5, 3))
     labels = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 1), (4, 5, 3)), axis=1)
     where = jnp.array([True, False, True, True, True])[None, :, None] * jnp.ones((4, 5, 3), bool)
-    np.testing.assert_allclose(ox.softmax_cross_entropy(logits, labels, 1),
-                               optax.softmax_cross_entropy(logits, labels, 1), rtol=1e-6)
-    np.testing.assert_allclose(ox.softmax_cross_entropy(logits, labels, 1, where),
-                               optax.softmax_cross_entropy(logits, labels, 1, where), rtol=1e-6)
+    np.testing.assert_allclose(
+        ox.softmax_cross_entropy(logits, labels, 1), optax.softmax_cross_entropy(logits, labels, 1), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        ox.softmax_cross_entropy(logits, labels, 1, where),
+        optax.softmax_cross_entropy(logits, labels, 1, where),
+        rtol=1e-6,
+    )

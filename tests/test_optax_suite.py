@@ -17,30 +17,48 @@ import pytest
 HERE = Path(__file__).resolve().parent
 OPTAX = Path(optax.__file__).resolve().parent
 FILES = [
-    "_src/alias_test.py", "_src/transform_test.py", "_src/factorized_test.py", "_src/float64_test.py",
-    "_src/combine_test.py", "_src/update_test.py", "_src/sharding_test.py", "transforms/_clipping_test.py",
-    "transforms/_adding_test.py", "transforms/_combining_test.py", "transforms/_freezing_test.py",
-    "transforms/_conditionality_test.py", "transforms/_accumulation_test.py", "losses/_classification_test.py",
-    "schedules/_schedule_test.py", "contrib/_complex_valued_test.py",
+    "_src/alias_test.py",
+    "_src/transform_test.py",
+    "_src/factorized_test.py",
+    "_src/float64_test.py",
+    "_src/combine_test.py",
+    "_src/update_test.py",
+    "_src/sharding_test.py",
+    "transforms/_clipping_test.py",
+    "transforms/_adding_test.py",
+    "transforms/_combining_test.py",
+    "transforms/_freezing_test.py",
+    "transforms/_conditionality_test.py",
+    "transforms/_accumulation_test.py",
+    "losses/_classification_test.py",
+    "schedules/_schedule_test.py",
+    "contrib/_complex_valued_test.py",
 ]
 
 # test id (file::class::test, parameter suffix included) -> why we differ on purpose.
 ALLOWED = {
-    "_src/transform_test.py::TransformTest::test_lion_invalid_mode_raises":
-        "an invalid mode raises at construction (scale_by_lion(mode='x')), not at the first update",
-    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_decay_rate0":
-        "decay_rate=0 is an error, not a silent constant schedule",
-    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_decay_rate1":
-        "decay_rate=0 is an error, not a silent constant schedule",
-    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_transition_steps0":
-        "transition_steps <= 0 is an error, not a silent constant schedule",
-    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_transition_steps1":
-        "transition_steps <= 0 is an error, not a silent constant schedule",
-    "transforms/_freezing_test.py::SelectiveTransformTest::test_selective_bad_structure":
-        "the same ValueError for a mask missing a key, with a message naming the key set difference",
-    "transforms/_clipping_test.py::ClippingTest::test_clip_by_block_rms":
+    "_src/transform_test.py::TransformTest::test_lion_invalid_mode_raises": (
+        "an invalid mode raises at construction (scale_by_lion(mode='x')), not at the first update"
+    ),
+    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_decay_rate0": (
+        "decay_rate=0 is an error, not a silent constant schedule"
+    ),
+    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_decay_rate1": (
+        "decay_rate=0 is an error, not a silent constant schedule"
+    ),
+    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_transition_steps0": (
+        "transition_steps <= 0 is an error, not a silent constant schedule"
+    ),
+    "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_transition_steps1": (
+        "transition_steps <= 0 is an error, not a silent constant schedule"
+    ),
+    "transforms/_freezing_test.py::SelectiveTransformTest::test_selective_bad_structure": (
+        "the same ValueError for a mask missing a key, with a message naming the key set difference"
+    ),
+    "transforms/_clipping_test.py::ClippingTest::test_clip_by_block_rms": (
         "the clipped block's rms is 1 ulp (1.2e-7) from the threshold (another summation order of the same "
-        "sum of squares); the test asks 7 decimal places",
+        "sum of squares); the test asks 7 decimal places"
+    ),
 }
 
 
@@ -60,9 +78,28 @@ def test_optax_suite_passes_with_our_names(tmp_path):
     # One process, a fixed order: some of Optax's tests assert on warnings that other tests of the
     # same process may already have triggered, so the run must not depend on xdist's scheduling.
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "optax_names",
-         f"--junitxml={junit}", "-o", "addopts=", *[str(OPTAX / f) for f in FILES]],
-        capture_output=True, text=True, timeout=1500, cwd=tmp_path, env={**_env(), "PYTHONPATH": str(HERE)})
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "-p",
+            "optax_names",
+            f"--junitxml={junit}",
+            "-o",
+            "addopts=",
+            *[str(OPTAX / f) for f in FILES],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=tmp_path,
+        env={**_env(), "PYTHONPATH": str(HERE)},
+    )
     assert junit.exists(), out.stdout[-3000:] + out.stderr[-3000:]
     failed = _failures(junit)
     unexpected = sorted(failed - set(ALLOWED))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_rel_close, random_tree
 
 import optax_ext as ox
-from conftest import assert_trees_rel_close, random_tree
 
 STEPS = 60
 sched = optax.cosine_decay_schedule(1e-2, 40, alpha=0.1)
@@ -34,8 +34,9 @@ PAIRS = {
     "lars": lambda m: m.lars(0.5, weight_decay=1e-3, trust_coefficient=0.01),
     "lamb": lambda m: m.lamb(1e-2, weight_decay=0.01),
     "adafactor": lambda m: m.adafactor(1e-2, min_dim_size_to_factor=4),
-    "adafactor_momentum_wd": lambda m: m.adafactor(1e-2, min_dim_size_to_factor=4, momentum=0.9,
-                                                   weight_decay_rate=1e-3),
+    "adafactor_momentum_wd": lambda m: m.adafactor(
+        1e-2, min_dim_size_to_factor=4, momentum=0.9, weight_decay_rate=1e-3
+    ),
     "clip_adamw_schedule": lambda m: m.chain(m.clip_by_global_norm(1.0), m.adamw(sched, weight_decay=0.01)),
     "clip_value_momentum": lambda m: m.chain(m.clip(0.5), m.sgd(0.1, momentum=0.9)),
 }

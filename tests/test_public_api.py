@@ -15,33 +15,84 @@ def test_every_public_name_exists_and_has_a_docstring():
 
 
 def test_transformation_docstrings_give_a_reference():
-    factories = [n for n in ox.__all__ if n.startswith(("scale_by_", "clip", "add_", "decoupled"))
-                 or n in ("sgd", "rmsprop", "adam", "adamw", "nadam", "adabelief", "yogi", "lion", "amsgrad",
-                          "adafactor", "lars", "lamb")]
+    factories = [
+        n
+        for n in ox.__all__
+        if n.startswith(("scale_by_", "clip", "add_", "decoupled"))
+        or n
+        in (
+            "sgd",
+            "rmsprop",
+            "adam",
+            "adamw",
+            "nadam",
+            "adabelief",
+            "yogi",
+            "lion",
+            "amsgrad",
+            "adafactor",
+            "lars",
+            "lamb",
+        )
+    ]
     no_formula = [n for n in factories if ":math:" not in (getattr(ox, n).__doc__ or "")]
     assert not no_formula, no_formula
-    optimizers = ["sgd", "rmsprop", "adam", "adamw", "nadam", "adabelief", "yogi", "lion", "amsgrad", "adafactor",
-                  "lars", "lamb"]
+    optimizers = [
+        "sgd",
+        "rmsprop",
+        "adam",
+        "adamw",
+        "nadam",
+        "adabelief",
+        "yogi",
+        "lion",
+        "amsgrad",
+        "adafactor",
+        "lars",
+        "lamb",
+    ]
     no_ref = [n for n in optimizers if "References" not in getattr(ox, n).__doc__]
     assert not no_ref, no_ref
 
 
 def test_optimizers_take_optax_argument_names_and_defaults():
-    for name in ["sgd", "rmsprop", "adam", "adamw", "nadam", "adabelief", "yogi", "lion", "amsgrad", "adafactor",
-                 "lars", "lamb"]:
+    for name in [
+        "sgd",
+        "rmsprop",
+        "adam",
+        "adamw",
+        "nadam",
+        "adabelief",
+        "yogi",
+        "lion",
+        "amsgrad",
+        "adafactor",
+        "lars",
+        "lamb",
+    ]:
         ours = inspect.signature(getattr(ox, name)).parameters
         theirs = inspect.signature(getattr(optax, name)).parameters
         for arg, p in theirs.items():
             assert arg in ours, f"{name} lacks optax's argument {arg!r}"
             if p.default is not inspect.Parameter.empty and arg in ours:
-                assert ours[arg].default == p.default or (arg == "dtype_momentum"), (name, arg, ours[arg].default,
-                                                                                    p.default)
+                assert ours[arg].default == p.default or (arg == "dtype_momentum"), (
+                    name,
+                    arg,
+                    ours[arg].default,
+                    p.default,
+                )
 
 
 def _shared_names():
     """Every public name of ours that Optax also has (same name: same meaning)."""
-    return [n for n in ox.__all__ if hasattr(optax, n) and callable(getattr(ox, n))
-            and not inspect.isclass(getattr(ox, n)) and not inspect.ismodule(getattr(ox, n))]
+    return [
+        n
+        for n in ox.__all__
+        if hasattr(optax, n)
+        and callable(getattr(ox, n))
+        and not inspect.isclass(getattr(ox, n))
+        and not inspect.ismodule(getattr(ox, n))
+    ]
 
 
 def test_every_shared_name_takes_optax_positional_order():
@@ -58,7 +109,10 @@ def test_every_shared_name_takes_optax_positional_order():
         assert [p.name for p in p_ours] == [p.name for p in p_theirs], (name, p_ours, p_theirs)
         for a, b in zip(p_ours, p_theirs):
             if b.default is not inspect.Parameter.empty:
-                assert a.default == b.default or (a.name == "dtype_momentum" and str(a.default) == "float32") \
-                    or (a.name == "decay_rate_fn"), (name, a.name, a.default, b.default)
+                assert (
+                    a.default == b.default
+                    or (a.name == "dtype_momentum" and str(a.default) == "float32")
+                    or (a.name == "decay_rate_fn")
+                ), (name, a.name, a.default, b.default)
         if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in theirs):
             assert any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in ours), name

@@ -37,8 +37,9 @@ def test_decode_matches_the_table(signed):
 def test_nearest_code_matches_the_float64_argmin(key, signed):
     k1, k2 = jax.random.split(key)
     low = -1.0 if signed else 0.0
-    x = jax.random.uniform(k1, (100_000,), minval=low, maxval=1.0) * 10.0 ** jax.random.uniform(k2, (100_000,),
-                                                                                                minval=-8, maxval=0)
+    x = jax.random.uniform(k1, (100_000,), minval=low, maxval=1.0) * 10.0 ** jax.random.uniform(
+        k2, (100_000,), minval=-8, maxval=0
+    )
     table = Q.dynamic_map(signed)
     x = jnp.concatenate([x, jnp.asarray(table, jnp.float32)])  # every map value maps to itself
     got = np.asarray(Q.encode(x, signed))
@@ -77,7 +78,7 @@ def test_blockwise_matches_reference_and_bounds_the_error(key, shape, signed):
     # Error per element: at most half the widest gap of the map times the block's absmax.
     back = np.asarray(Q.dequantize_leaf(q), np.float64)
     gaps = np.diff(Q.dynamic_map(signed)).max()
-    per_block_max = np.repeat(absmax, 256)[:x.size].reshape(shape)
+    per_block_max = np.repeat(absmax, 256)[: x.size].reshape(shape)
     x64 = np.asarray(x, np.float64)
     assert np.all(np.abs(back - x64) <= 0.5 * gaps * per_block_max + 2 * np.finfo(np.float32).eps * np.abs(x64))
     # Relative error of the dynamic code: about constant over decades (here: 10% of values at most

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import RAGGED_SHAPES, assert_trees_close, random_tree
 from flax import nnx
 
 import optax_ext as ox
 from optax_ext import regularizers as R
-from conftest import RAGGED_SHAPES, assert_trees_close, random_tree
 
 
 def _f64(tree):
@@ -72,7 +72,7 @@ def test_penalty_values_against_float64(key):
     lam = 0.7
     leaves = lambda t: jax.tree.leaves(t)
     l1 = lam * sum(np.abs(x).sum() for x in leaves(p))
-    l2 = 0.5 * lam * sum((x ** 2).sum() for x in leaves(p))
+    l2 = 0.5 * lam * sum((x**2).sum() for x in leaves(p))
     sp = 0.5 * lam * sum(((x - y) ** 2).sum() for x, y in zip(leaves(p), leaves(a)))
     ew = 0.5 * lam * sum((w * (x - y) ** 2).sum() for x, y, w in zip(leaves(p), leaves(a), leaves(f)))
     p32, a32, f32 = (jax.tree.map(jnp.float32, t) for t in (p, a, f))
@@ -323,8 +323,14 @@ def test_regularizers_fuse_with_the_optimizer(monkeypatch, key):
         return real(body, jobs, shared, **kw)
 
     monkeypatch.setattr(elementwise, "run_fused", counting)
-    tx = ox.chain(R.ewc(f, a, 0.1), R.add_l1(1e-3), ox.scale_by_adam(), R.l2_sp(1e-2, a),
-                  ox.scale_by_learning_rate(1e-3), R.l1_shrinkage(1e-2, 1e-3))
+    tx = ox.chain(
+        R.ewc(f, a, 0.1),
+        R.add_l1(1e-3),
+        ox.scale_by_adam(),
+        R.l2_sp(1e-2, a),
+        ox.scale_by_learning_rate(1e-3),
+        R.l1_shrinkage(1e-2, 1e-3),
+    )
     state = tx.init(p)
     calls.clear()
     with ox.kernels.use_backend("xla"):
@@ -335,9 +341,19 @@ def test_regularizers_fuse_with_the_optimizer(monkeypatch, key):
         fused_pallas, _ = tx.update_and_apply(g, state, p)
     assert_trees_close(fused_pallas, fused, rtol=1e-6, atol=1e-7)
     # and the same result as running the transformations one by one through optax.chain
-    unfused = optax.chain(*[ox.chain(t) for t in (R.ewc(f, a, 0.1), R.add_l1(1e-3), ox.scale_by_adam(),
-                                                  R.l2_sp(1e-2, a), ox.scale_by_learning_rate(1e-3),
-                                                  R.l1_shrinkage(1e-2, 1e-3))])
+    unfused = optax.chain(
+        *[
+            ox.chain(t)
+            for t in (
+                R.ewc(f, a, 0.1),
+                R.add_l1(1e-3),
+                ox.scale_by_adam(),
+                R.l2_sp(1e-2, a),
+                ox.scale_by_learning_rate(1e-3),
+                R.l1_shrinkage(1e-2, 1e-3),
+            )
+        ]
+    )
     u, _ = unfused.update(g, unfused.init(p), p)
     assert_trees_close(fused, optax.apply_updates(p, u), rtol=1e-6, atol=1e-7)
 

@@ -9,7 +9,6 @@ against Optax where Optax has the same schedule.
 
 import bisect
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,39 +20,39 @@ from optax_ext import schedules as S
 
 
 def _assert_close(got, want, rtol=2e-5, atol_rel=2e-6, scale=None):
-  """float32 precision: relative, plus absolute relative to the largest value."""
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  if scale is None:
-    scale = max(1e-30, float(np.max(np.abs(want))))
-  np.testing.assert_allclose(got, want, rtol=rtol, atol=atol_rel * scale)
+    """float32 precision: relative, plus absolute relative to the largest value."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if scale is None:
+        scale = max(1e-30, float(np.max(np.abs(want))))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol_rel * scale)
 
 
 def _check(schedule, closed_form, steps, **tol):
-  """Schedule on an int32 step array, on Python ints and jitted == closed form."""
-  steps = np.unique(np.asarray([int(s) for s in steps if s >= 0], np.int64))
-  want = np.array([closed_form(int(t)) for t in steps], np.float64)
-  got = schedule(jnp.asarray(steps, jnp.int32))
-  assert got.dtype == jnp.float32, got.dtype
-  assert got.shape == steps.shape, (got.shape, steps.shape)
-  _assert_close(got, want, **tol)
-  _assert_close(jax.jit(schedule)(jnp.asarray(steps, jnp.int32)), want, **tol)
-  for t in steps[:: max(1, len(steps) // 8)]:
-    value = schedule(int(t))
-    assert value.shape == () and value.dtype == jnp.float32
-    _assert_close(value, closed_form(int(t)), scale=np.max(np.abs(want)), **tol)
+    """Schedule on an int32 step array, on Python ints and jitted == closed form."""
+    steps = np.unique(np.asarray([int(s) for s in steps if s >= 0], np.int64))
+    want = np.array([closed_form(int(t)) for t in steps], np.float64)
+    got = schedule(jnp.asarray(steps, jnp.int32))
+    assert got.dtype == jnp.float32, got.dtype
+    assert got.shape == steps.shape, (got.shape, steps.shape)
+    _assert_close(got, want, **tol)
+    _assert_close(jax.jit(schedule)(jnp.asarray(steps, jnp.int32)), want, **tol)
+    for t in steps[:: max(1, len(steps) // 8)]:
+        value = schedule(int(t))
+        assert value.shape == () and value.dtype == jnp.float32
+        _assert_close(value, closed_form(int(t)), scale=np.max(np.abs(want)), **tol)
 
 
 def _edges(*points, n=0, far=True):
-  """0 .. n-1 plus each point and its neighbours, plus steps far past the end."""
-  out = set(range(n))
-  for p in points:
-    out.update((p - 1, p, p + 1))
-  out.add(0)
-  if far:
-    top = max([n, *points, 1])
-    out.update((2 * top, 10 * top + 3, 2**20 + 1))
-  return sorted(x for x in out if x >= 0)
+    """0 .. n-1 plus each point and its neighbours, plus steps far past the end."""
+    out = set(range(n))
+    for p in points:
+        out.update((p - 1, p, p + 1))
+    out.add(0)
+    if far:
+        top = max([n, *points, 1])
+        out.update((2 * top, 10 * top + 3, 2**20 + 1))
+    return sorted(x for x in out if x >= 0)
 
 
 SEEDS = [0, 1, 2]
@@ -65,253 +64,260 @@ SEEDS = [0, 1, 2]
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_constant(seed):
-  v = float(np.random.default_rng(seed).uniform(1e-4, 1.0))
-  _check(S.constant(v), lambda t: v, _edges(n=5))
+    v = float(np.random.default_rng(seed).uniform(1e-4, 1.0))
+    _check(S.constant(v), lambda t: v, _edges(n=5))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_step_decay(seed):
-  rng = np.random.default_rng(seed)
-  eta0, k, gamma = rng.uniform(0.01, 2.0), int(rng.integers(1, 40)), rng.uniform(0.1, 0.99)
-  closed = lambda t: eta0 * gamma ** math.floor(t / k)  # eq. (11)
-  _check(S.step_decay(eta0, k, gamma), closed, _edges(k, 2 * k, 3 * k, 7 * k, n=3 * k))
+    rng = np.random.default_rng(seed)
+    eta0, k, gamma = rng.uniform(0.01, 2.0), int(rng.integers(1, 40)), rng.uniform(0.1, 0.99)
+    closed = lambda t: eta0 * gamma ** math.floor(t / k)  # step decay (PyTorch StepLR)
+    _check(S.step_decay(eta0, k, gamma), closed, _edges(k, 2 * k, 3 * k, 7 * k, n=3 * k))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_multistep_decay(seed):
-  rng = np.random.default_rng(seed)
-  bounds = sorted(set(int(b) for b in rng.integers(1, 300, size=4)))
-  eta0, gamma = rng.uniform(0.01, 2.0), rng.uniform(0.05, 0.9)
-  closed = lambda t: eta0 * gamma ** bisect.bisect_right(bounds, t)  # MultiStepLR
-  _check(S.multistep_decay(eta0, bounds, gamma), closed, _edges(*bounds, n=20))
-  _check(S.multistep_decay(eta0, [], gamma), lambda t: eta0, _edges(n=3))
+    rng = np.random.default_rng(seed)
+    bounds = sorted(set(int(b) for b in rng.integers(1, 300, size=4)))
+    eta0, gamma = rng.uniform(0.01, 2.0), rng.uniform(0.05, 0.9)
+    closed = lambda t: eta0 * gamma ** bisect.bisect_right(bounds, t)  # MultiStepLR
+    _check(S.multistep_decay(eta0, bounds, gamma), closed, _edges(*bounds, n=20))
+    _check(S.multistep_decay(eta0, [], gamma), lambda t: eta0, _edges(n=3))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_exponential_decay_rate_form(seed):
-  rng = np.random.default_rng(seed)
-  eta0, lam, k = rng.uniform(0.01, 2.0), rng.uniform(1e-3, 0.2), int(rng.integers(1, 9))
-  _check(S.exponential_decay(eta0, rate=lam), lambda t: eta0 * math.exp(-lam * t), _edges(n=50))
-  _check(
-      S.exponential_decay(eta0, rate=lam, transition_steps=k, staircase=True),
-      lambda t: eta0 * math.exp(-lam * math.floor(t / k)),
-      _edges(k, 5 * k, n=40),
-  )
-  # Growth (negative rate) capped by end_value.
-  end = eta0 * 3.0
-  _check(
-      S.exponential_decay(eta0, rate=-lam, end_value=end),
-      lambda t: min(eta0 * math.exp(lam * t), end),
-      _edges(n=60, far=False),
-  )
+    rng = np.random.default_rng(seed)
+    eta0, lam, k = rng.uniform(0.01, 2.0), rng.uniform(1e-3, 0.2), int(rng.integers(1, 9))
+    _check(S.exponential_decay(eta0, rate=lam), lambda t: eta0 * math.exp(-lam * t), _edges(n=50))
+    _check(
+        S.exponential_decay(eta0, rate=lam, transition_steps=k, staircase=True),
+        lambda t: eta0 * math.exp(-lam * math.floor(t / k)),
+        _edges(k, 5 * k, n=40),
+    )
+    # Growth (negative rate) capped by end_value.
+    end = eta0 * 3.0
+    _check(
+        S.exponential_decay(eta0, rate=-lam, end_value=end),
+        lambda t: min(eta0 * math.exp(lam * t), end),
+        _edges(n=60, far=False),
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("staircase", [False, True])
 def test_exponential_decay_gamma_form_matches_optax(seed, staircase):
-  rng = np.random.default_rng(seed)
-  eta0, k = rng.uniform(0.01, 2.0), int(rng.integers(1, 12))
-  for gamma, end in [(rng.uniform(0.3, 0.95), eta0 * 0.2), (rng.uniform(1.01, 1.2), eta0 * 4)]:
-    ours = S.exponential_decay(eta0, gamma=gamma, transition_steps=k, staircase=staircase, end_value=end)
-    ref = optax.exponential_decay(eta0, k, gamma, staircase=staircase, end_value=end)
-    clip = max if gamma < 1 else min
+    rng = np.random.default_rng(seed)
+    eta0, k = rng.uniform(0.01, 2.0), int(rng.integers(1, 12))
+    for gamma, end in [(rng.uniform(0.3, 0.95), eta0 * 0.2), (rng.uniform(1.01, 1.2), eta0 * 4)]:
+        ours = S.exponential_decay(eta0, gamma=gamma, transition_steps=k, staircase=staircase, end_value=end)
+        ref = optax.exponential_decay(eta0, k, gamma, staircase=staircase, end_value=end)
+        clip = max if gamma < 1 else min
 
-    def closed(t, gamma=gamma, end=end, clip=clip):
-      p = math.floor(t / k) if staircase else t / k
-      return clip(eta0 * gamma**p, end)
+        def closed(t, gamma=gamma, end=end, clip=clip):
+            p = math.floor(t / k) if staircase else t / k
+            return clip(eta0 * gamma**p, end)
 
-    steps = _edges(k, 4 * k, n=30 * k, far=False)
-    _check(ours, closed, steps)
-    _assert_close(ours(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
-    # gamma = exp(-rate) makes the two forms the same schedule.
-    _assert_close(
-        S.exponential_decay(eta0, rate=-math.log(gamma), transition_steps=k, staircase=staircase)(jnp.asarray(steps)),
-        S.exponential_decay(eta0, gamma=gamma, transition_steps=k, staircase=staircase)(jnp.asarray(steps)),
-    )
+        steps = _edges(k, 4 * k, n=30 * k, far=False)
+        _check(ours, closed, steps)
+        _assert_close(ours(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
+        # gamma = exp(-rate) makes the two forms the same schedule.
+        _assert_close(
+            S.exponential_decay(eta0, rate=-math.log(gamma), transition_steps=k, staircase=staircase)(
+                jnp.asarray(steps)
+            ),
+            S.exponential_decay(eta0, gamma=gamma, transition_steps=k, staircase=staircase)(jnp.asarray(steps)),
+        )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_polynomial_decay_eq13_and_optax(seed):
-  rng = np.random.default_rng(seed)
-  eta0, end = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.4)
-  power, T = rng.uniform(0.5, 3.0), int(rng.integers(5, 300))
-  closed = lambda t: end + (eta0 - end) * (1 - min(t, T) / T) ** power  # eq. (13)
-  s = S.polynomial_decay(eta0, end, power, T)
-  steps = _edges(T, T // 2, n=10)
-  _check(s, closed, steps)
-  # Eager: jitted, optax.polynomial_schedule can give NaN at t >= T (below).
-  _assert_close(s(jnp.asarray(steps)), optax.polynomial_schedule(eta0, end, power, T)(jnp.asarray(steps)))
+def test_polynomial_decay_closed_form_and_optax(seed):
+    rng = np.random.default_rng(seed)
+    eta0, end = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.4)
+    power, T = rng.uniform(0.5, 3.0), int(rng.integers(5, 300))
+    closed = lambda t: end + (eta0 - end) * (1 - min(t, T) / T) ** power
+    s = S.polynomial_decay(eta0, end, power, T)
+    steps = _edges(T, T // 2, n=10)
+    _check(s, closed, steps)
+    # Eager: jitted, optax.polynomial_schedule can give NaN at t >= T (below).
+    _assert_close(s(jnp.asarray(steps)), optax.polynomial_schedule(eta0, end, power, T)(jnp.asarray(steps)))
 
 
 def test_polynomial_decay_finite_at_end_under_jit():
-  # 1 - t/T may round to -1e-8 once XLA turns /T into *(1/T); a fractional
-  # power of it is NaN. These T all did that with the naive formula on CPU.
-  for T in (3, 5, 6, 7, 9, 10, 11, 12, 13, 14):
-    got = jax.jit(S.polynomial_decay(1.0, 0.1, 1.7, T))(jnp.arange(T - 1, T + 3))
-    _assert_close(got, [0.1 + 0.9 * (1 / T) ** 1.7, 0.1, 0.1, 0.1])
+    # 1 - t/T may round to -1e-8 once XLA turns /T into *(1/T); a fractional
+    # power of it is NaN. These T all did that with the naive formula on CPU.
+    for T in (3, 5, 6, 7, 9, 10, 11, 12, 13, 14):
+        got = jax.jit(S.polynomial_decay(1.0, 0.1, 1.7, T))(jnp.arange(T - 1, T + 3))
+        _assert_close(got, [0.1 + 0.9 * (1 / T) ** 1.7, 0.1, 0.1, 0.1])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_cosine_decay_eq14_and_optax(seed):
-  rng = np.random.default_rng(seed)
-  eta0, lo, T = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.3), int(rng.integers(3, 500))
-  closed = lambda t: lo + 0.5 * (eta0 - lo) * (1 + math.cos(math.pi * min(t, T) / T))  # eq. (14)
-  s = S.cosine_decay(eta0, T, lo)
-  steps = _edges(T, T // 2, n=10)
-  _check(s, closed, steps)
-  ref = optax.cosine_decay_schedule(eta0, T, alpha=lo / eta0)
-  _assert_close(s(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
+def test_cosine_decay_closed_form_and_optax(seed):
+    rng = np.random.default_rng(seed)
+    eta0, lo, T = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.3), int(rng.integers(3, 500))
+    closed = lambda t: (
+        lo + 0.5 * (eta0 - lo) * (1 + math.cos(math.pi * min(t, T) / T))
+    )  # Loshchilov & Hutter (SGDR), one cycle
+    s = S.cosine_decay(eta0, T, lo)
+    steps = _edges(T, T // 2, n=10)
+    _check(s, closed, steps)
+    ref = optax.cosine_decay_schedule(eta0, T, alpha=lo / eta0)
+    _assert_close(s(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
 
 
 def _torch_sgdr(n, eta0, T0, mult, lo, decay):
-  """PyTorch CosineAnnealingWarmRestarts's chainable step(): T_cur += 1, wrap."""
-  out, T_cur, T_i, cycle = [], 0, T0, 0
-  for _ in range(n):
-    peak = eta0 * decay**cycle
-    out.append(lo + (peak - lo) * (1 + math.cos(math.pi * T_cur / T_i)) / 2)
-    T_cur += 1
-    if T_cur >= T_i:
-      T_cur -= T_i
-      T_i *= mult
-      cycle += 1
-  return out
+    """PyTorch CosineAnnealingWarmRestarts's chainable step(): T_cur += 1, wrap."""
+    out, T_cur, T_i, cycle = [], 0, T0, 0
+    for _ in range(n):
+        peak = eta0 * decay**cycle
+        out.append(lo + (peak - lo) * (1 + math.cos(math.pi * T_cur / T_i)) / 2)
+        T_cur += 1
+        if T_cur >= T_i:
+            T_cur -= T_i
+            T_i *= mult
+            cycle += 1
+    return out
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("mult", [1, 2, 3])
 def test_cosine_with_restarts_vs_pytorch_and_optax(seed, mult):
-  rng = np.random.default_rng(seed)
-  eta0, lo, T0 = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.2), int(rng.integers(1, 30))
-  decay = 1.0 if seed == 0 else rng.uniform(0.5, 0.95)
-  periods = [T0 * mult**i for i in range(5)]
-  n = sum(periods)
-  table = _torch_sgdr(n + 2, eta0, T0, mult, lo, decay)
-  s = S.cosine_with_restarts(eta0, T0, mult, lo, decay)
-  starts = list(np.cumsum([0] + periods))
-  _check(s, lambda t: table[t], _edges(*starts, n=n, far=False))
-  # Optax's sgdr_schedule with the same explicit cycles.
-  ref = optax.sgdr_schedule([
-      dict(init_value=eta0 * decay**i, peak_value=eta0 * decay**i, warmup_steps=0,
-           decay_steps=p, end_value=lo)
-      for i, p in enumerate(periods)
-  ])
-  t = jnp.arange(n)
-  _assert_close(s(t), jax.jit(ref)(t))
+    rng = np.random.default_rng(seed)
+    eta0, lo, T0 = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.2), int(rng.integers(1, 30))
+    decay = 1.0 if seed == 0 else rng.uniform(0.5, 0.95)
+    periods = [T0 * mult**i for i in range(5)]
+    n = sum(periods)
+    table = _torch_sgdr(n + 2, eta0, T0, mult, lo, decay)
+    s = S.cosine_with_restarts(eta0, T0, mult, lo, decay)
+    starts = list(np.cumsum([0] + periods))
+    _check(s, lambda t: table[t], _edges(*starts, n=n, far=False))
+    # Optax's sgdr_schedule with the same explicit cycles.
+    ref = optax.sgdr_schedule(
+        [
+            dict(init_value=eta0 * decay**i, peak_value=eta0 * decay**i, warmup_steps=0, decay_steps=p, end_value=lo)
+            for i, p in enumerate(periods)
+        ]
+    )
+    t = jnp.arange(n)
+    _assert_close(s(t), jax.jit(ref)(t))
 
 
 def test_cosine_with_restarts_far_steps():
-  # Cycle lookup past many restarts, against the recurrence's closed form.
-  T0, mult = 3, 2
-  for t in [2**20 + 5, 2**30 + 7, 2**31 - 1]:
-    k, start = 0, 0
-    while start + T0 * mult**k <= t:
-      start += T0 * mult**k
-      k += 1
-    want = 0.5 * (1 + math.cos(math.pi * (t - start) / (T0 * mult**k)))
-    _assert_close(S.cosine_with_restarts(1.0, T0, mult)(t), want, atol_rel=1e-5)
-  s = S.cosine_with_restarts(1.0, 7)
-  for t in [2**20 + 5, 2**31 - 1]:
-    _assert_close(s(t), 0.5 * (1 + math.cos(math.pi * (t % 7) / 7)), atol_rel=1e-5)
+    # Cycle lookup past many restarts, against the recurrence's closed form.
+    T0, mult = 3, 2
+    for t in [2**20 + 5, 2**30 + 7, 2**31 - 1]:
+        k, start = 0, 0
+        while start + T0 * mult**k <= t:
+            start += T0 * mult**k
+            k += 1
+        want = 0.5 * (1 + math.cos(math.pi * (t - start) / (T0 * mult**k)))
+        _assert_close(S.cosine_with_restarts(1.0, T0, mult)(t), want, atol_rel=1e-5)
+    s = S.cosine_with_restarts(1.0, 7)
+    for t in [2**20 + 5, 2**31 - 1]:
+        _assert_close(s(t), 0.5 * (1 + math.cos(math.pi * (t % 7) / 7)), atol_rel=1e-5)
 
 
 # ----------------------------------------------------------------------------
 # Cyclical (PyTorch CyclicLR) and 1cycle (PyTorch OneCycleLR)
 
 
-def _torch_cyclic(t, base, mx, up, down, mode, gamma, momentum=False):
-  """CyclicLR.get_lr with last_epoch = t (float arithmetic, as PyTorch)."""
-  up, down = float(up), float(down if down is not None else up)
-  total = up + down
-  ratio = up / total
-  cycle = math.floor(1 + t / total)
-  x = 1.0 + t / total - cycle
-  scale_factor = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
-  if mode == "triangular":
-    s = 1.0
-  elif mode == "triangular2":
-    s = 0.5 ** (cycle - 1)  # PyTorch's 1 / 2.0 ** (cycle - 1), without overflow
-  else:
-    s = gamma**t
-  height = (mx - base) * scale_factor * s
-  return mx - height if momentum else base + height
+def torch_cyclic(t, base, mx, up, down, mode, gamma, momentum=False):
+    """CyclicLR.get_lr with last_epoch = t (float arithmetic, as PyTorch)."""
+    up, down = float(up), float(down if down is not None else up)
+    total = up + down
+    ratio = up / total
+    cycle = math.floor(1 + t / total)
+    x = 1.0 + t / total - cycle
+    scale_factor = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+    if mode == "triangular":
+        s = 1.0
+    elif mode == "triangular2":
+        s = 0.5 ** (cycle - 1)  # PyTorch's 1 / 2.0 ** (cycle - 1), without overflow
+    else:
+        s = gamma**t
+    height = (mx - base) * scale_factor * s
+    return mx - height if momentum else base + height
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("mode", ["triangular", "triangular2", "exp_range"])
 def test_cyclical_vs_pytorch(seed, mode):
-  rng = np.random.default_rng(seed)
-  base = rng.uniform(1e-4, 0.1)
-  mx = base + rng.uniform(0.01, 1.0)
-  up = int(rng.integers(1, 25))
-  down = None if seed == 0 else int(rng.integers(1, 25))
-  gamma = rng.uniform(0.99, 0.9999) if mode == "exp_range" else 1.0
-  d = up if down is None else down
-  edges = [c * (up + d) + o for c in range(6) for o in (0, up)]
-  steps = _edges(*edges, n=3 * (up + d))
-  _check(
-      S.cyclical(base, mx, up, down, mode, gamma),
-      lambda t: _torch_cyclic(t, base, mx, up, down, mode, gamma),
-      steps,
-  )
-  bm, mm = 0.8 - rng.uniform(0, 0.1), 0.9 + rng.uniform(0, 0.05)
-  _check(
-      S.cyclical_momentum(up, down, base_momentum=bm, max_momentum=mm, mode=mode, gamma=gamma),
-      lambda t: _torch_cyclic(t, bm, mm, up, down, mode, gamma, momentum=True),
-      steps,
-  )
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(1e-4, 0.1)
+    mx = base + rng.uniform(0.01, 1.0)
+    up = int(rng.integers(1, 25))
+    down = None if seed == 0 else int(rng.integers(1, 25))
+    gamma = rng.uniform(0.99, 0.9999) if mode == "exp_range" else 1.0
+    d = up if down is None else down
+    edges = [c * (up + d) + o for c in range(6) for o in (0, up)]
+    steps = _edges(*edges, n=3 * (up + d))
+    _check(
+        S.cyclical(base, mx, up, down, mode, gamma),
+        lambda t: torch_cyclic(t, base, mx, up, down, mode, gamma),
+        steps,
+    )
+    bm, mm = 0.8 - rng.uniform(0, 0.1), 0.9 + rng.uniform(0, 0.05)
+    _check(
+        S.cyclical_momentum(up, down, base_momentum=bm, max_momentum=mm, mode=mode, gamma=gamma),
+        lambda t: torch_cyclic(t, bm, mm, up, down, mode, gamma, momentum=True),
+        steps,
+    )
 
 
-def _torch_one_cycle(t, T, pct, anneal, three_phase, lrs, moms):
-  """OneCycleLR.get_lr with last_epoch = t; ``lrs``/``moms`` = (init, max, min)/(base, max)."""
-  init, mx, low = lrs
-  base_m, max_m = moms
-  if three_phase:
-    phases = [
-        (float(pct * T) - 1, init, mx, max_m, base_m),
-        (float(2 * pct * T) - 2, mx, init, base_m, max_m),
-        (T - 1, init, low, max_m, max_m),
-    ]
-  else:
-    phases = [(float(pct * T) - 1, init, mx, max_m, base_m), (T - 1, mx, low, base_m, max_m)]
-  cos = lambda a, b, p: b + (a - b) / 2.0 * (math.cos(math.pi * p) + 1)
-  lin = lambda a, b, p: (b - a) * p + a
-  f = cos if anneal == "cos" else lin
-  start = 0.0
-  for i, (end, a, b, ma, mb) in enumerate(phases):
-    if t <= end or i == len(phases) - 1:
-      p = (t - start) / (end - start)
-      return f(a, b, p), f(ma, mb, p)
-    start = end
+def torch_one_cycle(t, T, pct, anneal, three_phase, lrs, moms):
+    """OneCycleLR.get_lr with last_epoch = t; ``lrs``/``moms`` = (init, max, min)/(base, max)."""
+    init, mx, low = lrs
+    base_m, max_m = moms
+    if three_phase:
+        phases = [
+            (float(pct * T) - 1, init, mx, max_m, base_m),
+            (float(2 * pct * T) - 2, mx, init, base_m, max_m),
+            (T - 1, init, low, max_m, max_m),
+        ]
+    else:
+        phases = [(float(pct * T) - 1, init, mx, max_m, base_m), (T - 1, mx, low, base_m, max_m)]
+    cos = lambda a, b, p: b + (a - b) / 2.0 * (math.cos(math.pi * p) + 1)
+    lin = lambda a, b, p: (b - a) * p + a
+    f = cos if anneal == "cos" else lin
+    start = 0.0
+    for i, (end, a, b, ma, mb) in enumerate(phases):
+        if t <= end or i == len(phases) - 1:
+            p = (t - start) / (end - start)
+            return f(a, b, p), f(ma, mb, p)
+        start = end
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("anneal", ["cos", "linear"])
 @pytest.mark.parametrize("three_phase", [False, True])
 def test_one_cycle_vs_pytorch(seed, anneal, three_phase):
-  rng = np.random.default_rng(seed)
-  T = int(rng.integers(10, 400))
-  pct = float(rng.uniform(0.1, 0.45))
-  mx, div, fdiv = rng.uniform(0.01, 1.0), rng.uniform(5, 50), rng.uniform(10, 1e4)
-  lrs = (mx / div, mx, mx / div / fdiv)
-  moms = (0.85 - rng.uniform(0, 0.05), 0.95 + rng.uniform(0, 0.04))
+    rng = np.random.default_rng(seed)
+    T = int(rng.integers(10, 400))
+    pct = float(rng.uniform(0.1, 0.45))
+    mx, div, fdiv = rng.uniform(0.01, 1.0), rng.uniform(5, 50), rng.uniform(10, 1e4)
+    lrs = (mx / div, mx, mx / div / fdiv)
+    moms = (0.85 - rng.uniform(0, 0.05), 0.95 + rng.uniform(0, 0.04))
 
-  def closed(t, which):
-    # PyTorch stops at total_steps; we hold the value reached at T - 1.
-    return _torch_one_cycle(min(t, T - 1), T, pct, anneal, three_phase, lrs, moms)[which]
+    def closed(t, which):
+        # PyTorch stops at total_steps; we hold the value reached at T - 1.
+        return torch_one_cycle(min(t, T - 1), T, pct, anneal, three_phase, lrs, moms)[which]
 
-  e1, e2 = pct * T - 1, 2 * pct * T - 2
-  steps = _edges(math.floor(e1), math.ceil(e1), math.floor(e2), math.ceil(e2), T - 1, T, n=T)
-  _check(
-      S.one_cycle(mx, T, pct, div, fdiv, anneal, three_phase),
-      lambda t: closed(t, 0), steps,
-  )
-  _check(
-      S.one_cycle_momentum(T, moms[0], moms[1], pct, anneal, three_phase),
-      lambda t: closed(t, 1), steps,
-  )
-  s = S.one_cycle(mx, T, pct, div, fdiv, anneal, three_phase)
-  _assert_close(s(0), mx / div)
-  _assert_close(s(T - 1), mx / div / fdiv, scale=mx)
+    e1, e2 = pct * T - 1, 2 * pct * T - 2
+    steps = _edges(math.floor(e1), math.ceil(e1), math.floor(e2), math.ceil(e2), T - 1, T, n=T)
+    _check(
+        S.one_cycle(mx, T, pct, div, fdiv, anneal, three_phase),
+        lambda t: closed(t, 0),
+        steps,
+    )
+    _check(
+        S.one_cycle_momentum(T, moms[0], moms[1], pct, anneal, three_phase),
+        lambda t: closed(t, 1),
+        steps,
+    )
+    s = S.one_cycle(mx, T, pct, div, fdiv, anneal, three_phase)
+    _assert_close(s(0), mx / div)
+    _assert_close(s(T - 1), mx / div / fdiv, scale=mx)
 
 
 # ----------------------------------------------------------------------------
@@ -320,83 +326,83 @@ def test_one_cycle_vs_pytorch(seed, anneal, three_phase):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_inverse_sqrt_and_noam(seed):
-  rng = np.random.default_rng(seed)
-  peak, w, init = rng.uniform(1e-4, 1.0), int(rng.integers(1, 200)), rng.uniform(0, 1e-4)
+    rng = np.random.default_rng(seed)
+    peak, w, init = rng.uniform(1e-4, 1.0), int(rng.integers(1, 200)), rng.uniform(0, 1e-4)
 
-  def closed(t):
-    return init + (peak - init) * t / w if t < w else peak * math.sqrt(w / t)
+    def closed(t):
+        return init + (peak - init) * t / w if t < w else peak * math.sqrt(w / t)
 
-  _check(S.inverse_sqrt(peak, w, init), closed, _edges(w, 4 * w, n=20))
-  d, scale = int(rng.integers(16, 1024)), rng.uniform(0.5, 2.0)
+    _check(S.inverse_sqrt(peak, w, init), closed, _edges(w, 4 * w, n=20))
+    d, scale = int(rng.integers(16, 1024)), rng.uniform(0.5, 2.0)
 
-  def vaswani(t):  # eq. (3) of Vaswani et al., step_num = t + 1
-    n = t + 1
-    return scale * d**-0.5 * min(n**-0.5, n * w**-1.5)
+    def vaswani(t):  # Vaswani et al. (2017), section 5.3, step_num = t + 1
+        n = t + 1
+        return scale * d**-0.5 * min(n**-0.5, n * w**-1.5)
 
-  _check(S.noam(d, w, scale), vaswani, _edges(w - 1, w, 4 * w, n=20))
-  t = jnp.arange(5 * w)
-  _assert_close(S.noam(d, w, scale)(t), S.inverse_sqrt(scale * (d * w) ** -0.5, w)(t + 1))
+    _check(S.noam(d, w, scale), vaswani, _edges(w - 1, w, 4 * w, n=20))
+    t = jnp.arange(5 * w)
+    _assert_close(S.noam(d, w, scale)(t), S.inverse_sqrt(scale * (d * w) ** -0.5, w)(t + 1))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_linear_warmup_eq15(seed):
-  rng = np.random.default_rng(seed)
-  w, T, eta0 = int(rng.integers(1, 100)), int(rng.integers(1, 200)), rng.uniform(0.1, 2.0)
-  cos = lambda t: 0.5 * eta0 * (1 + math.cos(math.pi * min(t, T) / T))
+def test_linear_warmup_closed_form(seed):
+    rng = np.random.default_rng(seed)
+    w, T, eta0 = int(rng.integers(1, 100)), int(rng.integers(1, 200)), rng.uniform(0.1, 2.0)
+    cos = lambda t: 0.5 * eta0 * (1 + math.cos(math.pi * min(t, T) / T))
 
-  def eq15(t, target=cos, init=0.0):
-    return init + (target(0) - init) * t / w if t <= w else target(t - w)
+    def warmup_then(t, target=cos, init=0.0):
+        return init + (target(0) - init) * t / w if t <= w else target(t - w)
 
-  steps = _edges(w, w + T, n=10)
-  _check(S.linear_warmup(S.cosine_decay(eta0, T), w), eq15, steps)
-  init = rng.uniform(0, 0.1)
-  _check(S.linear_warmup(S.cosine_decay(eta0, T), w, init), lambda t: eq15(t, init=init), steps)
-  _check(S.linear_warmup(eta0, w), lambda t: eq15(t, target=lambda _: eta0), steps)
-  # An Optax schedule can be wrapped too.
-  ref = optax.exponential_decay(eta0, 7, 0.5)
-  _check(S.linear_warmup(ref, w), lambda t: eq15(t, target=lambda u: eta0 * 0.5 ** (u / 7)), steps)
-  # No warm-up: the wrapped schedule itself.
-  _check(S.linear_warmup(S.cosine_decay(eta0, T), 0), cos, steps)
+    steps = _edges(w, w + T, n=10)
+    _check(S.linear_warmup(S.cosine_decay(eta0, T), w), warmup_then, steps)
+    init = rng.uniform(0, 0.1)
+    _check(S.linear_warmup(S.cosine_decay(eta0, T), w, init), lambda t: warmup_then(t, init=init), steps)
+    _check(S.linear_warmup(eta0, w), lambda t: warmup_then(t, target=lambda _: eta0), steps)
+    # An Optax schedule can be wrapped too.
+    ref = optax.exponential_decay(eta0, 7, 0.5)
+    _check(S.linear_warmup(ref, w), lambda t: warmup_then(t, target=lambda u: eta0 * 0.5 ** (u / 7)), steps)
+    # No warm-up: the wrapped schedule itself.
+    _check(S.linear_warmup(S.cosine_decay(eta0, T), 0), cos, steps)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_warmup_cosine_matches_optax(seed):
-  rng = np.random.default_rng(seed)
-  w, T = int(rng.integers(0, 50)), int(rng.integers(60, 400))
-  peak, init, end = rng.uniform(0.1, 2.0), rng.uniform(0, 0.05), rng.uniform(0, 0.05)
+    rng = np.random.default_rng(seed)
+    w, T = int(rng.integers(0, 50)), int(rng.integers(60, 400))
+    peak, init, end = rng.uniform(0.1, 2.0), rng.uniform(0, 0.05), rng.uniform(0, 0.05)
 
-  def closed(t):
-    if t < w:
-      return init + (peak - init) * t / w
-    u = min(t - w, T - w)
-    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * u / (T - w)))
+    def closed(t):
+        if t < w:
+            return init + (peak - init) * t / w
+        u = min(t - w, T - w)
+        return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * u / (T - w)))
 
-  s = S.warmup_cosine(peak, w, T, init, end)
-  steps = _edges(w, T, n=10)
-  _check(s, closed, steps)
-  ref = optax.warmup_cosine_decay_schedule(init, peak, w, T, end)
-  _assert_close(s(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
+    s = S.warmup_cosine(peak, w, T, init, end)
+    steps = _edges(w, T, n=10)
+    _check(s, closed, steps)
+    ref = optax.warmup_cosine_decay_schedule(init, peak, w, T, end)
+    _assert_close(s(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_join_matches_optax(seed):
-  rng = np.random.default_rng(seed)
-  b1, b2 = sorted(int(b) for b in rng.choice(np.arange(1, 200), 2, replace=False))
-  c, eta0 = rng.uniform(0.1, 1.0), rng.uniform(0.1, 1.0)
-  T = int(rng.integers(1, 60))
-  parts = [S.constant(c), S.cosine_decay(eta0, T), optax.exponential_decay(eta0, 5, 0.7)]
+    rng = np.random.default_rng(seed)
+    b1, b2 = sorted(int(b) for b in rng.choice(np.arange(1, 200), 2, replace=False))
+    c, eta0 = rng.uniform(0.1, 1.0), rng.uniform(0.1, 1.0)
+    T = int(rng.integers(1, 60))
+    parts = [S.constant(c), S.cosine_decay(eta0, T), optax.exponential_decay(eta0, 5, 0.7)]
 
-  def closed(t):
-    if t < b1:
-      return c
-    if t < b2:
-      return 0.5 * eta0 * (1 + math.cos(math.pi * min(t - b1, T) / T))
-    return eta0 * 0.7 ** ((t - b2) / 5)
+    def closed(t):
+        if t < b1:
+            return c
+        if t < b2:
+            return 0.5 * eta0 * (1 + math.cos(math.pi * min(t - b1, T) / T))
+        return eta0 * 0.7 ** ((t - b2) / 5)
 
-  steps = _edges(b1, b2, n=5, far=False) + [b2 + 150]
-  _check(S.join(parts, [b1, b2]), closed, steps)
-  ref = optax.join_schedules(parts, [b1, b2])
-  _assert_close(S.join(parts, [b1, b2])(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
+    steps = _edges(b1, b2, n=5, far=False) + [b2 + 150]
+    _check(S.join(parts, [b1, b2]), closed, steps)
+    ref = optax.join_schedules(parts, [b1, b2])
+    _assert_close(S.join(parts, [b1, b2])(jnp.asarray(steps)), jax.jit(ref)(jnp.asarray(steps)))
 
 
 # ----------------------------------------------------------------------------
@@ -425,40 +431,40 @@ ALL = {
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_elementwise_jit_vmap(name):
-  s = ALL[name]()
-  t = jnp.arange(41, dtype=jnp.int32)
-  direct = s(t)
-  assert direct.dtype == jnp.float32 and direct.shape == t.shape
-  some = [0, 1, 2, 3, 5, 8, 13, 21, 34, 40]
-  one_by_one = np.array([float(s(i)) for i in some])
-  tol = dict(rtol=1e-6, atol_rel=1e-7)
-  _assert_close(np.asarray(direct)[some], one_by_one, **tol)
-  _assert_close(jax.vmap(s)(t), direct, **tol)
-  _assert_close(jax.jit(jax.vmap(s))(t), direct, **tol)
-  _assert_close(jax.jit(s)(t), direct, **tol)
-  # Any shape, odd sizes, small int dtypes and float steps (for plotting).
-  grid = jnp.asarray(np.arange(35).reshape(5, 7))
-  assert s(grid).shape == (5, 7)
-  _assert_close(s(grid), np.asarray(direct)[:35].reshape(5, 7), **tol)
-  for dtype in (jnp.int16, jnp.uint8, jnp.float32):
-    _assert_close(s(t.astype(dtype)), direct, **tol)
-  # Negative steps are clamped to 0.
-  _assert_close(s(jnp.array([-5, -1, 0])), np.full(3, one_by_one[0]), rtol=1e-7, atol_rel=0)
-  assert np.all(np.isfinite(np.asarray(s(jnp.array([0, 1, 2**20, 2**31 - 1])))))
-  with pytest.raises(TypeError, match="step"):
-    s(jnp.array([True]))
+    s = ALL[name]()
+    t = jnp.arange(41, dtype=jnp.int32)
+    direct = s(t)
+    assert direct.dtype == jnp.float32 and direct.shape == t.shape
+    some = [0, 1, 2, 3, 5, 8, 13, 21, 34, 40]
+    one_by_one = np.array([float(s(i)) for i in some])
+    tol = dict(rtol=1e-6, atol_rel=1e-7)
+    _assert_close(np.asarray(direct)[some], one_by_one, **tol)
+    _assert_close(jax.vmap(s)(t), direct, **tol)
+    _assert_close(jax.jit(jax.vmap(s))(t), direct, **tol)
+    _assert_close(jax.jit(s)(t), direct, **tol)
+    # Any shape, odd sizes, small int dtypes and float steps (for plotting).
+    grid = jnp.asarray(np.arange(35).reshape(5, 7))
+    assert s(grid).shape == (5, 7)
+    _assert_close(s(grid), np.asarray(direct)[:35].reshape(5, 7), **tol)
+    for dtype in (jnp.int16, jnp.uint8, jnp.float32):
+        _assert_close(s(t.astype(dtype)), direct, **tol)
+    # Negative steps are clamped to 0.
+    _assert_close(s(jnp.array([-5, -1, 0])), np.full(3, one_by_one[0]), rtol=1e-7, atol_rel=0)
+    assert np.all(np.isfinite(np.asarray(s(jnp.array([0, 1, 2**20, 2**31 - 1])))))
+    with pytest.raises(TypeError, match="step"):
+        s(jnp.array([True]))
 
 
 def test_traced_hyperparameters():
-  # Values may be traced (inject_hyperparams, a jitted factory).
-  f = jax.jit(lambda v, lo: S.cosine_decay(v, 10, lo)(jnp.arange(12)))
-  _assert_close(f(2.0, 0.5), S.cosine_decay(2.0, 10, 0.5)(jnp.arange(12)))
-  g = jax.jit(lambda b, m: S.cyclical(b, m, 3)(jnp.arange(9)))
-  _assert_close(g(0.1, 1.0), S.cyclical(0.1, 1.0, 3)(jnp.arange(9)))
-  h = jax.jit(lambda m: S.one_cycle(m, 20)(jnp.arange(25)))
-  _assert_close(h(0.5), S.one_cycle(0.5, 20)(jnp.arange(25)))
-  g2 = jax.grad(lambda v: S.warmup_cosine(v, 3, 10)(5))
-  _assert_close(g2(1.0), S.warmup_cosine(1.0, 3, 10)(5))  # linear in peak
+    # Values may be traced (inject_hyperparams, a jitted factory).
+    f = jax.jit(lambda v, lo: S.cosine_decay(v, 10, lo)(jnp.arange(12)))
+    _assert_close(f(2.0, 0.5), S.cosine_decay(2.0, 10, 0.5)(jnp.arange(12)))
+    g = jax.jit(lambda b, m: S.cyclical(b, m, 3)(jnp.arange(9)))
+    _assert_close(g(0.1, 1.0), S.cyclical(0.1, 1.0, 3)(jnp.arange(9)))
+    h = jax.jit(lambda m: S.one_cycle(m, 20)(jnp.arange(25)))
+    _assert_close(h(0.5), S.one_cycle(0.5, 20)(jnp.arange(25)))
+    g2 = jax.grad(lambda v: S.warmup_cosine(v, 3, 10)(5))
+    _assert_close(g2(1.0), S.warmup_cosine(1.0, 3, 10)(5))  # linear in peak
 
 
 # ----------------------------------------------------------------------------
@@ -486,18 +492,34 @@ BAD = [
     (lambda: S.cosine_with_restarts(1.0, 10, 0), ValueError, r"period_mult .*got 0"),
     (lambda: S.cosine_with_restarts(1.0, 10, 1.5), ValueError, r"period_mult .*got 1.5"),
     (lambda: S.cosine_with_restarts(1.0, 10, decay_factor=0.0), ValueError, r"decay_factor .*got 0.0"),
-    (lambda: S.cyclical(1.0, 0.1, 10), ValueError, r"cyclical: max_value must be >= base_value, got max_value=0.1 < base_value=1.0"),
+    (
+        lambda: S.cyclical(1.0, 0.1, 10),
+        ValueError,
+        r"cyclical: max_value must be >= base_value, got max_value=0.1 < base_value=1.0",
+    ),
     (lambda: S.cyclical(0.1, 1.0, 0), ValueError, r"step_size_up .*got 0"),
     (lambda: S.cyclical(0.1, 1.0, 5, 0), ValueError, r"step_size_down .*got 0"),
-    (lambda: S.cyclical(0.1, 1.0, 5, mode="sine"), ValueError, r"unknown mode 'sine'; valid options are 'triangular', 'triangular2', 'exp_range'"),
+    (
+        lambda: S.cyclical(0.1, 1.0, 5, mode="sine"),
+        ValueError,
+        r"unknown mode 'sine'; valid options are 'triangular', 'triangular2', 'exp_range'",
+    ),
     (lambda: S.cyclical(0.1, 1.0, 5, mode="exp_range", gamma=0.0), ValueError, r"gamma .*got 0.0"),
-    (lambda: S.cyclical_momentum(5, base_momentum=0.95, max_momentum=0.85), ValueError, r"max_momentum must be >= base_momentum"),
+    (
+        lambda: S.cyclical_momentum(5, base_momentum=0.95, max_momentum=0.85),
+        ValueError,
+        r"max_momentum must be >= base_momentum",
+    ),
     (lambda: S.one_cycle(1.0, 0), ValueError, r"one_cycle: total_steps .*got 0"),
     (lambda: S.one_cycle(1.0, 100, pct_start=0.0), ValueError, r"pct_start .*got 0.0"),
     (lambda: S.one_cycle(1.0, 100, pct_start=1.0), ValueError, r"pct_start .*got 1.0"),
     (lambda: S.one_cycle(1.0, 3, pct_start=0.3), ValueError, r"phase 1 .*empty.*total_steps=3"),
     (lambda: S.one_cycle(1.0, 10, pct_start=0.6, three_phase=True), ValueError, r"phase 3 .*empty"),
-    (lambda: S.one_cycle(1.0, 100, anneal="cosine"), ValueError, r"unknown anneal 'cosine'; valid options are 'cos', 'linear'"),
+    (
+        lambda: S.one_cycle(1.0, 100, anneal="cosine"),
+        ValueError,
+        r"unknown anneal 'cosine'; valid options are 'cos', 'linear'",
+    ),
     (lambda: S.one_cycle(1.0, 100, div_factor=0.0), ValueError, r"div_factor .*got 0.0"),
     (lambda: S.one_cycle_momentum(100, 0.95, 0.85), ValueError, r"max_momentum must be >= base_momentum"),
     (lambda: S.one_cycle_momentum(100, anneal="cosine"), ValueError, r"valid options"),
@@ -506,8 +528,16 @@ BAD = [
     (lambda: S.noam(512, -1), ValueError, r"noam: warmup_steps .*got -1"),
     (lambda: S.linear_warmup(0.1, -1), ValueError, r"warmup_steps must be an integer >= 0, got -1"),
     (lambda: S.linear_warmup("fast", 3), TypeError, r"schedule_or_value .*'fast'"),
-    (lambda: S.warmup_cosine(1.0, 10, 10), ValueError, r"decay_steps .*must exceed warmup_steps=10, got decay_steps=10"),
-    (lambda: S.join([S.constant(1.0), S.constant(2.0)], [3, 5]), ValueError, r"boundaries must have len\(schedules\) - 1 = 1 entries, got 2"),
+    (
+        lambda: S.warmup_cosine(1.0, 10, 10),
+        ValueError,
+        r"decay_steps .*must exceed warmup_steps=10, got decay_steps=10",
+    ),
+    (
+        lambda: S.join([S.constant(1.0), S.constant(2.0)], [3, 5]),
+        ValueError,
+        r"boundaries must have len\(schedules\) - 1 = 1 entries, got 2",
+    ),
     (lambda: S.join([], []), ValueError, r"at least one"),
     (lambda: S.join([1.0], []), TypeError, r"schedules\[0\] must be a schedule"),
     (lambda: S.join([S.constant(1.0), S.constant(2.0)], [0]), ValueError, r"boundaries\[0\] .*got 0"),
@@ -516,132 +546,5 @@ BAD = [
 
 @pytest.mark.parametrize("make, exc, match", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
 def test_bad_arguments(make, exc, match):
-  with pytest.raises(exc, match=match):
-    make()
-
-
-# ----------------------------------------------------------------------------
-# Inside Optax optimizers
-
-
-def _tree(rng, dtype=np.float32):
-  return {
-      "w": jnp.asarray(rng.normal(size=(3, 5)), dtype),
-      "b": jnp.asarray(rng.normal(size=(7,)), dtype),
-      "s": jnp.asarray(rng.normal(), dtype),
-  }
-
-
-def _run(opt, params, grads, override=None):
-  state = opt.init(params)
-  for i, g in enumerate(grads):
-    if override is not None:
-      hp = dict(state.hyperparams)
-      hp.update({k: jnp.asarray(v(i), jnp.float32) for k, v in override.items()})
-      state = state._replace(hyperparams=hp)
-    updates, state = opt.update(g, state, params)
-    params = optax.apply_updates(params, updates)
-  return params
-
-
-def test_schedule_as_adamw_learning_rate():
-  rng = np.random.default_rng(0)
-  params = _tree(rng)
-  grads = [_tree(rng) for _ in range(8)]
-  sched = S.warmup_cosine(1e-2, 3, 8, init_value=1e-3)
-
-  def closed(t):  # the same schedule, written out
-    if t < 3:
-      return 1e-3 + (1e-2 - 1e-3) * t / 3
-    return 0.5 * 1e-2 * (1 + math.cos(math.pi * min(t - 3, 5) / 5))
-
-  got = _run(optax.adamw(learning_rate=sched, weight_decay=0.1), params, grads)
-  want = _run(
-      optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.1),
-      params, grads, override={"learning_rate": closed},
-  )
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
-  # The schedule matters: a constant learning rate gives other parameters.
-  const = _run(optax.adamw(learning_rate=1e-2, weight_decay=0.1), params, grads)
-  assert not np.allclose(np.asarray(const["w"]), np.asarray(got["w"]), atol=1e-5)
-
-
-def test_momentum_schedules_as_b1_and_sgd_momentum():
-  rng = np.random.default_rng(1)
-  params = _tree(rng)
-  grads = [_tree(rng) for _ in range(10)]
-  T = 10
-  lr, mom = S.one_cycle(0.1, T), S.one_cycle_momentum(T)
-  lr_c = lambda t: _torch_one_cycle(t, T, 0.3, "cos", False, (0.1 / 25, 0.1, 0.1 / 25 / 1e4), (0.85, 0.95))[0]
-  mom_c = lambda t: _torch_one_cycle(t, T, 0.3, "cos", False, (0.1 / 25, 0.1, 0.1 / 25 / 1e4), (0.85, 0.95))[1]
-  got = _run(optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=mom), params, grads)
-  want = _run(
-      optax.inject_hyperparams(optax.adam)(learning_rate=0.0, b1=0.0),
-      params, grads, override={"learning_rate": lr_c, "b1": mom_c},
-  )
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
-
-  clr = lambda t: _torch_cyclic(t, 0.01, 0.1, 3, 2, "triangular", 1.0)
-  clm = lambda t: _torch_cyclic(t, 0.8, 0.9, 3, 2, "triangular", 1.0, momentum=True)
-  got = _run(
-      optax.inject_hyperparams(optax.sgd)(
-          learning_rate=S.cyclical(0.01, 0.1, 3, 2), momentum=S.cyclical_momentum(3, 2)),
-      params, grads,
-  )
-  want = _run(
-      optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0),
-      params, grads, override={"learning_rate": clr, "momentum": clm},
-  )
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
-
-
-# ----------------------------------------------------------------------------
-# plot
-
-
-def test_plot_one_line_per_schedule():
-  matplotlib = pytest.importorskip("matplotlib")
-  matplotlib.use("Agg")
-  from matplotlib.figure import Figure
-
-  scheds = {
-      "cosine": S.cosine_decay(1.0, 30, 0.1),
-      "one cycle": S.one_cycle(1.0, 40),
-      "optax exp": optax.exponential_decay(1.0, 5, 0.5),
-  }
-  fig = S.plot(scheds, 40, title="lr", log_y=True)
-  assert isinstance(fig, Figure)
-  (ax,) = fig.axes
-  assert len(ax.lines) == 3
-  assert [t.get_text() for t in ax.get_legend().get_texts()] == list(scheds)
-  assert ax.get_yscale() == "log" and ax.get_title() == "lr"
-  for line, s in zip(ax.lines, scheds.values()):
-    np.testing.assert_array_equal(line.get_xdata(), np.arange(40))
-    np.testing.assert_allclose(line.get_ydata(), np.asarray(s(jnp.arange(40))), rtol=1e-6)
-  x = np.linspace(0, 50, 201)
-  fig = S.plot({"c": S.constant(0.2), "w": S.linear_warmup(0.5, 10)}, x)
-  ys = [l.get_ydata() for l in fig.axes[0].lines]
-  np.testing.assert_allclose(ys[0], np.full(x.shape, 0.2), rtol=1e-6)
-  np.testing.assert_allclose(ys[1], np.where(x < 10, 0.5 * x / 10, 0.5), rtol=1e-6)
-  fig.savefig(__import__("io").BytesIO(), format="png")
-
-
-def test_plot_bad_arguments():
-  pytest.importorskip("matplotlib")
-  with pytest.raises(ValueError, match="at least one"):
-    S.plot({}, 10)
-  with pytest.raises(TypeError, match=r"schedules\['x'\] must be a callable"):
-    S.plot({"x": 0.1}, 10)
-  with pytest.raises(TypeError, match="must be a dict"):
-    S.plot([S.constant(1.0)], 10)
-  with pytest.raises(ValueError, match="steps must be a positive integer"):
-    S.plot({"c": S.constant(1.0)}, 0)
-  with pytest.raises(ValueError, match="1-D"):
-    S.plot({"c": S.constant(1.0)}, np.zeros((2, 2)))
-
-
-def test_plot_without_matplotlib(monkeypatch):
-  monkeypatch.setitem(sys.modules, "matplotlib", None)
-  monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-  with pytest.raises(ImportError, match=r"examples.*optax_ext\[examples\]"):
-    S.plot({"c": S.constant(1.0)}, 10)
+    with pytest.raises(exc, match=match):
+        make()

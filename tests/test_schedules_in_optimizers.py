@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import assert_trees_close, random_tree
 
 import optax_ext as ox
-from conftest import assert_trees_close, random_tree
 
 
 def test_learning_rate_schedule_scales_each_step(key):
@@ -19,7 +19,7 @@ def test_learning_rate_schedule_scales_each_step(key):
         u1, s1 = scheduled.update(g, s1, params)
         u2, s2 = unit.update(g, s2, params)
         # Adam's direction is independent of the learning rate: the update is lr(t) times it.
-        expected = jax.tree.map(lambda u: float(sched(t)) * u, u2)
+        expected = jax.tree.map(lambda u, t=t: float(sched(t)) * u, u2)
         assert_trees_close(u1, expected, rtol=2e-6, atol=1e-12)
     assert float(sched(0)) == 0.0  # warm-up from zero: the first update is exactly zero
     u0, _ = scheduled.update(random_tree(key), scheduled.init(params), params)
@@ -51,4 +51,4 @@ def test_weight_decay_schedule(key):
     zero = jax.tree.map(jnp.zeros_like, params)
     for t in range(7):
         u, state = tx.update(zero, state, params)
-        assert_trees_close(u, jax.tree.map(lambda p: -float(wd(t)) * p, params), rtol=1e-6)
+        assert_trees_close(u, jax.tree.map(lambda p, t=t: -float(wd(t)) * p, params), rtol=1e-6)

@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-CHECKS = ["fused_step", "lamb_step", "zero1_and_fsdp", "init_keeps_sharding", "layer_norm", "layer_norm_feature_axis",
-          "batch_norm", "lowers_for_accelerators"]
+CHECKS = [
+    "fused_step",
+    "lamb_step",
+    "zero1_and_fsdp",
+    "init_keeps_sharding",
+    "layer_norm",
+    "layer_norm_feature_axis",
+    "batch_norm",
+    "lowers_for_accelerators",
+    "int8_states",
+]
 
 
 def _run(args, timeout=600):
@@ -51,8 +60,16 @@ def _free_port():
 @pytest.mark.parametrize("backend", ["xla", "interpret"])
 def test_two_processes_train_one_sharded_model(backend):
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multiprocess_check.py"), str(i), str(port), backend],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "multiprocess_check.py"), str(i), str(port), backend],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=HERE,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {i}" in stdout, (stdout[-2000:], stderr[-4000:])

@@ -35,8 +35,13 @@ def one_line_error(err: str) -> str:
 @pytest.mark.slow
 def test_demo_trains_digits_above_90_percent(tmp_path):
     png = tmp_path / "curves.png"
-    out = subprocess.run([sys.executable, "-m", "optax_ext.train", "--epochs", "4", "--json", "--quiet",
-                          "--plot", str(png)], check=False, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "optax_ext.train", "--epochs", "4", "--json", "--quiet", "--plot", str(png)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["test_accuracy"] > 0.9
@@ -46,8 +51,9 @@ def test_demo_trains_digits_above_90_percent(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", sorted(train.OPTIMIZERS))
 def test_every_optimizer_learns_with_its_default_learning_rate(optimizer):
-    args = train.parse_args(["--optimizer", optimizer, "--epochs", "4", "--warmup-steps", "10", "--quiet",
-                             "--plot", ""])
+    args = train.parse_args(
+        ["--optimizer", optimizer, "--epochs", "4", "--warmup-steps", "10", "--quiet", "--plot", ""]
+    )
     result = train.train(args)
     # Chance is 10%; four short epochs reach 88-99% depending on the optimizer.
     assert result["test_accuracy"] > 0.85, result
@@ -60,8 +66,15 @@ def test_docstring_examples_pass_their_own_accuracy_check(command, tmp_path):
     # a scratch folder (the plots land there), with the default --min-accuracy.
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "optax_ext.train"]
-    out = subprocess.run([sys.executable, *argv[1:]], check=False, capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path, env={**os.environ, "XLA_FLAGS": ""})
+    out = subprocess.run(
+        [sys.executable, *argv[1:]],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     plot = argv[argv.index("--plot") + 1] if "--plot" in argv else "train_curves.png"
@@ -98,7 +111,10 @@ def test_help_shows_every_default_and_each_optimizers_learning_rate(capsys, monk
 def test_defaults_are_resolved_after_parsing(capsys):
     args = train.parse_args(["--plot", ""])
     assert (args.lr, args.weight_decay, args.warmup_steps) == (
-        train.DEFAULT_LR_OTHERS, train.DEFAULT_WEIGHT_DECAY, train.DEFAULT_WARMUP_STEPS)
+        train.DEFAULT_LR_OTHERS,
+        train.DEFAULT_WEIGHT_DECAY,
+        train.DEFAULT_WARMUP_STEPS,
+    )
     assert train.parse_args(["--optimizer", "lion", "--plot", ""]).lr == train.DEFAULT_LR["lion"]
     assert capsys.readouterr().err == ""  # the defaults warn about nothing
 
@@ -116,6 +132,11 @@ BAD_OPTIONS = {
     "plot under a file": (["--plot", "{tmp}/file.txt/curves.png"], "not a folder"),
     "too many devices": (["--devices", "{more_devices}", "--batch-size", "{more_devices}"], "device(s) available"),
     "batch not divisible by devices": (["--devices", "3"], "multiple of --devices"),
+    "state dtype for an optimizer without moment dtypes": (
+        ["--optimizer", "rmsprop", "--state-dtype", "int8"],
+        "--state-dtype",
+    ),
+    "kahan sum for an optimizer without it": (["--optimizer", "lamb", "--kahan-sum"], "--kahan-sum"),
 }
 
 
@@ -158,8 +179,14 @@ def test_plot_in_new_folders_is_accepted(tmp_path):
 
 
 def test_bad_option_from_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "optax_ext.train", "--min-accuracy", "2"], check=False,
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "optax_ext.train", "--min-accuracy", "2"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "--min-accuracy" in one_line_error(out.stderr)
 
@@ -172,8 +199,9 @@ def test_diverging_run_exits_1_with_one_line(capsys):
 
 def test_exit_status_is_nonzero_below_min_accuracy():
     # One epoch with a zero learning rate cannot reach 99%: main must report failure.
-    status = train.main(["--epochs", "1", "--lr", "0", "--quiet", "--plot", "", "--min-accuracy", "0.99",
-                         "--schedule", "constant"])
+    status = train.main(
+        ["--epochs", "1", "--lr", "0", "--quiet", "--plot", "", "--min-accuracy", "0.99", "--schedule", "constant"]
+    )
     assert status == 1
 
 
@@ -237,7 +265,7 @@ def test_train_step_is_compiled_before_the_loop(monkeypatch, caplog):
         result = train.train(train.parse_args(QUICK))
     assert result["compile_seconds"] > 0 and result["seconds"] > 0
     messages = [r.getMessage() for r in caplog.records]
-    before, in_loop = messages[:compiles_before_loop[0]], messages[compiles_before_loop[0]:]
+    before, in_loop = messages[: compiles_before_loop[0]], messages[compiles_before_loop[0] :]
     assert any("Compiling jit(train_step)" in m for m in before), before
     assert not [m for m in in_loop if "Compiling" in m], in_loop
 
@@ -249,3 +277,101 @@ def test_plot_that_fails_after_training_exits_1_with_one_line(tmp_path, monkeypa
     monkeypatch.setattr(train, "_plot", disk_full)
     assert train.main([*QUICK[:-1], str(tmp_path / "curves.png"), "--min-accuracy", "0.1"]) == 1
     assert "No space left" in one_line_error(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-memory optimizer states: --state-dtype, --param-dtype, --kahan-sum
+
+
+def test_state_dtype_optimizers_are_those_with_moment_dtypes():
+    # Read from the optimizers' signatures; the brief's list, and sgd through its accumulator_dtype.
+    assert set(train.STATE_DTYPE_OPTIMIZERS) == {
+        "adam",
+        "adamw",
+        "nadam",
+        "amsgrad",
+        "adabelief",
+        "yogi",
+        "lion",
+        "sgd",
+    }
+    assert train.moment_dtype_args("lion") == ("mu_dtype",)
+    assert train.moment_dtype_args("sgd") == ("accumulator_dtype",)
+    assert set(train.KAHAN_OPTIMIZERS) == set(train.STATE_DTYPE_OPTIMIZERS) | {"rmsprop"}
+
+
+@pytest.mark.parametrize("optimizer", sorted(train.STATE_DTYPE_OPTIMIZERS))
+def test_state_dtype_reaches_the_moments(optimizer):
+    # int8 state of a leaf above Int8Blockwise.min_size: ~1 B per element per moment instead of 4.
+    params = {"w": jnp.zeros((96, 96)), "b": jnp.zeros((96,))}
+    n = 96 * 96 + 96
+    per_param = {}
+    for dtype in ("float32", "int8"):
+        tx = train.OPTIMIZERS[optimizer](1e-3, 1e-4, **train.memory_options(optimizer, dtype))
+        per_param[dtype] = train.tree_bytes(jax.eval_shape(tx.init, params)) / n
+    moments = len(train.moment_dtype_args(optimizer))
+    if optimizer == "amsgrad":
+        moments = 2  # mu and nu; nu_max stays f32 (it is not stored quantized)
+    assert per_param["float32"] - per_param["int8"] > 2.9 * moments * 0.98, per_param
+
+
+def test_memory_options_are_passed_only_where_accepted():
+    assert train.memory_options("rmsprop", "int8") == {}
+    assert train.memory_options("adamw", "int8", kahan_sum=True) == {
+        "mu_dtype": train.ox.int8_blockwise,
+        "nu_dtype": train.ox.int8_blockwise,
+        "kahan_sum": True,
+    }
+
+
+def test_state_dtype_defaults_to_float32_and_is_not_an_error_when_not_asked(capsys):
+    assert train.parse_args(["--optimizer", "rmsprop", "--plot", ""]).state_dtype == "float32"
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("optimizer", sorted(set(train.OPTIMIZERS) - set(train.STATE_DTYPE_OPTIMIZERS)))
+def test_state_dtype_is_an_error_for_optimizers_without_moment_dtypes(optimizer, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["--optimizer", optimizer, "--state-dtype", "int8", "--plot", ""])
+    assert exit_.value.code == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"--optimizer {optimizer} has no moment storage" in line and "adamw" in line
+
+
+def test_state_size_is_printed_before_training(capsys):
+    assert train.main(["--state-dtype", "int8", *QUICK, "--min-accuracy", "0.1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("optimizer state: 2.") and " B/param " in out[0], out
+    assert "moments int8" in out[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--state-dtype", "int8"],
+        ["--param-dtype", "bfloat16", "--kahan-sum"],
+        ["--param-dtype", "bfloat16", "--kahan-sum", "--state-dtype", "int8"],
+    ],
+    ids=["int8-states", "bf16-params-kahan", "bf16-params-kahan-int8-states"],
+)
+def test_low_memory_states_train_like_float32(options):
+    # Same seed, same batches: the accuracy of the f32 run, to within 3 points (449 test images).
+    def run(extra):
+        return train.train(train.parse_args(["--epochs", "4", "--warmup-steps", "10", "--quiet", "--plot", "", *extra]))
+
+    f32, low = run([]), run(options)
+    assert low["test_accuracy"] > 0.85, low
+    assert abs(low["test_accuracy"] - f32["test_accuracy"]) <= 0.03, (f32, low)
+    assert f32["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)  # mu, nu in f32 (+ the step count)
+    # 2 moments at ~1 B (the 2% of small leaves in f32) or 4 B; + 2 B of bf16 compensation with Kahan.
+    expected = (2.15 if "int8" in options else 8.0) + (2.0 if "--kahan-sum" in options else 0.0)
+    assert low["state_bytes_per_param"] == pytest.approx(expected, abs=0.05), low
+    if "--kahan-sum" in options:
+        assert low["param_dtype"] == "bfloat16" and low["kahan_sum"]
+
+
+def test_bfloat16_states_train():
+    result = train.train(train.parse_args(["--state-dtype", "bfloat16", *QUICK]))
+    assert result["state_bytes_per_param"] == pytest.approx(4.0, abs=0.01)
+    assert result["test_accuracy"] > 0.5

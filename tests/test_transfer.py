@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close
 from flax import nnx
 
 import optax_ext as ox
 from optax_ext import transfer as T
-from conftest import assert_trees_close
 
 
 class Net(nnx.Module):
@@ -43,8 +43,15 @@ def _pure(model):
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-EXPECTED_PATHS = {"embed/bias", "embed/kernel", "head/bias", "head/kernel", "norm/bias", "norm/scale",
-                  *(f"layers/{i}/{n}" for i in range(3) for n in ("bias", "kernel"))}
+EXPECTED_PATHS = {
+    "embed/bias",
+    "embed/kernel",
+    "head/bias",
+    "head/kernel",
+    "norm/bias",
+    "norm/scale",
+    *(f"layers/{i}/{n}" for i in range(3) for n in ("bias", "kernel")),
+}
 
 
 def test_paths_of_nnx_state_pure_state_and_dict():
@@ -59,11 +66,11 @@ def test_paths_of_nnx_state_pure_state_and_dict():
 def test_label_params_rules_and_default():
     params = nnx.state(Net(rngs=nnx.Rngs(0)), nnx.Param)
     labels = T.label_params(params, {"backbone": [r"^embed/", r"^layers/"], "head": r"^head/"}, default="other")
-    lab = {path: l for (path, _), l in zip(T.named_leaves(params), jax.tree.leaves(labels))}
+    lab = {path: label for (path, _), label in zip(T.named_leaves(params), jax.tree.leaves(labels))}
     assert set(lab) == EXPECTED_PATHS
-    for path, l in lab.items():
+    for path, label in lab.items():
         expect = "backbone" if re.match(r"(embed|layers)/", path) else "head" if path.startswith("head/") else "other"
-        assert l == expect, path
+        assert label == expect, path
     # list of (regex, label): first match wins
     labels2 = T.label_params(nnx.to_pure_dict(params), [(r"kernel", "k"), (r"^head", "h")], default="d")
     assert labels2["head"]["kernel"] == "k" and labels2["head"]["bias"] == "h" and labels2["norm"]["scale"] == "d"
@@ -151,8 +158,8 @@ def test_layerwise_multipliers_on_nnx_model():
     for path, m in got.items():
         i = _layer_of(path)
         assert m == pytest.approx(decay ** (4 - i)), path
-    assert got["embed/kernel"] == pytest.approx(decay ** 4)
-    assert got["layers/2/bias"] == pytest.approx(decay ** 1)
+    assert got["embed/kernel"] == pytest.approx(decay**4)
+    assert got["layers/2/bias"] == pytest.approx(decay**1)
     assert got["head/kernel"] == 1.0
 
 
@@ -171,8 +178,7 @@ def test_layerwise_lr_decay_updates_scale_per_layer(key):
     before = _pure(model)
     tx = T.layerwise_lr_decay(optax.sgd, 4, decay, layer_of=_layer_of, base_lr=optax.constant_schedule(base_lr))
     nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads)
-    for (path, b), (_, a), (_, gi) in zip(T.named_leaves(before), T.named_leaves(_pure(model)),
-                                          T.named_leaves(grads)):
+    for (path, b), (_, a), (_, gi) in zip(T.named_leaves(before), T.named_leaves(_pure(model)), T.named_leaves(grads)):
         expect = np.float64(b) - base_lr * decay ** (4 - _layer_of(path)) * np.float64(gi)
         np.testing.assert_allclose(np.float64(a), expect, rtol=1e-6, atol=1e-7, err_msg=path)
 
@@ -275,7 +281,9 @@ def test_load_pretrained_loads_batch_stats_and_skips_rng_state():
     np.testing.assert_array_equal(model.bn.mean[...], [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(model.lin.kernel[...], pre.lin.kernel[...])
     np.testing.assert_array_equal(jax.random.key_data(model.drop.rngs.key[...]), key_before)
-    T.load_pretrained(model, nnx.to_pure_dict(nnx.state(pre, nnx.Any(nnx.Param, nnx.BatchStat))))  # strict: no RNG needed
+    T.load_pretrained(
+        model, nnx.to_pure_dict(nnx.state(pre, nnx.Any(nnx.Param, nnx.BatchStat)))
+    )  # strict: no RNG needed
 
 
 def test_loaded_values_are_copies():

@@ -9,7 +9,8 @@ through unchecked: their value is unknown at trace time.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,8 @@ All shapes are static, so every op runs under ``jax.jit`` and ``jax.vmap``.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

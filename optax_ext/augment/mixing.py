@@ -15,7 +15,6 @@ batch size to mix every image.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 

@@ -14,7 +14,8 @@ Luma (ITU-R 601-2): ``Y = 0.299 R + 0.587 G + 0.114 B``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,8 @@ ops therefore share a single resampling branch whose matrix is chosen first).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -301,10 +302,10 @@ def augmix_js_loss(logits_clean: jax.Array, logits_aug1: jax.Array, logits_aug2:
     ``KL(p||M) = sum_k p_k (log p_k - log M_k)``. The paper adds ``12 * JS`` to
     the clean cross-entropy. Logits (..., K); the mean is over leading axes.
     """
-    shapes = {tuple(np.shape(l)) for l in (logits_clean, logits_aug1, logits_aug2)}
+    shapes = {tuple(np.shape(z)) for z in (logits_clean, logits_aug1, logits_aug2)}
     if len(shapes) != 1:
         raise ValueError(f"augmix_js_loss: the three logits must have the same shape, got {sorted(shapes)}")
-    logps = [jax.nn.log_softmax(jnp.asarray(l, jnp.float32), axis=-1) for l in (logits_clean, logits_aug1, logits_aug2)]
+    logps = [jax.nn.log_softmax(jnp.asarray(z, jnp.float32), axis=-1) for z in (logits_clean, logits_aug1, logits_aug2)]
     ps = [jnp.exp(lp) for lp in logps]
     log_m = jnp.log(jnp.clip((ps[0] + ps[1] + ps[2]) / 3.0, 1e-7, 1.0))
     kl = sum(jnp.sum(p * (lp - log_m), axis=-1) for p, lp in zip(ps, logps))

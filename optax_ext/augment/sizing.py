@@ -30,7 +30,8 @@ centre ``c_i = s + (i + 0.5) scale`` in input coordinates and is
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,8 @@ Where Optax has the same schedule, the docstring says whether values agree;
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ def int_arg(fn: str, name: str, value: Any, *, minimum: int = 1) -> int:
     return ivalue
 
 
-def concrete(value: Any) -> Optional[float]:
+def concrete(value: Any) -> float | None:
     """The Python float of a concrete scalar, or None for a traced value.
 
     Hyperparameters may be traced (``optax.inject_hyperparams``, ``jax.jit`` of a
@@ -99,11 +100,11 @@ def real_arg(
     name: str,
     value: Any,
     *,
-    low: Optional[float] = None,
+    low: float | None = None,
     low_open: bool = False,
-    high: Optional[float] = None,
+    high: float | None = None,
     high_open: bool = False,
-) -> Optional[float]:
+) -> float | None:
     """Checks a real scalar hyperparameter (finite, optionally within bounds)."""
     if isinstance(value, bool) or not (isinstance(value, (int, float, np.number, np.ndarray, jax.Array))):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r} of type {type(value).__name__}")

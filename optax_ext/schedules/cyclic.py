@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ def cyclical(
     base_value: Any,
     max_value: Any,
     step_size_up: int,
-    step_size_down: Optional[int] = None,
+    step_size_down: int | None = None,
     mode: str = "triangular",
     gamma: Any = 1.0,
 ) -> b.Schedule:
@@ -96,7 +96,7 @@ def cyclical(
 
 def cyclical_momentum(
     step_size_up: int,
-    step_size_down: Optional[int] = None,
+    step_size_down: int | None = None,
     base_momentum: Any = 0.8,
     max_momentum: Any = 0.9,
     mode: str = "triangular",

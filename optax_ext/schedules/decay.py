@@ -3,7 +3,8 @@ polynomial and cosine decay, and SGDR (Loshchilov & Hutter, 2017)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np

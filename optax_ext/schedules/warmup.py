@@ -3,7 +3,7 @@ cosine, and the Transformer's inverse square-root schedule."""
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from optax_ext.schedules.decay import constant, cosine_decay
 
 
 def linear_warmup(
-    schedule_or_value: Union[b.Schedule, Any],
+    schedule_or_value: b.Schedule | Any,
     warmup_steps: int,
     init_value: Any = 0.0,
 ) -> b.Schedule:

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ext.quantization import Int8Blockwise, QuantFormat, zeros_quantized
 from optax_ext.fusion import scalar  # noqa: F401  (re-exported: one definition of a step-wide scalar's dtype)
+from optax_ext.quantization import Int8Blockwise, QuantFormat, QuantizedArray, encode
 
 
 def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
@@ -59,7 +59,17 @@ def _quantized_like(p, spec: Int8Blockwise, fill, signed: bool):
     size = int(np.prod(shape, dtype=np.int64))
     if not spec.applies_to(size, p_dtype):
         return zeros_like_params(p, jnp.float32 if jnp.issubdtype(p_dtype, jnp.floating) else None, fill)
-    return zeros_quantized(shape, QuantFormat(spec.block_size, signed), fill)
+    fmt = QuantFormat(spec.block_size, signed)
+    # Every element is `fill`: each block's absmax is |fill| and every code that of sign(fill),
+    # as quantizing the full array would give. Codes laid out like the params (sharding kept).
+    fill = jnp.asarray(fill, jnp.float32)
+    code = encode(jnp.sign(fill), signed).astype(jnp.uint8)
+    codes = (
+        full_like_dims(p, range(len(shape)), code, jnp.uint8)
+        if isinstance(p, jax.Array)
+        else jnp.full(shape, code, jnp.uint8)
+    )
+    return QuantizedArray(codes, jnp.full((fmt.num_blocks(size),), jnp.abs(fill), jnp.float32), fmt)
 
 
 def zero_count() -> jax.Array:
@@ -75,8 +85,6 @@ def increment(count: jax.Array) -> jax.Array:
 def value_at(hyperparameter, count):
     """A hyperparameter's value at this step: schedules (callables) are called with the count."""
     return hyperparameter(count) if callable(hyperparameter) else hyperparameter
-
-
 
 
 def abs_sq(x) -> jax.Array:

@@ -31,11 +31,18 @@ def _factored_axes(shape, factored: bool, min_dim_size_to_factor: int):
     return int(order[-2]), int(order[-1])
 
 
-def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, min_dim_size_to_factor: int = 128,
-                          epsilon=1e-30, decay_rate_fn=adafactor_decay_rate) -> optax.GradientTransformation:
+def scale_by_factored_rms(
+    factored: bool = True,
+    decay_rate=0.8,
+    step_offset=0,
+    min_dim_size_to_factor: int = 128,
+    epsilon=1e-30,
+    decay_rate_fn=adafactor_decay_rate,
+) -> optax.GradientTransformation:
     r"""Adafactor's second-moment scaling with factored statistics for large matrices.
 
-    For a matrix leaf with large axes (r, c): :math:`R_t = \hat\beta_t R_{t-1} + (1-\hat\beta_t)\,\mathrm{mean}_c(g^2+\epsilon)`,
+    For a matrix leaf with large axes (r, c):
+    :math:`R_t = \hat\beta_t R_{t-1} + (1-\hat\beta_t)\,\mathrm{mean}_c(g^2+\epsilon)`,
     :math:`C_t` likewise over r, and :math:`u = g / \sqrt{(R_t/\bar R_t) \otimes C_t}`; other leaves
     keep a full :math:`v_t` and :math:`u = g/\sqrt{v_t}`. State: `optax.FactoredState(count, v_row, v_col, v)`
     with the same per-leaf shapes as Optax (size-1 placeholders where a statistic is unused).
@@ -51,8 +58,11 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
             axes = _factored_axes(p.shape, factored, min_dim_size_to_factor)
             small = jnp.zeros((1,), p.dtype)
             # Statistics laid out like the dims of p they keep (sharded like p under jit too).
-            zeros = full_like_dims if isinstance(p, jax.Array) else (
-                lambda p, dims: jnp.zeros(tuple(p.shape[i] for i in dims), p.dtype))
+            zeros = (
+                full_like_dims
+                if isinstance(p, jax.Array)
+                else (lambda p, dims: jnp.zeros(tuple(p.shape[i] for i in dims), p.dtype))
+            )
             if axes is None:
                 return small, small, zeros(p, range(p.ndim))
             d1, d0 = axes
@@ -69,7 +79,9 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
         if params is None:
             raise ValueError("scale_by_factored_rms requires params: call update(updates, state, params).")
         if not isinstance(state, optax.FactoredState):
-            raise TypeError(f"update(): scale_by_factored_rms expected optax.FactoredState, got {type(state).__name__}.")
+            raise TypeError(
+                f"update(): scale_by_factored_rms expected optax.FactoredState, got {type(state).__name__}."
+            )
         beta = decay_rate_fn(state.count - step_offset, decay_rate)
 
         def one(g, v_row, v_col, v, p):
@@ -80,13 +92,13 @@ def scale_by_factored_rms(factored: bool = True, decay_rate=0.8, step_offset=0, 
             small = jnp.zeros((1,), dtype)
             if axes is None:
                 v = (beta * v + (1.0 - beta) * g2).astype(dtype)
-                return g * v ** -0.5, small, small, v
+                return g * v**-0.5, small, small, v
             d1, d0 = axes
             v_row = (beta * v_row + (1.0 - beta) * jnp.mean(g2, axis=d0)).astype(dtype)
             v_col = (beta * v_col + (1.0 - beta) * jnp.mean(g2, axis=d1)).astype(dtype)
             row_axis_in_row = d1 - 1 if d1 > d0 else d1
             row_factor = (v_row / jnp.mean(v_row, axis=row_axis_in_row, keepdims=True)) ** -0.5
-            col_factor = v_col ** -0.5
+            col_factor = v_col**-0.5
             u = g * jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
             return u, v_row, v_col, small
 

@@ -31,7 +31,7 @@ For f32 params it is ordinary Kahan summation in f32.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,10 @@ class KahanSummationState(NamedTuple):
     """The rounding error not yet applied to each parameter, in the params' dtype."""
 
     compensation: optax.Updates
+
+
+class _KahanScalars(NamedTuple):
+    rounding: Any  # PerLeaf: the code of each leaf's params dtype (_ROUNDING)
 
 
 def _round_like(x, code):
@@ -74,14 +78,25 @@ def kahan_summation() -> optax.GradientTransformation:
 
     def scalars(state, updates, params):
         codes = [_ROUNDING.get(jnp.dtype(jnp.result_type(p)), 0.0) for p in jax.tree.leaves(params)]
-        return {"rounding": PerLeaf(per_leaf_tree(params, codes))}
+        return _KahanScalars(rounding=PerLeaf(per_leaf_tree(params, codes)))
 
-    def element(u, p, slots, s):
+    def element(u, p, slots, s: _KahanScalars):
         (c,) = slots
         y = u + c
-        new_p = _round_like(p + y, s["rounding"])
+        new_p = _round_like(p + y, s.rounding)
         applied = new_p - p
         return applied, (y - applied,)
 
-    return fusable(init, Rule("kahan_summation", KahanSummationState, ("compensation",), scalars, element,
-                              lambda st, sl: KahanSummationState(compensation=sl[0]), needs_params=True))
+    return fusable(
+        init,
+        Rule(
+            "kahan_summation",
+            KahanSummationState,
+            ("compensation",),
+            scalars,
+            element,
+            lambda st, sl: KahanSummationState(compensation=sl[0]),
+            needs_params=True,
+            scalars_type=_KahanScalars,
+        ),
+    )

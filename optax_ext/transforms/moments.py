@@ -9,6 +9,8 @@ the storage dtype (f64 for f64 leaves, complex for complex ones, with second mom
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,31 +33,22 @@ def _check_storage(fn, **dtypes):
         check.storage(fn, name, value)
 
 
-def _with_complement(**decays):
-    """{name: b, "1-name": 1 - b}; the complement is taken before any cast to f32, as Optax does,
-    so that a Python float keeps full precision (1 - 0.999 rounds differently in f32)."""
-    out = {}
-    for name, b in decays.items():
-        out[name] = b
-        out["1-" + name] = 1 - b
-    return out
+# Complements (`one_minus_b1 = 1 - b1`) are taken before any cast to f32, as Optax does, so that a
+# Python float keeps full precision (1 - 0.999 rounds differently in f32).
 
 
-def _bias_corrections(b, count_inc, nesterov=False):
-    out = {"bc1": 1 - scalar(b) ** count_inc}
-    if nesterov:
-        out["bc1_next"] = 1 - scalar(b) ** increment(count_inc)
-    return out
-
-
-def _first_moment_hat(g, m, s, nesterov):
+def _first_moment_hat(g, m, s: _AdamScalars, nesterov):
     """Bias-corrected first moment; Dozat's Nesterov form looks one step ahead."""
     if nesterov:
-        return s["b1"] * (m / s["bc1_next"]) + s["1-b1"] * (g / s["bc1"])
-    return m * s["1/bc1"]
+        return s.b1 * (m / s.bc1_next) + s.one_minus_b1 * (g / s.bc1)
+    return m * s.inv_bc1
 
 
 # ---------------------------------------------------------------------------------- momentum
+
+
+class _MomentumScalars(NamedTuple):
+    decay: Any  # heavy ball has no (1 - decay) factor
 
 
 def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=None) -> optax.GradientTransformation:
@@ -76,22 +69,46 @@ def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=No
         return optax.TraceState(trace=zeros_like_params(params, accumulator_dtype))
 
     def scalars(state, updates, params):
-        return {"decay": momentum}  # heavy ball has no (1 - decay) factor
+        return _MomentumScalars(decay=momentum)
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _MomentumScalars):
         (t,) = slots
-        t = g + s["decay"] * t
-        return (g + s["decay"] * t if nesterov else t), (t,)
+        t = g + s.decay * t
+        return (g + s.decay * t if nesterov else t), (t,)
 
-    return fusable(init, Rule("scale_by_momentum", optax.TraceState, ("trace",), scalars, element,
-                              lambda st, sl: optax.TraceState(trace=sl[0])))
+    return fusable(
+        init,
+        Rule(
+            "scale_by_momentum",
+            optax.TraceState,
+            ("trace",),
+            scalars,
+            element,
+            lambda st, sl: optax.TraceState(trace=sl[0]),
+            scalars_type=_MomentumScalars,
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------- RMSprop
 
 
-def scale_by_rms(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True, bias_correction: bool = False,
-                 *, centered: bool = False) -> optax.GradientTransformation:
+class _RmsScalars(NamedTuple):
+    decay: Any
+    one_minus_decay: Any
+    eps: Any
+    bc: Any = None  # 1 - decay^t, with bias_correction
+
+
+def scale_by_rms(
+    decay=0.9,
+    eps=1e-8,
+    initial_scale=0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    centered: bool = False,
+) -> optax.GradientTransformation:
     r"""RMSprop scaling: :math:`v_t = \rho v_{t-1} + (1-\rho) g_t^2`, :math:`u = g_t/\sqrt{v_t+\epsilon}`.
 
     `eps_in_sqrt=False` gives the other placement found in the literature, :math:`g/(\sqrt{v}+\epsilon)`.
@@ -123,23 +140,21 @@ def scale_by_rms(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = Tru
         return state_type(**fields)
 
     def scalars(state, updates, params):
-        s = {"eps": eps, **_with_complement(decay=decay)}
-        if bias_correction:
-            s["bc"] = 1 - scalar(decay) ** increment(state.count)
-        return s
+        bc = 1 - scalar(decay) ** increment(state.count) if bias_correction else None
+        return _RmsScalars(decay=decay, one_minus_decay=1 - decay, eps=eps, bc=bc)
 
-    def element(g, p, slots, s):
-        d, one_minus_d = s["decay"], s["1-decay"]
+    def element(g, p, slots, s: _RmsScalars):
+        d, one_minus_d = s.decay, s.one_minus_decay
         nu = one_minus_d * abs_sq(g) + d * slots[-1]
-        nu_hat = nu / s["bc"] if bias_correction else nu
+        nu_hat = nu / s.bc if bias_correction else nu
         if centered:
             mu = one_minus_d * g + d * slots[0]
-            mu_hat = mu / s["bc"] if bias_correction else mu
+            mu_hat = mu / s.bc if bias_correction else mu
             var = nu_hat - mu_hat * mu_hat
             new = (mu, nu)
         else:
             var, new = nu_hat, (nu,)
-        scaling = jax.lax.rsqrt(var + s["eps"]) if eps_in_sqrt else 1 / (jnp.sqrt(var) + s["eps"])
+        scaling = jax.lax.rsqrt(var + s.eps) if eps_in_sqrt else 1 / (jnp.sqrt(var) + s.eps)
         return scaling * g, new
 
     def next_state(state, new_slots):
@@ -148,13 +163,33 @@ def scale_by_rms(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = Tru
             fields["count"] = increment(state.count)
         return state_type(**fields)
 
-    return fusable(init, Rule("scale_by_rms", state_type, slots, scalars, element, next_state))
+    return fusable(
+        init, Rule("scale_by_rms", state_type, slots, scalars, element, next_state, scalars_type=_RmsScalars)
+    )
 
 
 # ---------------------------------------------------------------------------------- Adam family
 
 
-def _adam_like(name, state_type, init_slots, scalars_extra, element, b1, b2, eps, eps_root, nesterov=False):
+class _AdamScalars(NamedTuple):
+    """The step-wide values of the Adam family at step t = count + 1 (schedules are evaluated at count)."""
+
+    b1: Any
+    one_minus_b1: Any
+    b2: Any
+    one_minus_b2: Any
+    eps: Any
+    eps_root: Any
+    bc1: Any  # 1 - b1^t
+    bc2: Any  # 1 - b2^t
+    # Reciprocals once per step: the element multiplies instead of dividing (divides dominate an
+    # optimizer step on CPU).
+    inv_bc1: Any
+    inv_bc2: Any
+    bc1_next: Any = None  # 1 - b1^(t+1), for Nesterov's look-ahead
+
+
+def _adam_like(name, state_type, init_slots, element, b1, b2, eps, eps_root, nesterov=False):
     check.unit_interval(name, "b1", b1, schedule=True)
     check.unit_interval(name, "b2", b2, schedule=True)
     check.non_negative(name, "eps", eps, schedule=True)
@@ -167,23 +202,30 @@ def _adam_like(name, state_type, init_slots, scalars_extra, element, b1, b2, eps
     def scalars(state, updates, params):
         t = increment(state.count)
         b1_t, b2_t = value_at(b1, state.count), value_at(b2, state.count)
-        s = {"eps": value_at(eps, state.count), "eps_root": value_at(eps_root, state.count),
-             **_with_complement(b1=b1_t, b2=b2_t),
-             "bc2": 1 - scalar(b2_t) ** t, **_bias_corrections(b1_t, t, nesterov)}
-        # Reciprocals once per step: the element multiplies instead of dividing (divides dominate
-        # an optimizer step on CPU).
-        s["1/bc1"], s["1/bc2"] = 1 / s["bc1"], 1 / s["bc2"]
-        s.update(scalars_extra(state))
-        return s
+        bc1, bc2 = 1 - scalar(b1_t) ** t, 1 - scalar(b2_t) ** t
+        return _AdamScalars(
+            b1=b1_t,
+            one_minus_b1=1 - b1_t,
+            b2=b2_t,
+            one_minus_b2=1 - b2_t,
+            eps=value_at(eps, state.count),
+            eps_root=value_at(eps_root, state.count),
+            bc1=bc1,
+            bc2=bc2,
+            inv_bc1=1 / bc1,
+            inv_bc2=1 / bc2,
+            bc1_next=1 - scalar(b1_t) ** increment(t) if nesterov else None,
+        )
 
     def next_state(state, new_slots):
         return state_type(count=increment(state.count), **dict(zip(slots, new_slots)))
 
-    return fusable(init, Rule(name, state_type, slots, scalars, element, next_state))
+    return fusable(init, Rule(name, state_type, slots, scalars, element, next_state, scalars_type=_AdamScalars))
 
 
-def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = False,
-                  nu_dtype=None) -> optax.GradientTransformation:
+def scale_by_adam(
+    b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov: bool = False, nu_dtype=None
+) -> optax.GradientTransformation:
     r"""Adam scaling: moments :math:`m_t, v_t`, bias-corrected :math:`\hat m_t, \hat v_t`,
 
     :math:`u = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)`. `nesterov=True` is NAdam's
@@ -196,22 +238,33 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, ne
       Dozat, *Incorporating Nesterov Momentum into Adam*, 2016.
     """
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _AdamScalars):
         m, v = slots
-        m = s["1-b1"] * g + s["b1"] * m
-        v = s["1-b2"] * abs_sq(g) + s["b2"] * v
+        m = s.one_minus_b1 * g + s.b1 * m
+        v = s.one_minus_b2 * abs_sq(g) + s.b2 * v
         m_hat = _first_moment_hat(g, m, s, nesterov)
-        v_hat = v * s["1/bc2"]
-        return m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]), (m, v)
+        v_hat = v * s.inv_bc2
+        return m_hat / (jnp.sqrt(v_hat + s.eps_root) + s.eps), (m, v)
 
     _check_storage("scale_by_adam", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False)}
-    return _adam_like("scale_by_adam", optax.ScaleByAdamState, init_slots, lambda st: {}, element,
-                      b1, b2, eps, eps_root, nesterov)
+    init_slots = {
+        "mu": lambda p: zeros_like_params(p, mu_dtype),
+        "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False),
+    }
+    return _adam_like("scale_by_adam", optax.ScaleByAdamState, init_slots, element, b1, b2, eps, eps_root, nesterov)
 
 
-def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, bias_correction_mu: bool = True,
-                     bias_correction_nu: bool = True, *, nu_dtype=None) -> optax.GradientTransformation:
+def scale_by_amsgrad(
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    mu_dtype=None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    nu_dtype=None,
+) -> optax.GradientTransformation:
     r"""AMSGrad: Adam with a non-decreasing second moment, :math:`\hat v^{max}_t = \max(\hat v^{max}_{t-1}, \hat v_t)`,
 
     :math:`u = \hat m_t / (\sqrt{\hat v^{max}_t + \epsilon_{root}} + \epsilon)`. The bias corrections can be
@@ -222,23 +275,26 @@ def scale_by_amsgrad(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, bi
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _AdamScalars):
         m, v, v_max = slots
-        m = s["1-b1"] * g + s["b1"] * m
-        v = s["1-b2"] * abs_sq(g) + s["b2"] * v
-        v_max = jnp.maximum(v_max, v * s["1/bc2"] if bias_correction_nu else v)
-        m_hat = m * s["1/bc1"] if bias_correction_mu else m
-        return m_hat / (jnp.sqrt(v_max + s["eps_root"]) + s["eps"]), (m, v, v_max)
+        m = s.one_minus_b1 * g + s.b1 * m
+        v = s.one_minus_b2 * abs_sq(g) + s.b2 * v
+        v_max = jnp.maximum(v_max, v * s.inv_bc2 if bias_correction_nu else v)
+        m_hat = m * s.inv_bc1 if bias_correction_mu else m
+        return m_hat / (jnp.sqrt(v_max + s.eps_root) + s.eps), (m, v, v_max)
 
     _check_storage("scale_by_amsgrad", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False),
-                  "nu_max": lambda p: zeros_like_params(p, _unquantized(nu_dtype), signed=False)}
-    return _adam_like("scale_by_amsgrad", optax.ScaleByAmsgradState, init_slots, lambda st: {}, element,
-                      b1, b2, eps, eps_root)
+    init_slots = {
+        "mu": lambda p: zeros_like_params(p, mu_dtype),
+        "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False),
+        "nu_max": lambda p: zeros_like_params(p, _unquantized(nu_dtype), signed=False),
+    }
+    return _adam_like("scale_by_amsgrad", optax.ScaleByAmsgradState, init_slots, element, b1, b2, eps, eps_root)
 
 
-def scale_by_belief(b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bool = False,
-                    mu_dtype=None, nu_dtype=None) -> optax.GradientTransformation:
+def scale_by_belief(
+    b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bool = False, mu_dtype=None, nu_dtype=None
+) -> optax.GradientTransformation:
     r"""AdaBelief: the second moment tracks the *belief* :math:`(g_t - m_t)^2` instead of :math:`g_t^2`:
 
     :math:`s_t = \beta_2 s_{t-1} + (1-\beta_2)(g_t - m_t)^2 + \epsilon_{root}`,
@@ -249,22 +305,25 @@ def scale_by_belief(b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16, *, nesterov: bo
       NeurIPS 2020.
     """
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _AdamScalars):
         m, v = slots
-        m = s["1-b1"] * g + s["b1"] * m
+        m = s.one_minus_b1 * g + s.b1 * m
         err = g - m
-        v = s["1-b2"] * abs_sq(err) + s["b2"] * v + s["eps_root"]
+        v = s.one_minus_b2 * abs_sq(err) + s.b2 * v + s.eps_root
         m_hat = _first_moment_hat(g, m, s, nesterov)
-        return m_hat / (jnp.sqrt(v * s["1/bc2"]) + s["eps"]), (m, v)
+        return m_hat / (jnp.sqrt(v * s.inv_bc2) + s.eps), (m, v)
 
     _check_storage("scale_by_belief", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype), "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False)}
-    return _adam_like("scale_by_belief", optax.ScaleByBeliefState, init_slots, lambda st: {}, element,
-                      b1, b2, eps, eps_root, nesterov)
+    init_slots = {
+        "mu": lambda p: zeros_like_params(p, mu_dtype),
+        "nu": lambda p: zeros_like_params(p, nu_dtype, signed=False),
+    }
+    return _adam_like("scale_by_belief", optax.ScaleByBeliefState, init_slots, element, b1, b2, eps, eps_root, nesterov)
 
 
-def scale_by_yogi(b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_value=1e-6,
-                  *, mu_dtype=None, nu_dtype=None) -> optax.GradientTransformation:
+def scale_by_yogi(
+    b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_value=1e-6, *, mu_dtype=None, nu_dtype=None
+) -> optax.GradientTransformation:
     r"""Yogi: an additive second-moment update that cannot blow up,
 
     :math:`v_t = v_{t-1} - (1-\beta_2)\,\mathrm{sign}(v_{t-1} - g_t^2)\, g_t^2`,
@@ -275,24 +334,35 @@ def scale_by_yogi(b1=0.9, b2=0.999, eps=1e-3, eps_root=0.0, initial_accumulator_
       Zaheer et al., *Adaptive Methods for Nonconvex Optimization*, NeurIPS 2018.
     """
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _AdamScalars):
         m, v = slots
-        m = s["1-b1"] * g + s["b1"] * m
+        m = s.one_minus_b1 * g + s.b1 * m
         g2 = abs_sq(g)
-        v = v - s["1-b2"] * jnp.sign(v - g2) * g2
-        return (m * s["1/bc1"]) / (jnp.sqrt(v * s["1/bc2"] + s["eps_root"]) + s["eps"]), (m, v)
+        v = v - s.one_minus_b2 * jnp.sign(v - g2) * g2
+        return (m * s.inv_bc1) / (jnp.sqrt(v * s.inv_bc2 + s.eps_root) + s.eps), (m, v)
 
     _check_storage("scale_by_yogi", mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-    init_slots = {"mu": lambda p: zeros_like_params(p, mu_dtype, fill=initial_accumulator_value),
-                  "nu": lambda p: zeros_like_params(p, nu_dtype, fill=initial_accumulator_value, signed=False)}
-    return _adam_like("scale_by_yogi", optax.ScaleByAdamState, init_slots, lambda st: {}, element,
-                      b1, b2, eps, eps_root)
+    init_slots = {
+        "mu": lambda p: zeros_like_params(p, mu_dtype, fill=initial_accumulator_value),
+        "nu": lambda p: zeros_like_params(p, nu_dtype, fill=initial_accumulator_value, signed=False),
+    }
+    return _adam_like("scale_by_yogi", optax.ScaleByAdamState, init_slots, element, b1, b2, eps, eps_root)
 
 
 _LION_MODES = ("hard", "smooth", "refined")
 
 
-def scale_by_lion(b1=0.9, b2=0.99, mu_dtype=None, *, mode: str = "hard", smooth_beta=1.0) -> optax.GradientTransformation:
+class _LionScalars(NamedTuple):
+    b1: Any
+    one_minus_b1: Any
+    b2: Any
+    one_minus_b2: Any
+    beta: Any  # the smooth mode's tanh sharpness
+
+
+def scale_by_lion(
+    b1=0.9, b2=0.99, mu_dtype=None, *, mode: str = "hard", smooth_beta=1.0
+) -> optax.GradientTransformation:
     r"""Lion: the sign of an interpolation, :math:`u = \mathrm{sign}((1-\beta_1) g_t + \beta_1 m_{t-1})`,
 
     then :math:`m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t`. `mode="smooth"` uses
@@ -311,24 +381,43 @@ def scale_by_lion(b1=0.9, b2=0.99, mu_dtype=None, *, mode: str = "hard", smooth_
         return optax.ScaleByLionState(count=zero_count(), mu=zeros_like_params(params, mu_dtype))
 
     def scalars(state, updates, params):
-        return {"beta": smooth_beta, **_with_complement(b1=value_at(b1, state.count), b2=value_at(b2, state.count))}
+        b1_t, b2_t = value_at(b1, state.count), value_at(b2, state.count)
+        return _LionScalars(b1=b1_t, one_minus_b1=1 - b1_t, b2=b2_t, one_minus_b2=1 - b2_t, beta=smooth_beta)
 
-    def element(g, p, slots, s):
+    def element(g, p, slots, s: _LionScalars):
         (m,) = slots
         if jnp.iscomplexobj(g):
-            raise TypeError("scale_by_lion: complex updates are not supported (as in Optax): the sign of a "
-                            "complex number is not a per-coordinate direction.")
-        x = s["1-b1"] * g + s["b1"] * m
+            raise TypeError(
+                "scale_by_lion: complex updates are not supported (as in Optax): the sign of a "
+                "complex number is not a per-coordinate direction."
+            )
+        x = s.one_minus_b1 * g + s.b1 * m
         if mode == "hard":
             u = jnp.sign(x)
         elif mode == "smooth":
-            u = jnp.tanh(s["beta"] * x)
+            u = jnp.tanh(s.beta * x)
         else:
             u = jnp.where(jnp.abs(x) < 1.0, x, jnp.sign(x))
-        return u, (s["1-b2"] * g + s["b2"] * m,)
+        return u, (s.one_minus_b2 * g + s.b2 * m,)
 
-    return fusable(init, Rule("scale_by_lion", optax.ScaleByLionState, ("mu",), scalars, element,
-                              lambda st, sl: optax.ScaleByLionState(count=increment(st.count), mu=sl[0])))
+    return fusable(
+        init,
+        Rule(
+            "scale_by_lion",
+            optax.ScaleByLionState,
+            ("mu",),
+            scalars,
+            element,
+            lambda st, sl: optax.ScaleByLionState(count=increment(st.count), mu=sl[0]),
+            scalars_type=_LionScalars,
+        ),
+    )
+
+
+class _EmaScalars(NamedTuple):
+    decay: Any
+    one_minus_decay: Any
+    bc: Any = None  # 1 - decay^t, with debias
 
 
 def ema(decay, debias: bool = True, accumulator_dtype=None) -> optax.GradientTransformation:
@@ -343,11 +432,22 @@ def ema(decay, debias: bool = True, accumulator_dtype=None) -> optax.GradientTra
 
     def scalars(state, updates, params):
         d = value_at(decay, state.count)
-        return {"bc": 1 - scalar(d) ** increment(state.count) if debias else 1.0, **_with_complement(decay=d)}
+        bc = 1 - scalar(d) ** increment(state.count) if debias else None
+        return _EmaScalars(decay=d, one_minus_decay=1 - d, bc=bc)
 
-    def element(g, p, slots, s):
-        e = s["1-decay"] * g + s["decay"] * slots[0]
-        return (e / s["bc"] if debias else e), (e,)
+    def element(g, p, slots, s: _EmaScalars):
+        e = s.one_minus_decay * g + s.decay * slots[0]
+        return (e / s.bc if debias else e), (e,)
 
-    return fusable(init, Rule("ema", optax.EmaState, ("ema",), scalars, element,
-                              lambda st, sl: optax.EmaState(count=increment(st.count), ema=sl[0])))
+    return fusable(
+        init,
+        Rule(
+            "ema",
+            optax.EmaState,
+            ("ema",),
+            scalars,
+            element,
+            lambda st, sl: optax.EmaState(count=increment(st.count), ema=sl[0]),
+            scalars_type=_EmaScalars,
+        ),
+    )

@@ -8,6 +8,8 @@ chain. Decoupled weight decay goes after the adaptive scaling (so the decay is n
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import optax
 
@@ -15,6 +17,10 @@ from optax_ext import _validate as check
 from optax_ext._compat import WeightDecaySchedule  # Optax's state class, not exported
 from optax_ext.fusion import PerLeaf, Rule, fusable
 from optax_ext.transforms._common import increment, mask_leaves, per_leaf_tree, value_at, zero_count
+
+
+class _WeightDecay(NamedTuple):
+    wd: Any  # a scalar, or PerLeaf (0 where masked out)
 
 
 def _add_scaled_params(name: str, weight_decay, mask) -> optax.GradientTransformation:
@@ -34,12 +40,12 @@ def _add_scaled_params(name: str, weight_decay, mask) -> optax.GradientTransform
     def scalars(state, updates, params):
         wd = value_at(weight_decay, inner_state(state).count) if scheduled else weight_decay
         if mask is None:
-            return {"wd": wd}
+            return _WeightDecay(wd=wd)
         flags = mask_leaves(mask, params)
-        return {"wd": PerLeaf(per_leaf_tree(params, [jax.numpy.where(m, wd, 0.0) for m in flags]))}
+        return _WeightDecay(wd=PerLeaf(per_leaf_tree(params, [jax.numpy.where(m, wd, 0.0) for m in flags])))
 
-    def element(g, p, slots, s):
-        return (g if is_zero else g + s["wd"] * p), ()
+    def element(g, p, slots, s: _WeightDecay):
+        return (g if is_zero else g + s.wd * p), ()
 
     def next_state(state, new_slots):
         inner = inner_state(state)
@@ -47,7 +53,10 @@ def _add_scaled_params(name: str, weight_decay, mask) -> optax.GradientTransform
             inner = WeightDecaySchedule(count=increment(inner.count))
         return optax.MaskedState(inner_state=inner) if mask is not None else inner
 
-    return fusable(init, Rule(name, state_type, (), scalars, element, next_state, needs_params=not is_zero))
+    return fusable(
+        init,
+        Rule(name, state_type, (), scalars, element, next_state, needs_params=not is_zero, scalars_type=_WeightDecay),
+    )
 
 
 def decoupled_weight_decay(weight_decay=1e-4, mask=None) -> optax.GradientTransformation:
