@@ -351,3 +351,24 @@ def test_triton_8bit_and_kahan_steps_match_xla(key):
             # bf16 params: the two paths' f32 arithmetic may round a param to the neighbouring bf16 value.
             rtol = 2.0**-7 if a.dtype == jnp.bfloat16 else 1e-5
             np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=1e-6)
+
+
+def test_quantized_state_checkpoints_with_orbax(key, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = _tree(key)
+    tx = ox.adamw(1e-2, mu_dtype=INT8, nu_dtype=INT8)
+    step = jax.jit(tx.update_and_apply)
+    params, state = step(_tree(jax.random.fold_in(key, 1)), tx.init(params), params)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "state", state)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(tmp_path / "state", jax.eval_shape(tx.init, params))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert isinstance(restored[0].mu["ragged"], q8.QuantizedArray)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Training resumes from the restored state exactly as from the original.
+    grads = _tree(jax.random.fold_in(key, 2))
+    for a, b in zip(jax.tree.leaves(step(grads, restored, params)), jax.tree.leaves(step(grads, state, params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
