@@ -26,7 +26,9 @@ update is :math:`\theta_{t+1} - \theta_t` (exactly representable for steps of a 
   in a dtype narrower than their difference (a step of hundreds of ulps as bf16 updates) break the
   bookkeeping: the compensation then describes an update that was not applied.
 
-For f32 params it is ordinary Kahan summation in f32.
+For f32 params it is ordinary Kahan summation in f32. For f16 params, the compensation of a weight
+below about 2^-6 in magnitude is an f16 subnormal (spaced 2^-24), so it carries that weight's
+rounding error less precisely; bf16 has f32's exponent range and no such floor.
 """
 
 from __future__ import annotations
