@@ -235,7 +235,6 @@ def test_lowered_cuda_step_has_no_more_kernels_than_f32():
             text.count("stablehlo.gather"),
             text.count("stablehlo.slice"),
         )
-    print(counts)
     assert 0 < counts["int8"][0] <= counts["f32"][0], counts
     assert counts["int8"][1:] == counts["f32"][1:], counts  # no copies added around the kernels
 
