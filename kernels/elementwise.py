@@ -56,6 +56,13 @@ def storage_of(x):
     return x.format if isinstance(x, q8.QuantizedArray) else jnp.dtype(jnp.result_type(x))
 
 
+def quantized_formats(job: Job) -> list[q8.QuantFormat]:
+    """The quantization formats a job reads or writes (empty for plain float storage)."""
+    return [x.format for x in job.inputs if isinstance(x, q8.QuantizedArray)] + [
+        d for d in job.out_dtypes if isinstance(d, q8.QuantFormat)
+    ]
+
+
 def same_storage(a, b) -> bool:
     """Whether an output of storage `b` may overwrite an input of storage `a` (dtype or format)."""
     if isinstance(a, q8.QuantFormat) or isinstance(b, q8.QuantFormat):
@@ -157,12 +164,7 @@ def _gather_explicit_quantized(jobs):
     layouts = {}
     for i, job in enumerate(jobs):
         arrays = jax.tree.leaves(list(job.inputs))
-        if not (
-            any(isinstance(x, q8.QuantizedArray) for x in job.inputs)
-            or any(isinstance(d, q8.QuantFormat) for d in job.out_dtypes)
-        ):
-            continue
-        if sharding.explicit_mesh(arrays) is None:
+        if not quantized_formats(job) or sharding.explicit_mesh(arrays) is None:
             continue
 
         def spec(x):
@@ -222,8 +224,7 @@ def _run_kernels(body, jobs, shared, name):
     for k, job in enumerate(jobs):
         dims = tuple(f"l{k}d{d}" for d in range(jnp.ndim(job.inputs[0])))
         outs = _out_avals(job)
-        quantized = any(isinstance(x, q8.QuantizedArray) for x in job.inputs) or any(len(o) > 1 for o in outs)
-        if quantized:
+        if quantized_formats(job):
             replicated.extend(dims + (f"l{k}q",))
         for x in job.inputs:
             operands.extend(jax.tree.leaves(x))

@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from optax_ext import quantization as q8
 from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import PALLAS_DTYPES, Job, same_storage, storage_of
+from optax_ext.kernels.elementwise import PALLAS_DTYPES, Job, quantized_formats, same_storage, storage_of
 
 __all__ = [
     "FORMS",
@@ -175,13 +175,6 @@ def _size(x) -> int:
 
 def _storable(storage) -> bool:
     return isinstance(storage, q8.QuantFormat) or jnp.dtype(storage) in PALLAS_DTYPES
-
-
-def _quantized(job: Job) -> list[q8.QuantFormat]:
-    """The quantization formats a job reads or writes (empty for plain float storage)."""
-    return [x.format for x in job.inputs if isinstance(x, q8.QuantizedArray)] + [
-        d for d in job.out_dtypes if isinstance(d, q8.QuantFormat)
-    ]
 
 
 def _scalar_vector(values: jax.Array) -> jax.Array:
@@ -388,7 +381,7 @@ def fused_pass_pallas(
     results: list = [None] * len(jobs)
     kernel_jobs = []  # indices of the jobs the multi-tensor launches take
     for i, job in enumerate(jobs):
-        quantized = _quantized(job)
+        quantized = quantized_formats(job)
         if _size(job.inputs[0]) == 0:
             if not quantized:
                 results[i] = [jnp.zeros(_shape(job.inputs[0]), d) for d in job.out_dtypes]
@@ -399,9 +392,9 @@ def fused_pass_pallas(
             kernel_jobs.append(i)
     if form == "multi_tensor" and kernel_jobs:
         sub = [jobs[i] for i in kernel_jobs]
-        refs = [len(job.inputs) + len(job.out_dtypes) + len(_quantized(job)) for job in sub]
+        refs = [len(job.inputs) + len(job.out_dtypes) + len(quantized_formats(job)) for job in sub]
         b = block or (GPU_BLOCK if backend == "triton" else INTERPRET_BLOCK)
-        min_block = max([f.block_size for job in sub for f in _quantized(job)], default=1)
+        min_block = max([f.block_size for job in sub for f in quantized_formats(job)], default=1)
         for launch in mt.plan([_size(job.inputs[0]) for job in sub], refs, b, extra_refs=2, min_block=min_block):
             for i, outs in zip(launch.leaves, _multi_tensor_launch(body, sub, launch, shared, backend)):
                 results[kernel_jobs[i]] = outs

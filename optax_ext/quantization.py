@@ -272,9 +272,16 @@ def dequantize_leaf(q: QuantizedArray) -> jax.Array:
     return dequantize_blocks(flat, q.absmax, b, fmt.signed)[:n].reshape(q.shape)
 
 
-def zeros_quantized(shape, fmt: QuantFormat, fill=0.0) -> QuantizedArray:
-    """`fill` everywhere, quantized (exactly 0.0 for fill 0: zero codes, absmax 0)."""
-    return quantize_leaf(jnp.full(shape, fill, jnp.float32), fmt)
+def zeros_quantized(shape, fmt: QuantFormat, fill=0.0, *, full=None) -> QuantizedArray:
+    """`fill` everywhere, quantized without a pass over the array: every block's absmax is |fill|
+    and every code that of sign(fill), as `quantize_leaf` of the full array gives (exactly 0.0 for
+    fill 0). `full(value, dtype)` builds the codes (default `jnp.full(shape, ...)`): a caller may lay
+    them out like another array (the params' sharding)."""
+    fill = jnp.asarray(fill, jnp.float32)
+    code = encode(jnp.sign(fill), fmt.signed).astype(jnp.uint8)
+    codes = jnp.full(shape, code, jnp.uint8) if full is None else full(code, jnp.uint8)
+    size = int(np.prod(shape, dtype=np.int64))
+    return QuantizedArray(codes, jnp.full((fmt.num_blocks(size),), jnp.abs(fill), jnp.float32), fmt)
 
 
 # ---------------------------------------------------------------------------------------------

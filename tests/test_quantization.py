@@ -92,6 +92,11 @@ def test_zeros_are_exact_and_the_state_is_a_pytree():
     z = Q.zeros_quantized((3, 1000), fmt)
     np.testing.assert_array_equal(np.asarray(z.codes), 127)
     np.testing.assert_array_equal(np.asarray(Q.dequantize_leaf(z)), 0.0)
+    for fill, signed in ((1e-6, False), (-0.3, True), (2.5, True), (0.0, False)):
+        f = Q.QuantFormat(256, signed)
+        got, want = Q.zeros_quantized((3, 1000), f, fill), Q.quantize_leaf(jnp.full((3, 1000), fill), f)
+        np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+        np.testing.assert_array_equal(np.asarray(got.absmax), np.asarray(want.absmax))
     leaves, treedef = jax.tree.flatten(z)
     assert [x.dtype for x in leaves] == [jnp.uint8, jnp.float32]
     back = jax.tree.unflatten(treedef, leaves)

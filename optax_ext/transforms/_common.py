@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_ext.fusion import scalar  # noqa: F401  (re-exported: one definition of a step-wide scalar's dtype)
-from optax_ext.quantization import Int8Blockwise, QuantFormat, QuantizedArray, encode
+from optax_ext.quantization import Int8Blockwise, QuantFormat, zeros_quantized
 
 
 def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
@@ -59,17 +59,13 @@ def _quantized_like(p, spec: Int8Blockwise, fill, signed: bool):
     size = int(np.prod(shape, dtype=np.int64))
     if not spec.applies_to(size, p_dtype):
         return zeros_like_params(p, jnp.float32 if jnp.issubdtype(p_dtype, jnp.floating) else None, fill)
-    fmt = QuantFormat(spec.block_size, signed)
-    # Every element is `fill`: each block's absmax is |fill| and every code that of sign(fill),
-    # as quantizing the full array would give. Codes laid out like the params (sharding kept).
-    fill = jnp.asarray(fill, jnp.float32)
-    code = encode(jnp.sign(fill), signed).astype(jnp.uint8)
-    codes = (
-        full_like_dims(p, range(len(shape)), code, jnp.uint8)
-        if isinstance(p, jax.Array)
-        else jnp.full(shape, code, jnp.uint8)
+    # Codes laid out like the params (sharding kept), as every other slot.
+    return zeros_quantized(
+        shape,
+        QuantFormat(spec.block_size, signed),
+        fill,
+        full=lambda code, dtype: zeros_like_params(p, dtype, fill=code),
     )
-    return QuantizedArray(codes, jnp.full((fmt.num_blocks(size),), jnp.abs(fill), jnp.float32), fmt)
 
 
 def zero_count() -> jax.Array:
