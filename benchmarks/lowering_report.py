@@ -3,9 +3,9 @@
 For each parameter tree (resnet50, gpt2, small2000 from `optimizer_step.py`, as ShapeDtypeStructs:
 nothing is allocated) and optimizer (adamw, clip+adamw, lion, lamb, sgd-momentum), one training step
 `tx.update_and_apply(grads, state, params)` is jitted with params and state donated, traced under
-`optax_ext.kernels.use_backend("triton")` and lowered for CUDA from this machine:
+the "triton" backend and lowered for CUDA (an H100 target) from this machine:
 
-    jax.jit(step, donate_argnums=(0, 1)).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    optax_ext.kernels.lower_for(step, *avals, platform="cuda", backend="triton", donate_argnums=(0, 1)).as_text()
 
 and the StableHLO text is read for:
   kernels        Triton kernels launched (`stablehlo.custom_call @__gpu$xla.gpu.triton` ops)
@@ -64,7 +64,7 @@ from _common import versions  # noqa: E402
 from optimizer_step import gpt2_small_shapes, resnet50_shapes, small_leaves_shapes  # noqa: E402
 
 import optax_ext as ox
-from optax_ext.kernels import use_backend
+from optax_ext.kernels import lower_for
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 COPY_OPS = ("concatenate", "slice", "pad", "dynamic_slice", "dynamic_update_slice", "gather")
@@ -234,16 +234,10 @@ def lower_step(tx, params) -> tuple[str, float]:
     def step(params, state, grads):
         return tx.update_and_apply(grads, state, params)
 
-    with use_backend("triton"):
-        state = jax.eval_shape(tx.init, params)
-        t0 = time.perf_counter()
-        text = (
-            jax.jit(step, donate_argnums=(0, 1))
-            .trace(params, state, params)
-            .lower(lowering_platforms=("cuda",))
-            .as_text()
-        )
-        seconds = time.perf_counter() - t0
+    state = jax.eval_shape(tx.init, params)
+    t0 = time.perf_counter()
+    text = lower_for(step, params, state, params, platform="cuda", backend="triton", donate_argnums=(0, 1)).as_text()
+    seconds = time.perf_counter() - t0
     return text, seconds
 
 

@@ -4,6 +4,7 @@ Backend selection lives in `optax_ext.kernels.backend`; see `use_backend` and `O
 """
 
 from optax_ext.kernels import batch_norm, layer_norm  # modules: layer_norm.layer_norm(x, ...), ...
+from optax_ext.kernels._compat import TARGET_DEVICES, lowering_target
 from optax_ext.kernels.backend import BACKENDS, get_backend, platform_backend, use_backend
 from optax_ext.kernels.batch_norm import batch_norm_reference, batch_norm_stats, batch_norm_stats_reference
 from optax_ext.kernels.layer_norm import (
@@ -15,10 +16,12 @@ from optax_ext.kernels.layer_norm import (
     rms_norm_fwd,
     rms_norm_reference,
 )
+from optax_ext.kernels.lowering import lower_for
 from optax_ext.kernels.reductions import global_sq_norm, leaf_sq_norms
 
 __all__ = [
     "BACKENDS",
+    "TARGET_DEVICES",
     "batch_norm",
     "batch_norm_reference",
     "batch_norm_stats",
@@ -30,6 +33,8 @@ __all__ = [
     "layer_norm_fwd",
     "layer_norm_reference",
     "leaf_sq_norms",
+    "lower_for",
+    "lowering_target",
     "platform_backend",
     "rms_norm",
     "rms_norm_bwd",

@@ -65,7 +65,7 @@ def use_backend(name: str) -> Iterator[str]:
     """Force a backend inside a `with` block (at trace time), e.g. `use_backend("interpret")`.
 
     Forcing "triton" or "mosaic" on a machine without that hardware is allowed: it is how the
-    kernels are lowered for CUDA and TPU from a CPU (`.lower(lowering_platforms=...)`).
+    kernels are lowered for CUDA and TPU from a CPU (`optax_ext.kernels.lower_for`).
     """
     with _override(_check(name, "use_backend(name)")):
         yield name

@@ -57,8 +57,11 @@ class Rule:
 
 
 def may_be_sharded() -> bool:
-    """Whether a call traced now can end up partitioned over several devices."""
-    return jax.device_count() > 1 or not jax.sharding.get_abstract_mesh().empty
+    """Whether a call traced now can end up partitioned over several devices.
+
+    A one-device abstract mesh in context (e.g. `lowering_target`'s, which only names the target
+    device) cannot partition anything."""
+    return jax.device_count() > 1 or jax.sharding.get_abstract_mesh().size > 1
 
 
 def _entry_axes(entry) -> Axes:
@@ -138,12 +141,23 @@ def per_shard(
     mesh = explicit_mesh(operands)
     if mesh is not None:
         return _explicit(fn, operands, rule, mesh)
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and all(t == jax.sharding.AxisType.Explicit for t in context.axis_types):
+        # Replicated operands under an all-Explicit mesh: still a shard_map (every spec replicated),
+        # so the kernel is traced on per-device values. custom_partitioning would trace it with
+        # Explicit-typed values that the partitioner (jax 0.12) and the Pallas interpreter reject.
+        return _explicit(fn, operands, rule, context)
     if not may_be_sharded():
         return list(fn(operands, {}))
     return _auto(fn, operands, rule, result_avals)
 
 
 def _explicit(fn, operands, rule: Rule, mesh):
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and (context.axis_names, context.axis_sizes) == (mesh.axis_names, mesh.axis_sizes):
+        # The mesh in context, which may name another target device (`lowering_target`); shard_map
+        # wants exactly that one (jax 0.10.2 compares the device too).
+        mesh = context
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     specs = [jax.typeof(x).sharding.spec for x in operands]
     for factors, x, spec in zip(rule.operands, operands, specs):

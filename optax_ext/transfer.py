@@ -466,7 +466,7 @@ def load_pretrained(model_or_state, pretrained, strict: bool = True):
         no_rng = nnx.Not(nnx.RngState)
         target = nnx.state(model_or_state, no_rng)
         if isinstance(pretrained, nnx.State):
-            pretrained = pretrained.filter(no_rng)
+            pretrained = nnx.filter_state(pretrained, no_rng)
     else:
         target = model_or_state
     source = match_by_path(target, pretrained, "load_pretrained", strict=strict)

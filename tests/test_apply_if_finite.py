@@ -110,13 +110,8 @@ def test_large_finite_gradients_are_finite(key):
 
 def _count_triton(tx, params):
     state = jax.eval_shape(tx.init, params)
-    with ox.kernels.use_backend("triton"):
-        text = (
-            jax.jit(lambda p, s, g: tx.update_and_apply(g, s, p), donate_argnums=(0, 1))
-            .trace(params, state, params)
-            .lower(lowering_platforms=("cuda",))
-            .as_text()
-        )
+    step = lambda p, s, g: tx.update_and_apply(g, s, p)
+    text = ox.kernels.lower_for(step, params, state, params, platform="cuda", donate_argnums=(0, 1)).as_text()
     return text.count("__gpu$xla.gpu.triton")
 
 

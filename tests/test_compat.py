@@ -131,3 +131,47 @@ def test_manual_axis_type_annotation():
         f"'x'; jax.typeof(a).manual_axis_type or ShapeDtypeStruct(manual_axis_type=) changed."
     )
     assert blocks.out_struct((2,), jnp.float32, jnp.zeros(2)).manual_axis_type.varying == frozenset()
+
+
+# ---------------------------------------------------------------------------------------------
+# optax_ext/kernels/_compat.py: what differs across jax 0.10.2 .. 0.12.x
+# ---------------------------------------------------------------------------------------------
+
+
+def test_jax_version_is_read_as_numbers():
+    from optax_ext.kernels._compat import JAX_VERSION, _version
+
+    assert JAX_VERSION[:2] == tuple(int(p) for p in jax.__version__.split(".")[:2])
+    assert _version("0.12.0.1") == (0, 12, 0, 1) and _version("0.10.2.dev20260101") == (0, 10, 2)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowering_target_names_the_device_pallas_asks_for(platform):
+    """Pallas reads the target device from the abstract mesh in context (jax 0.10.2 and 0.12 alike):
+    if either the mesh or its device stops being read, the kernels' lowering tests fail with the
+    message below rather than silently lowering for the wrong device."""
+    from jax._src.pallas.mosaic import tpu_info  # private: the reader Pallas itself uses (both versions)
+
+    from optax_ext.kernels._compat import TARGET_DEVICES, lowering_target
+
+    with lowering_target(platform) as mesh:
+        assert jax.sharding.get_abstract_mesh() is mesh and mesh.size == 1
+        assert mesh.abstract_device == TARGET_DEVICES[platform]
+        if platform == "tpu":
+            assert tpu_info.get_device_kind() == "TPU v5 lite", (
+                f"jax {jax.__version__}: Pallas no longer reads the TPU kind from the abstract mesh; "
+                "update optax_ext/kernels/_compat.py (lowering_target)"
+            )
+    assert jax.sharding.get_abstract_mesh().empty
+
+
+def test_lowering_target_keeps_a_meshes_axes():
+    from optax_ext.kernels._compat import lowering_target
+
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
+    with lowering_target("cuda", mesh=mesh) as target:
+        assert target.axis_names == ("data", "model") and target.axis_sizes == (4, 2)
+        assert target.abstract_device.device_kind.startswith("NVIDIA H100")
+    with pytest.raises(ValueError, match="platform='rocm'"):
+        with lowering_target("rocm"):
+            pass

@@ -20,13 +20,7 @@ def _triton_kernels(tx, params):
     """Kernel launches of one `update` step, counted in its lowered CUDA module (no GPU needed)."""
     state = jax.eval_shape(tx.init, params)
     avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    with ox.kernels.use_backend("triton"):
-        text = (
-            jax.jit(lambda g, s, p: tx.update(g, s, p))
-            .trace(avals, state, avals)
-            .lower(lowering_platforms=("cuda",))
-            .as_text()
-        )
+    text = ox.kernels.lower_for(lambda g, s, p: tx.update(g, s, p), avals, state, avals, platform="cuda").as_text()
     return text.count("__gpu$xla.gpu.triton")
 
 

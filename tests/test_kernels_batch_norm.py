@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_grads_match_finite_differences, assert_within, tolerance, unit_roundoff
-from fake_tpu import pretend_cpu_is_a_tpu_v5e
 from flax import nnx
 
 from optax_ext.kernels import batch_norm as bn
-from optax_ext.kernels import blocks
+from optax_ext.kernels import blocks, lower_for
 from optax_ext.kernels.backend import use_backend
 
 # (interpreter layout, shape). Blocks are shrunk below so every shape but the tiny ones spans
@@ -418,21 +417,13 @@ def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
         (jax.grad(bn_loss, argnums=(0, 1)), (x, s), 4),
         (jax.grad(stats_loss), (x,), 2),
     ):
-        with use_backend(backend):
-            text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        text = lower_for(f, *args, platform=platform, backend=backend).as_text()
         assert text.count(marker) == calls
 
 
 # --------------------------------------------------------------------------------------------
 # Persistent grid of the statistics and backward sums (partials per program, not per row block)
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_tpu(monkeypatch):
-    """The CPU registered as a TPU v5e for Mosaic lowering rules that ask for the chip generation
-    (tests/fake_tpu.py: private jax API; skips the test if it moved)."""
-    pretend_cpu_is_a_tpu_v5e(monkeypatch.setitem)
 
 
 # (interpreter layout, shape) with 64-element blocks and 3 programs: every program loops over
@@ -493,7 +484,7 @@ def _kernel_results(text):
 
 
 @pytest.mark.parametrize("rows", [8192, 65536])
-def test_partials_are_per_program_not_per_row_block(fake_tpu, rows):
+def test_partials_are_per_program_not_per_row_block(rows):
     """Statistics and backward-sum partials are (P, 1, C) f32 for any number of rows R.
 
     One partial per row block (2-row blocks on Triton at C = 8192) made each of them as large as
@@ -507,8 +498,7 @@ def test_partials_are_per_program_not_per_row_block(fake_tpu, rows):
             y, mean, var = bn.batch_norm(x, s, s)
             return jnp.sum(y.astype(jnp.float32)) + jnp.sum(mean * var)
 
-        with use_backend(backend):
-            text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(lowering_platforms=(platform,)).as_text()
+        text = lower_for(jax.grad(loss, argnums=(0, 1)), x, s, platform=platform, backend=backend).as_text()
         results = _kernel_results(text)
         partial = f"{blocks.PERSISTENT_PROGRAMS[backend]}x1x{c}xf32"
         assert results["batch_norm_stats"] == [partial, partial]

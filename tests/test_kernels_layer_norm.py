@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_grads_match_finite_differences, assert_within, tolerance, unit_roundoff
-from fake_tpu import pretend_cpu_is_a_tpu_v5e
 from flax import nnx
 
-from optax_ext.kernels import blocks
+from optax_ext.kernels import blocks, lower_for
 from optax_ext.kernels import layer_norm as ln
 from optax_ext.kernels.backend import use_backend
 
@@ -422,21 +421,13 @@ def test_lowers_for_gpu_and_tpu(backend, platform, marker, shape, dtype):
     ln_f = lambda x, s: ln.layer_norm(x, s, s)  # noqa: E731
     rms_f = lambda x, s: ln.rms_norm(x, s)  # noqa: E731
     for f, calls in ((ln_f, 1), (rms_f, 1), (loss(ln_f), 2), (loss(rms_f), 2)):
-        with use_backend(backend):
-            text = jax.jit(f).trace(x, s).lower(lowering_platforms=(platform,)).as_text()
+        text = lower_for(f, x, s, platform=platform, backend=backend).as_text()
         assert text.count(marker) == calls
 
 
 # --------------------------------------------------------------------------------------------
 # Persistent grid of the backward (dscale/dbias partials: one per program, not per row block)
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_tpu(monkeypatch):
-    """The CPU registered as a TPU v5e for Mosaic lowering rules that ask for the chip generation
-    (tests/fake_tpu.py: private jax API; skips the test if it moved)."""
-    pretend_cpu_is_a_tpu_v5e(monkeypatch.setitem)
 
 
 @pytest.mark.parametrize("layout", ["triton", "mosaic"])
@@ -510,7 +501,7 @@ def _kernel_results(text):
 
 
 @pytest.mark.parametrize("rows", [8192, 65536])
-def test_bwd_partials_are_per_program_not_per_row_block(fake_tpu, rows):
+def test_bwd_partials_are_per_program_not_per_row_block(rows):
     """The lowered backward's dscale/dbias partials are (P, 1, N) f32 for any number of rows M.
 
     One partial per row block made them (M, 1, N) on Triton at N = 8192 (one-row blocks):
@@ -526,10 +517,7 @@ def test_bwd_partials_are_per_program_not_per_row_block(fake_tpu, rows):
                 y = ln.rms_norm(x, s) if rms else ln.layer_norm(x, s, s)
                 return jnp.sum(y.astype(jnp.float32))
 
-            with use_backend(backend):
-                text = (
-                    jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, s).lower(lowering_platforms=(platform,)).as_text()
-                )
+            text = lower_for(jax.grad(loss, argnums=(0, 1)), x, s, platform=platform, backend=backend).as_text()
             partials = [f"{programs}x1x{n}xf32"] * (1 if rms else 2)
             assert _kernel_results(text)[name] == [f"{rows}x{n}xbf16", *partials]
     assert blocks.PERSISTENT_PROGRAMS["triton"] * n * 4 < 20e6  # bytes per partial, whatever M is

@@ -1,8 +1,9 @@
 """Every kernel lowers for CUDA (Triton) and TPU (Mosaic), checked from a CPU.
 
-`jax.jit(f).trace(*avals).lower(lowering_platforms=(...,))` runs the Pallas lowering to Triton or
-Mosaic IR, which rejects any op, block shape or memory space the backend cannot handle. Only
-abstract shapes are used (`jax.ShapeDtypeStruct`), so a 1e8-element array costs nothing.
+`optax_ext.kernels.lower_for` (`jax.jit(f).trace(*avals).lower(lowering_platforms=(...,))` for an
+abstract H100 or TPU v5e) runs the Pallas lowering to Triton or Mosaic IR, which rejects any op,
+block shape or memory space the backend cannot handle. Only abstract shapes are used
+(`jax.ShapeDtypeStruct`), so a 1e8-element array costs nothing.
 """
 
 import sys
@@ -14,14 +15,13 @@ import numpy as np
 import pytest
 
 import optax_ext as ox
+from optax_ext.kernels import lower_for
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels import use_backend
 from optax_ext.kernels.elementwise import Job
 from optax_ext.kernels.fused_pass import fused_pass_pallas
 from optax_ext.kernels.norms import NORM_MAX_LEAVES, global_sq_norm_pallas, leaf_sq_norms_pallas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fake_tpu import pretend_cpu_is_a_tpu_v5e  # noqa: E402
 from lowering_report import analyze_stablehlo  # noqa: E402  (the report's StableHLO reader)
 
 TRITON_MARKERS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
@@ -32,11 +32,6 @@ SHAPES = [(), (1,), (7,), (1000,), (3, 5, 7), (3 * 1024 + 5,), (4096, 1000), (10
 HUGE = (65_536, 32_771)  # 2.1e9 elements: over the int32 index range, run through a (rows, cols) view
 
 
-@pytest.fixture(autouse=True)
-def _pretend_cpu_is_a_tpu_v5e(monkeypatch):
-    pretend_cpu_is_a_tpu_v5e(monkeypatch.setitem)
-
-
 def _count_kernels(text, backend):
     if backend == "triton":
         return sum(text.count(m) for m in TRITON_MARKERS)
@@ -44,8 +39,7 @@ def _count_kernels(text, backend):
 
 
 def _lower(fn, avals, backend, donate=()):
-    with use_backend(backend):
-        return jax.jit(fn, donate_argnums=donate).trace(*avals).lower(lowering_platforms=(PLATFORM[backend],)).as_text()
+    return lower_for(fn, *avals, platform=PLATFORM[backend], backend=backend, donate_argnums=donate).as_text()
 
 
 def adam_body(xs, shared, leaf):

@@ -222,13 +222,9 @@ def test_lowered_cuda_step_has_no_more_kernels_than_f32():
     for name, tx in (("f32", ox.adamw(1e-3)), ("int8", ox.adamw(1e-3, mu_dtype=INT8, nu_dtype=INT8))):
         tx = ox.chain(ox.clip_by_global_norm(1.0), tx)
         state = jax.eval_shape(tx.init, params)
-        with use_backend("triton"):
-            text = (
-                jax.jit(tx.update_and_apply, donate_argnums=(1, 2))
-                .trace(params, state, params)
-                .lower(lowering_platforms=("cuda",))
-                .as_text()
-            )
+        text = ox.kernels.lower_for(
+            tx.update_and_apply, params, state, params, platform="cuda", donate_argnums=(1, 2)
+        ).as_text()
         counts[name] = (
             text.count("__gpu$xla.gpu.triton"),
             text.count("stablehlo.concatenate"),

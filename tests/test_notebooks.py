@@ -16,12 +16,19 @@ def test_notebook_executes(path, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(path, as_version=4)
+    # Every DeprecationWarning the notebook's own code triggers is shown (Python hides those raised
+    # inside libraries), and none may be: the notebooks use no API that jax, flax or optax deprecate.
+    show = "import warnings\nwarnings.simplefilter('always', DeprecationWarning)"
+    nb.cells.insert(0, nbformat.v4.new_code_cell(show))
     client = nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, errors
+    deprecations = [o.text for o in outputs if o.output_type == "stream" and "DeprecationWarning" in o.text]
+    assert not deprecations, deprecations
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -14,6 +14,8 @@ from pathlib import Path
 import optax
 import pytest
 
+from optax_ext.kernels._compat import JAX_VERSION
+
 HERE = Path(__file__).resolve().parent
 OPTAX = Path(optax.__file__).resolve().parent
 FILES = [
@@ -61,6 +63,15 @@ ALLOWED = {
     ),
 }
 
+# Tests that fail on some supported stack with Optax's own functions too (run without our names), so
+# not a difference of ours: test id -> (the stacks where it fails, why). They may pass elsewhere.
+UPSTREAM = {
+    "_src/alias_test.py::LBFGSTest::test_against_plain_implementation3": (
+        JAX_VERSION >= (0, 12),
+        "optax.lbfgs (we have none) against its plain implementation: 5e-5 relative off on jax 0.12, rtol 1e-5",
+    ),
+}
+
 
 def _failures(junit: Path) -> set[str]:
     failed = set()
@@ -102,7 +113,8 @@ def test_optax_suite_passes_with_our_names(tmp_path):
     )
     assert junit.exists(), out.stdout[-3000:] + out.stderr[-3000:]
     failed = _failures(junit)
-    unexpected = sorted(failed - set(ALLOWED))
+    upstream = {name for name, (fails_here, _) in UPSTREAM.items() if fails_here}
+    unexpected = sorted(failed - set(ALLOWED) - upstream)
     assert not unexpected, (unexpected, out.stdout[-6000:])
     stale = sorted(set(ALLOWED) - failed)
     assert not stale, f"these now pass: remove them from ALLOWED: {stale}"

@@ -36,7 +36,9 @@ def one_line_error(err: str) -> str:
 def test_demo_trains_digits_above_90_percent(tmp_path):
     png = tmp_path / "curves.png"
     out = subprocess.run(
-        [sys.executable, "-m", "optax_ext.train", "--epochs", "4", "--json", "--quiet", "--plot", str(png)],
+        # The default path warns of nothing that jax, flax or optax deprecate.
+        [sys.executable, "-W", "error::DeprecationWarning", "-m", "optax_ext.train", "--epochs", "4", "--json"]
+        + ["--quiet", "--plot", str(png)],
         check=False,
         capture_output=True,
         text=True,
@@ -67,7 +69,7 @@ def test_docstring_examples_pass_their_own_accuracy_check(command, tmp_path):
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "optax_ext.train"]
     out = subprocess.run(
-        [sys.executable, *argv[1:]],
+        [sys.executable, "-W", "error::DeprecationWarning", *argv[1:]],  # warns of nothing deprecated
         check=False,
         capture_output=True,
         text=True,

@@ -1,0 +1,78 @@
+"""What `optax_ext.kernels` needs from JAX that differs across the supported versions, in one place.
+
+Supported: jax/jaxlib 0.10.2 through 0.12.x (CI tests 0.10.2 and the newest 0.12 release). Each
+item names the versions it papers over; tests/test_compat.py checks every item on the installed JAX.
+
+- `lowering_target(platform)`: lowering for an accelerator this machine does not have. Pallas asks
+  the *target* device what it is while lowering: Mosaic TPU rules read the TPU generation (for
+  `sign`, tiling), and from jax 0.12 the Triton lowering reads the GPU's compute capability and
+  fails without a GPU ("No supported GPU devices found, please specify an abstract GPU device
+  using AbstractDevice"); jax 0.10.2 assumed sm_90 there. Both versions read the device from the
+  abstract mesh in context when it carries a `jax.sharding.AbstractDevice`, a public API in both,
+  so one mechanism serves every version (it replaces the tests' former registration of the CPU as
+  a TPU through the private `tpu_info._get_tpu_info_impl`, which jax 0.12 removed).
+- `JAX_VERSION`: the installed jax as a tuple of ints, for the few version tests left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import jax
+from jax.sharding import AbstractDevice, AbstractMesh
+
+__all__ = ["JAX_VERSION", "TARGET_DEVICES", "lowering_target"]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: "0.12.0.1" -> (0, 12, 0, 1), "0.10.2.dev1" -> (0, 10, 2)."""
+    return tuple(int(p) for p in re.match(r"\d+(?:\.\d+)*", text).group().split("."))
+
+
+JAX_VERSION = _version(jax.__version__)
+
+# The accelerator each lowering platform is lowered for by default: the kinds our block sizes are
+# tuned for (H100: 132 SMs, sm_90; TPU v5e: one TensorCore per chip). Device kinds are the strings
+# the devices report (`jax.devices()[0].device_kind`), which JAX's GPU/TPU info tables key on.
+TARGET_DEVICES = {
+    "cuda": AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"),
+    "tpu": AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"),
+}
+
+
+@contextlib.contextmanager
+def lowering_target(platform: str, device: AbstractDevice | None = None, mesh=None) -> Iterator[AbstractMesh]:
+    """Trace and lower for `platform` ("cuda" or "tpu") on a machine without that accelerator.
+
+    Use around `jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))`:
+
+        with lowering_target("cuda"):
+            text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+    Args:
+      platform: "cuda" or "tpu".
+      device: the abstract device to lower for (default: `TARGET_DEVICES[platform]`).
+      mesh: a `jax.sharding.Mesh` (or `AbstractMesh`) the arguments are sharded over; its axes are
+        kept, only the device changes. Default: one device.
+
+    Yields the abstract mesh in force. On the current device (a GPU for "cuda", a TPU for "tpu")
+    nothing is changed: the real device answers.
+    """
+    if platform not in TARGET_DEVICES:
+        raise ValueError(f"lowering_target(platform={platform!r}): expected one of {', '.join(TARGET_DEVICES)}.")
+    on_device = {"cuda": ("gpu", "cuda"), "tpu": ("tpu",)}[platform]
+    if device is None and jax.default_backend() in on_device:
+        yield jax.sharding.get_abstract_mesh()
+        return
+    device = device or TARGET_DEVICES[platform]
+    if mesh is None:
+        abstract = AbstractMesh((1,), ("_target",), abstract_device=device)
+    else:
+        base = getattr(mesh, "abstract_mesh", mesh)
+        abstract = AbstractMesh(
+            tuple(base.axis_sizes), tuple(base.axis_names), tuple(base.axis_types), abstract_device=device
+        )
+    with jax.sharding.use_abstract_mesh(abstract):
+        yield abstract
