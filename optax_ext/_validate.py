@@ -31,8 +31,37 @@ def _concrete(value):
         return None
 
 
+def is_real_number(value) -> bool:
+    """A real (integer or floating) scalar kind: a Python int or float, or anything with a real dtype.
+
+    `jnp.issubdtype`, not NumPy's: NumPy does not count the ml_dtypes floats (bfloat16, float8_*)
+    as floating, and `jnp.bfloat16(1e-3)` is not an `np.number`.
+    """
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    except TypeError:
+        return False
+
+
 def _fail(fn: str, name: str, value, expected: str):
-    raise ValueError(f"{fn}: {name} must be {expected}, got {value!r}.")
+    hint = ""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        # Typically optax.inject_hyperparams, which casts every hyperparameter to the params' dtype:
+        # in bfloat16, b2 = 0.999 rounds to 1 (and Adam's bias correction to 0 / 0).
+        hint = (
+            f" ({name} is stored in {jnp.dtype(dtype).name}, which may have rounded it there; "
+            f"optax.inject_hyperparams casts hyperparameters to the params' dtype unless given "
+            f"hyperparam_dtype=jnp.float32)"
+        )
+    raise ValueError(f"{fn}: {name} must be {expected}, got {value!r}{hint}.")
 
 
 def _kind(fn: str, name: str, value, schedule: bool):
@@ -46,11 +75,7 @@ def _kind(fn: str, name: str, value, schedule: bool):
             f"optax.inject_hyperparams(<factory>)(..., {name}=schedule) evaluates the schedule each step "
             f"and passes the value."
         )
-    dtype = getattr(value, "dtype", None)
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float, np.number))
-        or (dtype is not None and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)))
-    ):
+    if not is_real_number(value):
         raise TypeError(
             f"{fn}: {name} must be a real number{' or a schedule (step -> value)' if schedule else ''}; "
             f"got {value!r} of type {type(value).__name__}."
@@ -59,9 +84,19 @@ def _kind(fn: str, name: str, value, schedule: bool):
         raise ValueError(f"{fn}: {name} must be a scalar, got an array of shape {np.shape(value)}.")
 
 
+def _promotable(value):
+    """The value, with an 8-bit float (no implicit promotion in JAX: `fp8 * f32` is an error) as the
+    f32 array of the same value, so that it mixes with f32 math like any other low-precision float."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
+        return jnp.asarray(value, jnp.float32)
+    return value
+
+
 def unit_interval(fn: str, name: str, value, *, closed: bool = False, schedule: bool = False):
-    """Check 0 <= value < 1 (or <= 1 when closed)."""
+    """Check 0 <= value < 1 (or <= 1 when closed). Each check returns the value to use (see `_promotable`)."""
     _kind(fn, name, value, schedule)
+    value = _promotable(value)
     v = _concrete(value)
     if v is None:
         return value
@@ -73,6 +108,7 @@ def unit_interval(fn: str, name: str, value, *, closed: bool = False, schedule: 
 
 def non_negative(fn: str, name: str, value, *, schedule: bool = False):
     _kind(fn, name, value, schedule)
+    value = _promotable(value)
     v = _concrete(value)
     if v is not None and (not v >= 0.0 or math.isinf(v)):
         _fail(fn, name, value, "a finite number >= 0")
@@ -81,6 +117,7 @@ def non_negative(fn: str, name: str, value, *, schedule: bool = False):
 
 def positive(fn: str, name: str, value, *, schedule: bool = False):
     _kind(fn, name, value, schedule)
+    value = _promotable(value)
     v = _concrete(value)
     if v is not None and (not v > 0.0 or math.isinf(v)):
         _fail(fn, name, value, "a finite number > 0")
@@ -89,6 +126,7 @@ def positive(fn: str, name: str, value, *, schedule: bool = False):
 
 def finite(fn: str, name: str, value, *, schedule: bool = False):
     _kind(fn, name, value, schedule)
+    value = _promotable(value)
     v = _concrete(value)
     if v is not None and not math.isfinite(v):
         _fail(fn, name, value, "a finite number")

@@ -46,7 +46,7 @@ def softmax_cross_entropy(
         raise ValueError(f"{fn}: logits must have a class axis, got shape {logits.shape}.")
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"{fn}: logits must be floating point, got dtype {logits.dtype}.")
-    check.unit_interval(fn, "label_smoothing", label_smoothing, closed=True)
+    label_smoothing = check.unit_interval(fn, "label_smoothing", label_smoothing, closed=True)
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if not isinstance(axis, int):
@@ -114,7 +114,7 @@ def nt_xent(z1, z2, temperature=0.5) -> jax.Array:
         raise ValueError(f"nt_xent: z1 and z2 must both have shape (N, d); got {z1.shape} and {z2.shape}.")
     if z1.shape[0] < 1:
         raise ValueError(f"nt_xent: need at least one example, got z1 of shape {z1.shape}.")
-    check.positive("nt_xent", "temperature", temperature)
+    temperature = check.positive("nt_xent", "temperature", temperature)
     eps = float(jnp.finfo(z1.dtype if jnp.issubdtype(z1.dtype, jnp.floating) else jnp.float32).eps)
     n = z1.shape[0]
     z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)

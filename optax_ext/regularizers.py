@@ -122,7 +122,7 @@ def add_l1(strength, mask=None) -> optax.GradientTransformation:
     References:
       Tibshirani, *Regression Shrinkage and Selection via the Lasso*, 1996.
     """
-    check.non_negative("add_l1", "strength", strength)
+    strength = check.non_negative("add_l1", "strength", strength)
 
     def element(g, p, slots, s: _Strength):
         return g + s.lam * jnp.sign(p), ()
@@ -158,10 +158,10 @@ def l1_shrinkage(strength, learning_rate, mask=None) -> optax.GradientTransforma
       Duchi & Singer, *Efficient Online and Batch Learning Using Forward Backward Splitting*, JMLR 2009;
       Beck & Teboulle, *A Fast Iterative Shrinkage-Thresholding Algorithm* (ISTA/FISTA), 2009.
     """
-    check.non_negative("l1_shrinkage", "strength", strength)
+    strength = check.non_negative("l1_shrinkage", "strength", strength)
     scheduled = callable(learning_rate)
     if not scheduled:
-        check.non_negative("l1_shrinkage", "learning_rate", learning_rate, schedule=True)
+        learning_rate = check.non_negative("l1_shrinkage", "learning_rate", learning_rate, schedule=True)
     state_type = optax.ScaleByScheduleState if scheduled else optax.EmptyState
 
     def init(params):
@@ -211,7 +211,7 @@ def l2_sp(strength, anchor_params, mask=None) -> optax.GradientTransformation:
       Li, Grandvalet & Davoine, *Explicit Inductive Bias for Transfer Learning with Convolutional
       Networks*, ICML 2018.
     """
-    check.non_negative("l2_sp", "strength", strength)
+    strength = check.non_negative("l2_sp", "strength", strength)
 
     def init(params):
         return L2SPState(anchor=_copy_like_params("l2_sp", "anchor_params", anchor_params, params))
@@ -248,7 +248,7 @@ def ewc(fisher, anchor_params, strength, mask=None) -> optax.GradientTransformat
     References:
       Kirkpatrick et al., *Overcoming catastrophic forgetting in neural networks*, PNAS 2017.
     """
-    check.non_negative("ewc", "strength", strength)
+    strength = check.non_negative("ewc", "strength", strength)
 
     def init(params):
         return EWCState(
@@ -342,7 +342,7 @@ def l1_penalty(params, strength, mask=None) -> jax.Array:
     :math:`\mathrm{sign}(\theta)`, 0 at 0 (the minimum-norm subgradient), as :func:`add_l1` adds
     (`jnp.abs` would give 1 at 0).
     """
-    check.non_negative("l1_penalty", "strength", strength)
+    strength = check.non_negative("l1_penalty", "strength", strength)
     terms = [jnp.sum(jnp.sign(_f32(x)) * _f32(x)) for x in jax.tree.leaves(params)]
     return strength * _masked_sum(terms, params, mask)
 
@@ -350,7 +350,7 @@ def l1_penalty(params, strength, mask=None) -> jax.Array:
 def l2_penalty(params, strength, mask=None) -> jax.Array:
     r""":math:`\tfrac\lambda2\|\theta\|_2^2` (f32 scalar); gradient :math:`\lambda\theta`, what
     `optax_ext.add_l2(strength)` adds."""
-    check.non_negative("l2_penalty", "strength", strength)
+    strength = check.non_negative("l2_penalty", "strength", strength)
     terms = [jnp.sum(jnp.square(_f32(x))) for x in jax.tree.leaves(params)]
     return 0.5 * strength * _masked_sum(terms, params, mask)
 
@@ -358,7 +358,7 @@ def l2_penalty(params, strength, mask=None) -> jax.Array:
 def l2_sp_penalty(params, strength, anchor_params, mask=None) -> jax.Array:
     r""":math:`\tfrac\lambda2\|\theta - \theta_{pre}\|_2^2` (f32 scalar); gradient
     :math:`\lambda(\theta - \theta_{pre})`, what :func:`l2_sp` adds (Li et al., ICML 2018)."""
-    check.non_negative("l2_sp_penalty", "strength", strength)
+    strength = check.non_negative("l2_sp_penalty", "strength", strength)
     anchors = match_by_path(
         params, anchor_params, "l2_sp_penalty", target_name="params", source_name="anchor_params", allow_unexpected=True
     )
@@ -369,7 +369,7 @@ def l2_sp_penalty(params, strength, anchor_params, mask=None) -> jax.Array:
 def ewc_penalty(params, fisher, anchor_params, strength, mask=None) -> jax.Array:
     r""":math:`\tfrac\lambda2\sum_i F_i(\theta_i - \theta^*_i)^2` (f32 scalar); gradient
     :math:`\lambda F\odot(\theta - \theta^*)`, what :func:`ewc` adds (Kirkpatrick et al., 2017)."""
-    check.non_negative("ewc_penalty", "strength", strength)
+    strength = check.non_negative("ewc_penalty", "strength", strength)
     fs = match_by_path(params, fisher, "ewc_penalty", target_name="params", source_name="fisher", allow_unexpected=True)
     anchors = match_by_path(
         params, anchor_params, "ewc_penalty", target_name="params", source_name="anchor_params", allow_unexpected=True

@@ -267,7 +267,7 @@ def fine_tune(
       Yosinski et al., *How transferable are features in deep neural networks?*, NeurIPS 2014;
       Howard & Ruder, *ULMFiT*, 2018.
     """
-    check.positive("fine_tune", "head_lr_mult", head_lr_mult)
+    head_lr_mult = check.positive("fine_tune", "head_lr_mult", head_lr_mult)
     frozen_re = _patterns(frozen, "fine_tune", "frozen")
     head_re = _patterns(head, "fine_tune", "head")
 
@@ -304,7 +304,7 @@ def _layer_labeller(num_layers: int, layer_of: Callable[[str], int], fn_name: st
 def _check_layers(fn_name, num_layers, decay, layer_of):
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"{fn_name}: num_layers must be an int >= 0, got {num_layers!r}.")
-    check.positive(fn_name, "decay", decay)
+    decay = check.positive(fn_name, "decay", decay)
     if not callable(layer_of):
         raise TypeError(f"{fn_name}: layer_of must be a function path -> layer index, got {layer_of!r}.")
 
@@ -351,7 +351,7 @@ def layerwise_lr_decay(
             f"got {optimizer_factory!r}."
         )
     if not callable(base_lr):
-        check.non_negative("layerwise_lr_decay", "base_lr", base_lr)
+        base_lr = check.non_negative("layerwise_lr_decay", "base_lr", base_lr)
 
     def lr_for(i):
         mult = float(decay) ** (num_layers - i)

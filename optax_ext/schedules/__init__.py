@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from optax_ext.schedules.base import Schedule
@@ -112,7 +113,8 @@ def plot(
         x = np.arange(int(steps))
     else:
         x = np.asarray(steps)
-        if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.number):
+        real = jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+        if x.ndim != 1 or x.size == 0 or not real:
             raise ValueError(f"plot: steps must be a positive integer or a non-empty 1-D numeric array, got {steps!r}")
 
     fig = Figure(figsize=(7.0, 4.0), layout="constrained")

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_ext._validate import is_real_number
+
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 
 
@@ -106,7 +108,7 @@ def real_arg(
     high_open: bool = False,
 ) -> float | None:
     """Checks a real scalar hyperparameter (finite, optionally within bounds)."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float, np.number, np.ndarray, jax.Array))):
+    if not is_real_number(value):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r} of type {type(value).__name__}")
     if np.ndim(value) != 0:
         raise ValueError(f"{fn}: {name} must be a scalar, got shape {np.shape(value)}")

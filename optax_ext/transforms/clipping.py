@@ -52,7 +52,7 @@ def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
     References:
       Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent neural networks*, ICML 2013.
     """
-    check.non_negative("clip_by_global_norm", "max_norm", max_norm)
+    max_norm = check.non_negative("clip_by_global_norm", "max_norm", max_norm)
 
     def scalars(state, updates, params):
         norm = jnp.sqrt(reductions.global_sq_norm(jax.tree.leaves(updates)))
@@ -68,7 +68,7 @@ def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
 
 def clip(max_delta) -> optax.GradientTransformation:
     r"""Clip every element to :math:`[-\delta, \delta]`: :math:`u \leftarrow \mathrm{clip}(u, -\delta, \delta)`."""
-    check.non_negative("clip", "max_delta", max_delta)
+    max_delta = check.non_negative("clip", "max_delta", max_delta)
 
     def element(g, p, slots, s: _MaxDelta):
         return jnp.clip(g, -s.max_delta, s.max_delta), ()
@@ -82,7 +82,7 @@ def clip_by_block_rms(threshold) -> optax.GradientTransformation:
     References:
       Shazeer & Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory Cost*, ICML 2018.
     """
-    check.positive("clip_by_block_rms", "threshold", threshold)
+    threshold = check.positive("clip_by_block_rms", "threshold", threshold)
 
     def scalars(state, updates, params):
         leaves = jax.tree.leaves(updates)

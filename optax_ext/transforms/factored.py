@@ -50,7 +50,7 @@ def scale_by_factored_rms(
     References:
       Shazeer & Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory Cost*, ICML 2018.
     """
-    check.non_negative("scale_by_factored_rms", "epsilon", epsilon)
+    epsilon = check.non_negative("scale_by_factored_rms", "epsilon", epsilon)
 
     def init(params):
         def one(p):

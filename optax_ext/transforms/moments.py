@@ -62,7 +62,7 @@ def scale_by_momentum(momentum=0.9, nesterov: bool = False, accumulator_dtype=No
       Polyak, *Some methods of speeding up the convergence of iteration methods*, 1964;
       Sutskever et al., *On the importance of initialization and momentum in deep learning*, 2013.
     """
-    check.unit_interval("scale_by_momentum", "momentum", momentum)
+    momentum = check.unit_interval("scale_by_momentum", "momentum", momentum)
     _check_storage("scale_by_momentum", accumulator_dtype=accumulator_dtype)
 
     def init(params):
@@ -120,8 +120,8 @@ def scale_by_rms(
       Tieleman & Hinton, *Lecture 6.5 - RMSProp*, 2012; Graves, *Generating Sequences With
       Recurrent Neural Networks*, 2013.
     """
-    check.unit_interval("scale_by_rms", "decay", decay)
-    check.non_negative("scale_by_rms", "eps", eps)
+    decay = check.unit_interval("scale_by_rms", "decay", decay)
+    eps = check.non_negative("scale_by_rms", "eps", eps)
 
     if centered:
         state_type = ScaleByRStdDevWithCountState if bias_correction else optax.ScaleByRStdDevState
@@ -190,10 +190,10 @@ class _AdamScalars(NamedTuple):
 
 
 def _adam_like(name, state_type, init_slots, element, b1, b2, eps, eps_root, nesterov=False):
-    check.unit_interval(name, "b1", b1, schedule=True)
-    check.unit_interval(name, "b2", b2, schedule=True)
-    check.non_negative(name, "eps", eps, schedule=True)
-    check.non_negative(name, "eps_root", eps_root, schedule=True)
+    b1 = check.unit_interval(name, "b1", b1, schedule=True)
+    b2 = check.unit_interval(name, "b2", b2, schedule=True)
+    eps = check.non_negative(name, "eps", eps, schedule=True)
+    eps_root = check.non_negative(name, "eps_root", eps_root, schedule=True)
     slots = tuple(init_slots)
 
     def init(params):
@@ -372,8 +372,8 @@ def scale_by_lion(
     References:
       Chen et al., *Symbolic Discovery of Optimization Algorithms*, 2023.
     """
-    check.unit_interval("scale_by_lion", "b1", b1, schedule=True)
-    check.unit_interval("scale_by_lion", "b2", b2, schedule=True)
+    b1 = check.unit_interval("scale_by_lion", "b1", b1, schedule=True)
+    b2 = check.unit_interval("scale_by_lion", "b2", b2, schedule=True)
     check.one_of("scale_by_lion", "mode", mode, _LION_MODES)
     _check_storage("scale_by_lion", mu_dtype=mu_dtype)
 
@@ -425,7 +425,7 @@ def ema(decay, debias: bool = True, accumulator_dtype=None) -> optax.GradientTra
 
     With `debias`, the output is :math:`e_t/(1-\beta^t)`. State: `optax.EmaState(count, ema)`.
     """
-    check.unit_interval("ema", "decay", decay, schedule=True)
+    decay = check.unit_interval("ema", "decay", decay, schedule=True)
 
     def init(params):
         return optax.EmaState(count=zero_count(), ema=zeros_like_params(params, accumulator_dtype))

@@ -65,7 +65,7 @@ def scale_by_learning_rate(learning_rate=None, *, flip_sign: bool = True) -> opt
     if learning_rate is None:
         return _identity()
     if not callable(learning_rate):
-        check.non_negative("scale_by_learning_rate", "learning_rate", learning_rate, schedule=True)
+        learning_rate = check.non_negative("scale_by_learning_rate", "learning_rate", learning_rate, schedule=True)
     sign = -1.0 if flip_sign else 1.0
 
     if callable(learning_rate):
@@ -113,8 +113,8 @@ def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0, *, mask=N
       You, Gitman & Ginsburg, *Large Batch Training of Convolutional Networks* (LARS), 2017;
       You et al., *Large Batch Optimization for Deep Learning: Training BERT in 76 minutes* (LAMB), 2020.
     """
-    check.non_negative("scale_by_trust_ratio", "min_norm", min_norm)
-    check.non_negative("scale_by_trust_ratio", "eps", eps)
+    min_norm = check.non_negative("scale_by_trust_ratio", "min_norm", min_norm)
+    eps = check.non_negative("scale_by_trust_ratio", "eps", eps)
     state_type = optax.MaskedState if mask is not None else optax.EmptyState
 
     def init(params):
@@ -166,7 +166,7 @@ def scale_by_param_block_rms(min_scale=1e-3) -> optax.GradientTransformation:
     References:
       Shazeer & Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory Cost*, ICML 2018.
     """
-    check.non_negative("scale_by_param_block_rms", "min_scale", min_scale)
+    min_scale = check.non_negative("scale_by_param_block_rms", "min_scale", min_scale)
 
     def scalars(state, updates, params):
         leaves = jax.tree.leaves(params)

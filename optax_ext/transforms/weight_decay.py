@@ -24,7 +24,7 @@ class _WeightDecay(NamedTuple):
 
 
 def _add_scaled_params(name: str, weight_decay, mask) -> optax.GradientTransformation:
-    check.finite(name, "weight_decay", weight_decay, schedule=True)
+    weight_decay = check.finite(name, "weight_decay", weight_decay, schedule=True)
     scheduled = callable(weight_decay)
     is_zero = isinstance(weight_decay, (int, float)) and weight_decay == 0.0
     inner_type = WeightDecaySchedule if scheduled else optax.EmptyState
