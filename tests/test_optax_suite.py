@@ -54,6 +54,9 @@ ALLOWED = {
     "schedules/_schedule_test.py::ExponentialTest::test_nonvalid_transition_steps1": (
         "transition_steps <= 0 is an error, not a silent constant schedule"
     ),
+    "schedules/_schedule_test.py::PolynomialTest::test_zero_steps_schedule": (
+        "transition_steps <= 0 is an error, not a silent constant schedule"
+    ),
     "transforms/_freezing_test.py::SelectiveTransformTest::test_selective_bad_structure": (
         "the same ValueError for a mask missing a key, with a message naming the key set difference"
     ),

@@ -38,6 +38,16 @@ from optax_ext.schedules.decay import (
     polynomial_decay,
     step_decay,
 )
+from optax_ext.schedules.optax_signatures import (
+    constant_schedule,
+    cosine_decay_schedule,
+    join_schedules,
+    linear_schedule,
+    piecewise_constant_schedule,
+    polynomial_schedule,
+    warmup_constant_schedule,
+    warmup_cosine_decay_schedule,
+)
 from optax_ext.schedules.warmup import (
     inverse_sqrt,
     linear_warmup,
@@ -63,6 +73,15 @@ __all__ = [
     "noam",
     "linear_warmup",
     "warmup_cosine",
+    # Optax's names, arguments and values (optax_ext.schedules.optax_signatures)
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "join_schedules",
+    "linear_schedule",
+    "piecewise_constant_schedule",
+    "polynomial_schedule",
+    "warmup_constant_schedule",
+    "warmup_cosine_decay_schedule",
     "plot",
 ]
 

@@ -141,6 +141,21 @@ def ordered_arg(fn: str, low_name: str, low: Any, high_name: str, high: Any) -> 
         raise ValueError(f"{fn}: {high_name} must be >= {low_name}, got {high_name}={high!r} < {low_name}={low!r}")
 
 
+def decay_floor_arg(fn: str, init_name: str, init: Any, floor_name: str, floor: Any, increasing: bool) -> None:
+    """A decay's final value above its start (a rise) is an error unless `increasing=True` asks for it.
+
+    The usual cause is Optax's convention: `optax.cosine_decay_schedule(init, steps, alpha)` takes the
+    final value as a *fraction* of init, ours as an absolute value."""
+    lo, hi = concrete(floor), concrete(init)
+    if not increasing and lo is not None and hi is not None and lo > hi >= 0:
+        raise ValueError(
+            f"{fn}: {floor_name}={floor!r} is above {init_name}={init!r}, so the schedule would rise. "
+            f"{floor_name} is the absolute final value; for Optax's fraction alpha use "
+            f"optax_ext.cosine_decay_schedule / warmup_cosine_decay_schedule (Optax's arguments), "
+            f"or pass increasing=True for a rising schedule."
+        )
+
+
 def schedule_arg(fn: str, name: str, value: Any) -> Schedule:
     if not callable(value):
         raise TypeError(

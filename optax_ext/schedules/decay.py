@@ -235,7 +235,7 @@ def polynomial_decay(init_value: Any, end_value: Any, power: Any, decay_steps: i
     return b.jitted(schedule)
 
 
-def cosine_decay(init_value: Any, decay_steps: int, min_value: Any = 0.0) -> b.Schedule:
+def cosine_decay(init_value: Any, decay_steps: int, min_value: Any = 0.0, *, increasing: bool = False) -> b.Schedule:
     r"""Cosine annealing (Loshchilov & Hutter, 2017), held at ``min_value`` after ``T`` steps.
 
     .. math::
@@ -253,7 +253,9 @@ def cosine_decay(init_value: Any, decay_steps: int, min_value: Any = 0.0) -> b.S
     Args:
       init_value: :math:`\eta_0`.
       decay_steps: :math:`T`, a positive integer.
-      min_value: :math:`\eta_{min}`.
+      min_value: :math:`\eta_{min}`, the absolute final value (Optax's ``alpha`` is a fraction:
+        see :func:`cosine_decay_schedule`). Above ``init_value`` it is an error unless ``increasing``.
+      increasing: allow ``min_value > init_value`` (a rising half cosine).
 
     Returns:
       A schedule ``step -> float32``.
@@ -262,6 +264,8 @@ def cosine_decay(init_value: Any, decay_steps: int, min_value: Any = 0.0) -> b.S
     b.real_arg(fn, "init_value", init_value)
     T = b.int_arg(fn, "decay_steps", decay_steps)
     b.real_arg(fn, "min_value", min_value)
+    b.decay_floor_arg(fn, "init_value", init_value, "min_value", min_value, increasing)
+    T = float(T)  # float math: a step count past int32 would overflow a jnp int operand
 
     def schedule(step):
         t = jnp.minimum(b.as_float(b.steps(step)), T)

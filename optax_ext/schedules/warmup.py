@@ -72,6 +72,8 @@ def warmup_cosine(
     decay_steps: int,
     init_value: Any = 0.0,
     end_value: Any = 0.0,
+    *,
+    increasing: bool = False,
 ) -> b.Schedule:
     r"""Linear warm-up to ``peak_value``, then cosine decay to ``end_value``.
 
@@ -100,7 +102,9 @@ def warmup_cosine(
       warmup_steps: :math:`T_w`, an integer ``>= 0``.
       decay_steps: :math:`T > T_w`, total length of warm-up plus decay.
       init_value: :math:`\eta_{init}`, value at ``t = 0``.
-      end_value: :math:`\eta_{end}`, held from ``t = T`` on.
+      end_value: :math:`\eta_{end}`, held from ``t = T`` on; above ``peak_value`` it is an error
+        unless ``increasing``.
+      increasing: allow ``end_value > peak_value``.
 
     Returns:
       A schedule ``step -> float32``.
@@ -115,7 +119,8 @@ def warmup_cosine(
         )
     b.real_arg(fn, "peak_value", peak_value)
     b.real_arg(fn, "end_value", end_value)
-    return linear_warmup(cosine_decay(peak_value, T - w, end_value), w, init_value)
+    b.decay_floor_arg(fn, "peak_value", peak_value, "end_value", end_value, increasing)
+    return linear_warmup(cosine_decay(peak_value, T - w, end_value, increasing=True), w, init_value)
 
 
 def inverse_sqrt(peak_value: Any, warmup_steps: int, init_value: Any = 0.0) -> b.Schedule:
