@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -390,12 +391,15 @@ def match_by_path(
     target_name: str = "model",
     source_name: str = "pretrained",
     allow_unexpected: bool = False,
+    skipped: list | None = None,
 ) -> list:
     """The arrays of `source` in the leaf order of `target`, matched by path, shapes checked.
 
     Raises one `ValueError` listing every path whose shapes differ (with both shapes) and, when
     `strict`, every path missing from `source` and every unexpected one (unless
-    `allow_unexpected`). Without `strict`, a missing path gives `None` in the returned list.
+    `allow_unexpected`). Without `strict`, a missing path gives `None` in the returned list. With a
+    `skipped` list, a shape mismatch is not an error either: it gives `None`, and a line describing
+    each path left out (mismatched, missing, unexpected) is appended to `skipped`.
     """
     target_named = named_leaves(target)
     source_map = dict(named_leaves(source))
@@ -404,20 +408,32 @@ def match_by_path(
     out = []
     for path, t in target_named:
         if path not in source_map:
+            line = f"  missing in {source_name}: {path} ({target_name} shape {tuple(jnp.shape(t))})"
             if strict:
-                problems.append(f"  missing in {source_name}: {path} ({target_name} shape {tuple(jnp.shape(t))})")
+                problems.append(line)
+            elif skipped is not None:
+                skipped.append(line)
             out.append(None)
             continue
         s = source_map[path]
         if tuple(jnp.shape(s)) != tuple(jnp.shape(t)):
-            problems.append(
+            line = (
                 f"  shape mismatch at {path}: {target_name} {tuple(jnp.shape(t))}, {source_name} {tuple(jnp.shape(s))}"
             )
+            if skipped is None:
+                problems.append(line)
+            else:
+                skipped.append(line)
+                s = None
         out.append(s)
-    if strict and not allow_unexpected:
+    if not allow_unexpected:
         for path, s in source_map.items():
             if path not in target_paths:
-                problems.append(f"  unexpected in {source_name}: {path} (shape {tuple(jnp.shape(s))})")
+                line = f"  unexpected in {source_name}: {path} (shape {tuple(jnp.shape(s))})"
+                if strict:
+                    problems.append(line)
+                elif skipped is not None:
+                    skipped.append(line)
     if problems:
         raise ValueError(
             f"{fn_name}: {source_name} does not match {target_name} "
@@ -446,9 +462,10 @@ def load_pretrained(model_or_state, pretrained, strict: bool = True):
         model. RNG state (`nnx.RngState`) is neither loaded nor required.
       pretrained: a pytree of arrays (an `nnx.State`, `nnx.to_pure_dict(...)`, a nested dict), or
         the path of an Orbax checkpoint directory (needs `orbax-checkpoint`).
-      strict: when True, paths of the target missing from `pretrained` and paths of `pretrained`
-        absent from the target are errors; when False they are skipped (the target keeps its
-        value). Shape mismatches are always errors.
+      strict: when True, paths of the target missing from `pretrained`, paths of `pretrained`
+        absent from the target and shape mismatches are errors (one error listing them all). When
+        False they are skipped (the target keeps its value: a new classifier head, a resized
+        vocabulary) and listed in one `UserWarning`.
 
     Values are cast to the target's dtype and copied (the pretrained arrays stay valid when the
     training step donates the model's buffers). Errors name every mismatched path with both shapes.
@@ -469,7 +486,14 @@ def load_pretrained(model_or_state, pretrained, strict: bool = True):
             pretrained = nnx.filter_state(pretrained, no_rng)
     else:
         target = model_or_state
-    source = match_by_path(target, pretrained, "load_pretrained", strict=strict)
+    skipped: list[str] | None = None if strict else []
+    source = match_by_path(target, pretrained, "load_pretrained", strict=strict, skipped=skipped)
+    if skipped:
+        warnings.warn(
+            f"load_pretrained(strict=False): {len(skipped)} path{'s' if len(skipped) > 1 else ''} not loaded "
+            "(the model keeps its own values there):\n" + "\n".join(skipped),
+            stacklevel=2,
+        )
     t_leaves, treedef = jax.tree.flatten(target)
     new_leaves = [t if s is None else _cast_like(s, t) for t, s in zip(t_leaves, source)]
     new_state = treedef.unflatten(new_leaves)

@@ -236,14 +236,38 @@ def test_load_pretrained_missing_unexpected_and_non_strict():
     msg = str(e.value)
     assert "missing in pretrained: layers/2/kernel" in msg and "unexpected in pretrained: extra/w" in msg
     kept = np.asarray(model.layers[2].kernel[...]).copy()
-    T.load_pretrained(model, src, strict=False)
+    with pytest.warns(UserWarning, match="not loaded") as record:
+        T.load_pretrained(model, src, strict=False)
+    report = str(record[0].message)
+    assert "missing in pretrained: layers/2/kernel" in report and "unexpected in pretrained: extra/w" in report
     np.testing.assert_array_equal(model.layers[1].kernel[...], pre.layers[1].kernel[...])
     np.testing.assert_array_equal(model.layers[2].kernel[...], kept)
-    # shape mismatches stay errors without strict
-    bad = _pure(pre)
-    bad["head"]["bias"] = jnp.ones(4)
-    with pytest.raises(ValueError, match="head/bias"):
-        T.load_pretrained(model, bad, strict=False)
+
+
+def test_load_pretrained_non_strict_skips_shape_mismatches_and_reports_them():
+    """A new classifier head (10 -> 3 classes) and a resized vocabulary: the rest loads, those keep
+    their fresh values, and one warning names each skipped path with both shapes."""
+    pre = Net(dout=10, rngs=nnx.Rngs(0))
+    model = Net(dout=3, rngs=nnx.Rngs(1))
+    src = _pure(pre)
+    src["embed"]["kernel"] = jnp.ones((src["embed"]["kernel"].shape[0] + 5, *src["embed"]["kernel"].shape[1:]))
+    head = {k: np.asarray(v[...]).copy() for k, v in (("kernel", model.head.kernel), ("bias", model.head.bias))}
+    embed = np.asarray(model.embed.kernel[...]).copy()
+    with pytest.warns(UserWarning) as record:
+        T.load_pretrained(model, src, strict=False)
+    (warning,) = [w for w in record if "not loaded" in str(w.message)]
+    report = str(warning.message)
+    assert "3 paths not loaded" in report
+    assert "shape mismatch at head/kernel: model (7, 3), pretrained (7, 10)" in report
+    assert "shape mismatch at head/bias: model (3,), pretrained (10,)" in report
+    assert "shape mismatch at embed/kernel" in report
+    np.testing.assert_array_equal(model.head.kernel[...], head["kernel"])
+    np.testing.assert_array_equal(model.head.bias[...], head["bias"])
+    np.testing.assert_array_equal(model.embed.kernel[...], embed)
+    np.testing.assert_array_equal(model.layers[0].kernel[...], pre.layers[0].kernel[...])
+    # strict (the default) still refuses, naming every path, and loads nothing
+    with pytest.raises(ValueError, match=r"(?s)3 problems.*head/kernel"):
+        T.load_pretrained(Net(dout=3, rngs=nnx.Rngs(2)), src)
 
 
 def test_load_pretrained_casts_to_target_dtype():
