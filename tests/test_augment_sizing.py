@@ -296,7 +296,7 @@ def test_eval_pipeline_under_vmap():
 @pytest.mark.parametrize(
     "call,exc,msg",
     [
-        (lambda: A.resize(np.zeros((8, 8, 3), np.uint8), 4), TypeError, r"resize: image must have a floating dtype"),
+        (lambda: A.resize(np.zeros((8, 8, 3), np.int16), 4), TypeError, r"resize: image must have a floating dtype"),
         (lambda: A.resize(np.zeros((8, 8)), 4), ValueError, r"resize: image must be 3-D"),
         (lambda: A.resize(np.zeros((8, 8, 3)), 0), ValueError, r"resize: size must be >= 1, got 0"),
         (lambda: A.resize(np.zeros((8, 8, 3)), (4, 4, 4)), TypeError, r"resize: size must be an int or a pair"),

@@ -8,8 +8,10 @@ through unchecked: their value is unknown at trace time.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,6 +26,38 @@ def is_static_number(x: Any) -> bool:
     return isinstance(x, (numbers.Number, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0)
 
 
+def keeps_uint8(op: Callable) -> Callable:
+    """Let an op whose math is on floats in [0, 1] take a uint8 image (or batch) and return uint8.
+
+    As torchvision's v2 transforms do for uint8 tensors: the math runs in float32 on
+    value / 255, and the result is rounded to the nearest of 0..255 (torchvision truncates
+    after a blend; rounding is the nearest uint8 to the exact result). Exact for ops that only move
+    or copy pixels (flips, crops, pads, nearest-neighbour warps). Arguments other than the image
+    keep their units: a `fill` is still a value in [0, 1]. If the op also returns labels (Mixup,
+    CutMix), only the images are converted back.
+    """
+    signature = inspect.signature(op)
+    name = "image" if "image" in signature.parameters else "images"
+
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        x = bound.arguments.get(name)
+        if getattr(x, "dtype", None) != jnp.uint8:
+            return op(*args, **kwargs)
+        bound.arguments[name] = x.astype(jnp.float32) / 255.0
+        out = op(*bound.args, **bound.kwargs)
+        if isinstance(out, tuple):
+            return (_to_uint8(out[0]), *out[1:])
+        return _to_uint8(out)
+
+    return wrapper
+
+
+def _to_uint8(x: jax.Array) -> jax.Array:
+    return jnp.clip(jnp.round(x.astype(jnp.float32) * 255.0), 0, 255).astype(jnp.uint8)
+
+
 def check_image(fn: str, image: Any, name: str = "image") -> tuple[int, int, int]:
     """Checks a single (H, W, C) floating image; returns (H, W, C)."""
     shape = getattr(image, "shape", None)
@@ -32,7 +66,10 @@ def check_image(fn: str, image: Any, name: str = "image") -> tuple[int, int, int
     if len(shape) != 3:
         raise ValueError(f"{fn}: {name} must be 3-D (H, W, C), got shape {tuple(shape)}")
     if not jnp.issubdtype(image.dtype, jnp.floating):
-        raise TypeError(f"{fn}: {name} must have a floating dtype with values in [0, 1], got dtype {image.dtype}")
+        raise TypeError(
+            f"{fn}: {name} must have a floating dtype with values in [0, 1], or be uint8 (0..255), "
+            f"got dtype {image.dtype}"
+        )
     h, w, c = (int(s) for s in shape)
     if h < 1 or w < 1 or c < 1:
         raise ValueError(f"{fn}: {name} must be non-empty, got shape {tuple(shape)}")
@@ -45,7 +82,10 @@ def check_batch(fn: str, images: Any) -> tuple[int, int, int, int]:
     if shape is None or len(shape) != 4:
         raise ValueError(f"{fn}: images must be 4-D (B, H, W, C), got shape {None if shape is None else tuple(shape)}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise TypeError(f"{fn}: images must have a floating dtype, got dtype {images.dtype}")
+        raise TypeError(
+            f"{fn}: images must have a floating dtype with values in [0, 1], or be uint8 (0..255), "
+            f"got dtype {images.dtype}"
+        )
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 

@@ -45,18 +45,21 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
+@v.keeps_uint8
 def flip_left_right(image: jax.Array) -> jax.Array:
     """Mirrors an (H, W, C) image horizontally: ``out[i, j] = image[i, W-1-j]``."""
     v.check_image("flip_left_right", image)
     return image[:, ::-1, :]
 
 
+@v.keeps_uint8
 def flip_up_down(image: jax.Array) -> jax.Array:
     """Mirrors an (H, W, C) image vertically: ``out[i, j] = image[H-1-i, j]``."""
     v.check_image("flip_up_down", image)
     return image[::-1, :, :]
 
 
+@v.keeps_uint8
 def random_flip(key: jax.Array, image: jax.Array, p: float = 0.5, direction: str = "horizontal") -> jax.Array:
     """Flips with probability ``p`` (torchvision ``RandomHorizontalFlip``).
 
@@ -86,6 +89,7 @@ def random_flip(key: jax.Array, image: jax.Array, p: float = 0.5, direction: str
 # ----------------------------------------------------------------------------
 
 
+@v.keeps_uint8
 def random_crop(
     key: jax.Array,
     image: jax.Array,
@@ -162,6 +166,7 @@ def _resized_crop_box(key, h, w, scale, log_ratio, attempts=10):
     return top, left, box_h, box_w
 
 
+@v.keeps_uint8
 def random_resized_crop(
     key: jax.Array,
     image: jax.Array,
@@ -318,6 +323,7 @@ def _pair(fn, name, x):
     return x, 0.0
 
 
+@v.keeps_uint8
 def affine(
     image: jax.Array,
     angle: Any = 0.0,
@@ -365,6 +371,7 @@ def affine(
     return out.astype(image.dtype)
 
 
+@v.keeps_uint8
 def rotate(
     image: jax.Array,
     angle: Any,
@@ -405,6 +412,7 @@ def _symmetric_range(fn, name, x):
     return (-float(x), float(x))
 
 
+@v.keeps_uint8
 def random_rotation(
     key: jax.Array,
     image: jax.Array,
@@ -425,6 +433,7 @@ def random_rotation(
     return rotate(image, angle, interpolation=interpolation, fill=fill, center=center)
 
 
+@v.keeps_uint8
 def random_affine(
     key: jax.Array,
     image: jax.Array,
@@ -494,6 +503,7 @@ def gaussian_blur_2d(field: jax.Array, sigma: float) -> jax.Array:
     return jax.vmap(lambda col: jnp.convolve(col, k, mode="valid"), in_axes=1, out_axes=1)(rows)
 
 
+@v.keeps_uint8
 def elastic_deform(
     key: jax.Array,
     image: jax.Array,

@@ -94,6 +94,7 @@ def _finish(images, xm, ym, lam, return_lambda):
     return (xm, ym, lam) if return_lambda else (xm, ym)
 
 
+@v.keeps_uint8
 def mixup(
     key: jax.Array,
     images: jax.Array,
@@ -121,6 +122,7 @@ def mixup(
     return _finish(images, xm, ym, lam, return_lambda)
 
 
+@v.keeps_uint8
 def cutmix(
     key: jax.Array,
     images: jax.Array,
@@ -150,6 +152,7 @@ def cutmix(
     return _finish(images, xm, ym, lam, return_lambda)
 
 
+@v.keeps_uint8
 def mixup_or_cutmix(
     key: jax.Array,
     images: jax.Array,

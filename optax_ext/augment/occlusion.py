@@ -22,6 +22,7 @@ def box_mask(h: int, w: int, top, left, box_h, box_w) -> jax.Array:
     return (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
 
 
+@v.keeps_uint8
 def cutout(key: jax.Array, image: jax.Array, size: int, fill: Any = 0.0) -> jax.Array:
     """Cutout (DeVries & Taylor, 2017, "Improved Regularization of
     Convolutional Neural Networks with Cutout").
@@ -47,6 +48,7 @@ def cutout(key: jax.Array, image: jax.Array, size: int, fill: Any = 0.0) -> jax.
     return out.astype(image.dtype)
 
 
+@v.keeps_uint8
 def random_erasing(
     key: jax.Array,
     image: jax.Array,

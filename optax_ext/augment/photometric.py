@@ -66,12 +66,14 @@ def _luma(x: jax.Array) -> jax.Array:
     return _LUMA[0] * x[..., 0:1] + _LUMA[1] * x[..., 1:2] + _LUMA[2] * x[..., 2:3]
 
 
+@v.keeps_uint8
 def rgb_to_grayscale(image: jax.Array) -> jax.Array:
     """ITU-R 601-2 luma ``0.299 R + 0.587 G + 0.114 B``; returns (H, W, 1)."""
     _check_color("rgb_to_grayscale", image)
     return _luma(v.as_float32(image)).astype(image.dtype)
 
 
+@v.keeps_uint8
 def grayscale(image: jax.Array) -> jax.Array:
     """Luma replicated to the input's channel count (shape preserved)."""
     _check_color("grayscale", image)
@@ -79,6 +81,7 @@ def grayscale(image: jax.Array) -> jax.Array:
     return jnp.broadcast_to(_luma(x), x.shape).astype(image.dtype)
 
 
+@v.keeps_uint8
 def adjust_brightness(image: jax.Array, factor: Any) -> jax.Array:
     """``blend(image, 0, factor) = clip(factor * image, 0, 1)``; 1 = identity."""
     v.check_image("adjust_brightness", image)
@@ -87,6 +90,7 @@ def adjust_brightness(image: jax.Array, factor: Any) -> jax.Array:
     return blend(x, jnp.zeros_like(x), factor).astype(image.dtype)
 
 
+@v.keeps_uint8
 def adjust_contrast(image: jax.Array, factor: Any) -> jax.Array:
     """``blend(image, mean(luma(image)), factor)``; 1 = identity, 0 = flat grey."""
     _check_color("adjust_contrast", image)
@@ -95,6 +99,7 @@ def adjust_contrast(image: jax.Array, factor: Any) -> jax.Array:
     return blend(x, jnp.mean(_luma(x)), factor).astype(image.dtype)
 
 
+@v.keeps_uint8
 def adjust_saturation(image: jax.Array, factor: Any) -> jax.Array:
     """``blend(image, luma(image), factor)``; 1 = identity, 0 = grayscale.
 
@@ -147,6 +152,7 @@ def hsv_to_rgb(x: jax.Array) -> jax.Array:
     return jnp.clip(val - val * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0), 0.0, 1.0)
 
 
+@v.keeps_uint8
 def adjust_hue(image: jax.Array, hue_factor: Any) -> jax.Array:
     """Shifts the hue: HSV ``h -> (h + hue_factor) mod 1``, back to RGB.
 
@@ -164,6 +170,7 @@ def adjust_hue(image: jax.Array, hue_factor: Any) -> jax.Array:
     return hsv_to_rgb(hsv).astype(image.dtype)
 
 
+@v.keeps_uint8
 def adjust_gamma(image: jax.Array, gamma: Any, gain: Any = 1.0) -> jax.Array:
     """Gamma correction ``clip(gain * image ** gamma, 0, 1)``; gamma 1 = identity.
 
@@ -175,12 +182,14 @@ def adjust_gamma(image: jax.Array, gamma: Any, gain: Any = 1.0) -> jax.Array:
     return jnp.clip(gain * jnp.power(x, gamma), 0.0, 1.0).astype(image.dtype)
 
 
+@v.keeps_uint8
 def invert(image: jax.Array) -> jax.Array:
     """``1 - image``."""
     v.check_image("invert", image)
     return (1.0 - v.as_float32(image)).astype(image.dtype)
 
 
+@v.keeps_uint8
 def solarize(image: jax.Array, threshold: Any) -> jax.Array:
     """Inverts pixels at or above ``threshold``: ``x >= t ? 1 - x : x``.
 
@@ -197,6 +206,7 @@ def _quantize(x: jax.Array) -> jax.Array:
     return jnp.floor(jnp.clip(x, 0.0, 1.0) * (256.0 - 1e-3))
 
 
+@v.keeps_uint8
 def posterize(image: jax.Array, bits: Any) -> jax.Array:
     """Keeps the top ``bits`` bits of the 8-bit value (torchvision ``posterize``).
 
@@ -221,6 +231,7 @@ def posterize(image: jax.Array, bits: Any) -> jax.Array:
     return jnp.where(bits >= 8, x, out).astype(image.dtype)
 
 
+@v.keeps_uint8
 def autocontrast(image: jax.Array) -> jax.Array:
     """Per-channel stretch to [0, 1]: ``(x - min) / (max - min)``.
 
@@ -248,6 +259,7 @@ def _equalize_channel(x: jax.Array) -> jax.Array:
     return jnp.where(step == 0, x, lut[q.astype(jnp.int32)] / 255.0)
 
 
+@v.keeps_uint8
 def equalize(image: jax.Array) -> jax.Array:
     """Histogram equalisation per channel on the 8-bit quantised image.
 
@@ -274,6 +286,7 @@ def _smooth(x: jax.Array) -> jax.Array:
     return x.at[1:-1, 1:-1].set(acc / 13.0)
 
 
+@v.keeps_uint8
 def adjust_sharpness(image: jax.Array, factor: Any) -> jax.Array:
     """``blend(image, smooth(image), factor)``: 0 = blurred, 1 = identity,
     > 1 sharpened (torchvision ``adjust_sharpness``)."""
@@ -305,6 +318,7 @@ def _factor_range(fn, name, value, center, bound=None, clip_zero=True):
     return lo, hi
 
 
+@v.keeps_uint8
 def color_jitter(
     key: jax.Array, image: jax.Array, brightness: Any = 0.0, contrast: Any = 0.0, saturation: Any = 0.0, hue: Any = 0.0
 ) -> jax.Array:
@@ -341,6 +355,7 @@ def color_jitter(
     return x.astype(image.dtype)
 
 
+@v.keeps_uint8
 def random_gamma(key: jax.Array, image: jax.Array, gamma: Sequence[float] = (0.8, 1.25), gain: Any = 1.0) -> jax.Array:
     """``adjust_gamma`` with gamma log-uniform in ``gamma=(lo, hi)`` (so that
     (0.8, 1.25) brightens and darkens equally often)."""
@@ -352,6 +367,7 @@ def random_gamma(key: jax.Array, image: jax.Array, gamma: Sequence[float] = (0.8
     return adjust_gamma(image, g, gain)
 
 
+@v.keeps_uint8
 def random_grayscale(key: jax.Array, image: jax.Array, p: float = 0.1) -> jax.Array:
     """``grayscale`` with probability ``p`` (torchvision ``RandomGrayscale``)."""
     fn = "random_grayscale"

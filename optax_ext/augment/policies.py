@@ -105,6 +105,7 @@ def _geometric_branch(x, op, mag, fill, order, ids):
     return geo.warp(x, matrix, order, fill)
 
 
+@v.keeps_uint8
 def rand_augment(
     key: jax.Array,
     image: jax.Array,
@@ -234,6 +235,7 @@ def _mixing_weights(key, width, alpha):
     return g[:width] / jnp.sum(g[:width]), g[width] / (g[width] + g[width + 1])
 
 
+@v.keeps_uint8
 def augmix(
     key: jax.Array,
     image: jax.Array,

@@ -108,6 +108,7 @@ def pad_ltrb(x: jax.Array, ltrb: tuple[int, int, int, int], fill: jax.Array, pad
     return jnp.where(inside, jnp.pad(x, pads), fill.astype(x.dtype))
 
 
+@v.keeps_uint8
 def pad(image: jax.Array, padding: int | Sequence[int], fill: Any = 0.0, padding_mode: str = "constant") -> jax.Array:
     """Pads the image borders (torchvision ``F.pad`` / ``transforms.v2.Pad``).
 
@@ -137,6 +138,7 @@ def pad(image: jax.Array, padding: int | Sequence[int], fill: Any = 0.0, padding
     return pad_ltrb(jnp.asarray(image), ltrb, v.fill_vector(fn, fill, c), padding_mode)
 
 
+@v.keeps_uint8
 def crop(image: jax.Array, top: Any, left: Any, height: int, width: int) -> jax.Array:
     """The ``height`` x ``width`` window whose top-left pixel is ``(top, left)`` (torchvision ``F.crop``).
 
@@ -172,6 +174,7 @@ def center_offset(n: int, m: int) -> int:
     return round((n - m) / 2.0) if m <= n else -((m - n) // 2)
 
 
+@v.keeps_uint8
 def center_crop(image: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
     """Crops the central ``output_size`` window (torchvision ``F.center_crop`` / ``CenterCrop``).
 
@@ -284,6 +287,7 @@ def resized_output_size(fn: str, h: int, w: int, size: Any, max_size: Any) -> tu
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
+@v.keeps_uint8
 def resize(
     image: jax.Array,
     size: int | Sequence[int] | None,
