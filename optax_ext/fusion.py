@@ -29,7 +29,7 @@ import optax
 
 from optax_ext.kernels import elementwise as _elementwise
 from optax_ext.kernels import reductions
-from optax_ext.quantization import QuantizedArray
+from optax_ext.quantization import QuantizedArray, variables_inside, variables_outside
 from optax_ext.rule import ElementFn, NoScalars, PerLeaf, Rule, Scalars, scalar
 from optax_ext.tree_checks import check_trees
 
@@ -466,7 +466,8 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
         for field in rule.slots:
             tree = getattr(st, field)
             try:
-                slot = [x if isinstance(x, QuantizedArray) else jnp.asarray(x) for x in treedef.flatten_up_to(tree)]
+                flat = treedef.flatten_up_to(variables_outside(tree))
+                slot = [x if isinstance(x, QuantizedArray) else jnp.asarray(x) for x in flat]
             except (ValueError, TypeError) as e:
                 raise ValueError(
                     f"update(): {rule.name} state field {field!r} does not match the updates' tree "
@@ -520,7 +521,7 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
         if rule.readonly_slots:
             trees = [getattr(st, field) for field in rule.slots]
         else:
-            trees = [treedef.unflatten([o[j + k] for o in outs]) for k in range(len(rule.slots))]
+            trees = [variables_inside(treedef.unflatten([o[j + k] for o in outs])) for k in range(len(rule.slots))]
             j += len(rule.slots)
         new = rule.next_state(st, tuple(trees))
         if gate is not None:  # step counts and other fields: keep the old ones on a skipped step

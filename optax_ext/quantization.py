@@ -160,6 +160,54 @@ class QuantizedArray:
 # non-negative part of the map, where 0.0 is index 0).
 
 
+# --------------------------------------------------------------------------------------------
+# Flax NNX Variables around quantized state
+#
+# Given params wrapped in NNX Variables (`nnx.split(model, nnx.Param)`), a moment slot has the same
+# wrapping: each array leaf inside its Variable. A quantized moment is two arrays, so its Variable
+# wraps each of them, `QuantizedArray(Param(codes), Param(absmax))` ("inside"): that is the layout
+# `nnx.Optimizer` round-trips (a Variable holding a QuantizedArray comes back from `nnx.update`
+# as an `nnx.State` of its two arrays). To match the state against the updates' tree, which has
+# `Param(array)` at that position, the update uses the "outside" layout, `Param(QuantizedArray)`.
+
+
+def _is_variable(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def variables_outside(tree):
+    """`QuantizedArray(Variable(codes), Variable(absmax))` -> `Variable(QuantizedArray(codes, absmax))`."""
+
+    def one(x):
+        if not (_is_quantized(x) and _is_variable(x.codes)):
+            return x
+        (codes,), (absmax,) = jax.tree.leaves(x.codes), jax.tree.leaves(x.absmax)
+        return jax.tree.map(lambda _: QuantizedArray(codes, absmax, x.format), x.codes)
+
+    return jax.tree.map(one, tree, is_leaf=_is_quantized)
+
+
+def variables_inside(tree):
+    """`Variable(QuantizedArray(codes, absmax))` -> `QuantizedArray(Variable(codes), Variable(absmax))`."""
+
+    def holds_quantized(x):
+        return _is_variable(x) and any(map(_is_quantized, jax.tree.leaves(x, is_leaf=_is_quantized)))
+
+    def one(x):
+        if not holds_quantized(x):
+            return x
+        (q,) = jax.tree.leaves(x, is_leaf=_is_quantized)
+        return jax.tree.map(lambda leaf: jax.tree.map(lambda _: leaf, x, is_leaf=_is_quantized), q)
+
+    return jax.tree.map(one, tree, is_leaf=holds_quantized)
+
+
 def _levels(signed: bool):
     out, offset = [], 1
     for i in range(LEVELS):

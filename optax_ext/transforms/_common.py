@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_ext.fusion import scalar  # noqa: F401  (re-exported: one definition of a step-wide scalar's dtype)
-from optax_ext.quantization import Int8Blockwise, QuantFormat, zeros_quantized
+from optax_ext.quantization import Int8Blockwise, QuantFormat, variables_inside, zeros_quantized
+from optax_ext.quantization import _is_variable as is_variable
 
 
 def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
@@ -41,7 +42,7 @@ def zeros_like_params(params, dtype=None, fill=0.0, *, signed: bool = True):
     pass through (they are empty pytree nodes).
     """
     if isinstance(dtype, Int8Blockwise):
-        return jax.tree.map(lambda p: _quantized_like(p, dtype, fill, signed), params)
+        return jax.tree.map(lambda p: _quantized_in_wrapper(p, dtype, fill, signed), params, is_leaf=is_variable)
     dtype = None if dtype is None else jnp.dtype(dtype)
 
     def one(p):
@@ -52,6 +53,12 @@ def zeros_like_params(params, dtype=None, fill=0.0, *, signed: bool = True):
         return jnp.full(p.shape, fill, dtype or p.dtype)
 
     return jax.tree.map(one, params)
+
+
+def _quantized_in_wrapper(p, spec: Int8Blockwise, fill, signed: bool):
+    """`_quantized_like` of a leaf, or of a Flax NNX Variable's value, in the layout NNX round-trips:
+    a Variable around each array of the `QuantizedArray` (see `optax_ext.quantization.variables_inside`)."""
+    return variables_inside(jax.tree.map(lambda x: _quantized_like(x, spec, fill, signed), p))
 
 
 def _quantized_like(p, spec: Int8Blockwise, fill, signed: bool):
