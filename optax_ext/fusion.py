@@ -31,7 +31,7 @@ from optax_ext.kernels import elementwise as _elementwise
 from optax_ext.kernels import reductions
 from optax_ext.quantization import QuantizedArray, variables_inside, variables_outside
 from optax_ext.rule import ElementFn, NoScalars, PerLeaf, Rule, Scalars, scalar
-from optax_ext.tree_checks import check_trees
+from optax_ext.tree_checks import check_trees, tree_difference
 
 __all__ = [
     "ElementFn",
@@ -468,10 +468,14 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
             try:
                 flat = treedef.flatten_up_to(variables_outside(tree))
                 slot = [x if isinstance(x, QuantizedArray) else jnp.asarray(x) for x in flat]
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError):
+                where = (
+                    tree_difference(variables_outside(tree), updates, f"state.{field}", "updates", prefix=True)
+                    or "another tree structure"
+                )
                 raise ValueError(
-                    f"update(): {rule.name} state field {field!r} does not match the updates' tree "
-                    f"structure ({treedef}); was the state made by init on these params? ({e})"
+                    f"update(): {rule.name} state field {field!r} does not match the updates ({where}); "
+                    f"was the state made by init on these params?"
                 ) from None
             for (path, g), x in zip(jax.tree_util.tree_flatten_with_path(updates)[0], slot):
                 if x.shape != jnp.shape(g):

@@ -47,7 +47,7 @@ import optax
 from optax_ext import _validate as check
 from optax_ext.fusion import PerLeaf, Rule, fusable
 from optax_ext.transfer import match_by_path
-from optax_ext.transforms._common import increment, mask_leaves, per_leaf_tree, value_at, zero_count
+from optax_ext.transforms._common import increment, init_checking_mask, mask_leaves, per_leaf_tree, value_at, zero_count
 
 __all__ = [
     "EWCState",
@@ -137,7 +137,7 @@ def add_l1(strength, mask=None) -> optax.GradientTransformation:
         needs_params=True,
         scalars_type=_Strength,
     )
-    return fusable(lambda params: optax.EmptyState(), rule)
+    return fusable(init_checking_mask(lambda params: optax.EmptyState(), mask), rule)
 
 
 def l1_shrinkage(strength, learning_rate, mask=None) -> optax.GradientTransformation:
@@ -185,7 +185,7 @@ def l1_shrinkage(strength, learning_rate, mask=None) -> optax.GradientTransforma
         return optax.ScaleByScheduleState(count=increment(state.count)) if scheduled else state
 
     return fusable(
-        init,
+        init_checking_mask(init, mask),
         Rule("l1_shrinkage", state_type, (), scalars, element, next_state, needs_params=True, scalars_type=_Threshold),
     )
 
@@ -232,7 +232,7 @@ def l2_sp(strength, anchor_params, mask=None) -> optax.GradientTransformation:
         readonly_slots=True,
         scalars_type=_Strength,
     )
-    return fusable(init, rule)
+    return fusable(init_checking_mask(init, mask), rule)
 
 
 def ewc(fisher, anchor_params, strength, mask=None) -> optax.GradientTransformation:
@@ -271,7 +271,7 @@ def ewc(fisher, anchor_params, strength, mask=None) -> optax.GradientTransformat
         readonly_slots=True,
         scalars_type=_Strength,
     )
-    return fusable(init, rule)
+    return fusable(init_checking_mask(init, mask), rule)
 
 
 def fisher_diagonal(loss_fn: Callable[[Any, Any], jax.Array], params, batches: Iterable, per_example: bool = False):

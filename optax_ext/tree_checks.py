@@ -5,11 +5,74 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["check_trees"]
+__all__ = ["check_trees", "tree_difference"]
+
+_MAX_KEYS = 6  # keys listed when describing a subtree
 
 
 def is_none(x) -> bool:
     return x is None
+
+
+def _is_leaf(x) -> bool:
+    leaves = jax.tree.leaves(x)
+    return len(leaves) == 1 and leaves[0] is x
+
+
+def _children(x) -> list:
+    """[(key, child)] one level down (a leaf has none)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+    return [(path[0], child) for path, child in flat if path]
+
+
+def _key(k) -> str:
+    return jax.tree_util.keystr((k,))
+
+
+def _describe(x) -> str:
+    """What `x` is, in a few words: never its values (they may be large, or secret)."""
+    if x is None:
+        return "None"
+    if _is_leaf(x):
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return f"an array {jnp.dtype(x.dtype).name}{tuple(x.shape)}"
+        return f"a {type(x).__name__}"
+    keys = [_key(k) for k, _ in _children(x)]
+    shown = "".join(keys[:_MAX_KEYS]) + ("..." if len(keys) > _MAX_KEYS else "")
+    return f"a {type(x).__name__} with {len(keys)} entr{'y' if len(keys) == 1 else 'ies'} {shown}".rstrip()
+
+
+def tree_difference(a, b, a_name: str, b_name: str, *, prefix: bool = False, none_is_subtree: bool = False):
+    """The first place where the trees `a` and `b` differ, as one short sentence, or None.
+
+    Walks both trees together (in `b`'s key order) and names the path and what each side has there
+    (a node type, its keys, or an array's dtype and shape). With `prefix`, a leaf of `a` may stand
+    for a whole subtree of `b` (a mask); with `none_is_subtree`, so may a None of `a` (Optax's
+    None updates).
+    """
+
+    def walk(x, y, path):
+        where = f"at {a_name}{path}" if path else "at the root"
+        if (prefix and _is_leaf(x)) or (none_is_subtree and x is None):
+            return None
+        if _is_leaf(x) and _is_leaf(y):
+            return None
+        if _is_leaf(x) != _is_leaf(y) or type(x) is not type(y):
+            return f"{where}: {a_name} has {_describe(x)}, {b_name} has {_describe(y)}"
+        xs, ys = dict((_key(k), c) for k, c in _children(x)), dict((_key(k), c) for k, c in _children(y))
+        for k in ys:
+            if k not in xs:
+                return f"{where}: {b_name} has {k} ({_describe(ys[k])}), {a_name} does not"
+        for k in xs:
+            if k not in ys:
+                return f"{where}: {a_name} has {k} ({_describe(xs[k])}), {b_name} does not"
+        for k in ys:
+            found = walk(xs[k], ys[k], path + k)
+            if found:
+                return found
+        return None
+
+    return walk(a, b, "")
 
 
 def check_trees(updates, params):
@@ -27,10 +90,8 @@ def check_trees(updates, params):
     try:
         p_parts = full.flatten_up_to(params)
     except (ValueError, TypeError):
-        raise ValueError(
-            "update(): updates and params must have the same tree structure; got\n"
-            f"  updates: {jax.tree.structure(updates)}\n  params:  {jax.tree.structure(params)}"
-        ) from None
+        where = tree_difference(updates, params, "updates", "params", none_is_subtree=True)
+        raise ValueError(f"update(): updates and params must have the same tree structure; {where}.") from None
     u_parts = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)[0]
     for (path, u), p in zip(u_parts, p_parts):
         if u is None:

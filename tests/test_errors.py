@@ -124,7 +124,7 @@ CATALOGUE = [
         "mismatched trees",
         _update(ox.adamw(1e-3), grads={"w": G["w"]}),
         ValueError,
-        r"updates and params must have the same tree structure",
+        r"updates and params must have the same tree structure; at the root: params has \['b'\]",
     ),
     (
         "mismatched shapes",
@@ -136,7 +136,7 @@ CATALOGUE = [
         "mismatched trees, params=None",
         _update(ox.adam(1e-3), grads={"w": G["w"]}, params=None),
         ValueError,
-        r"state field 'mu' does not match the updates' tree structure",
+        r"state field 'mu' does not match the updates \(at the root: state.mu has \['b'\]",
     ),
     (
         "mismatched shapes, params=None",

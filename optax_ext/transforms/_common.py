@@ -9,6 +9,7 @@ import numpy as np
 from optax_ext.fusion import scalar  # noqa: F401  (re-exported: one definition of a step-wide scalar's dtype)
 from optax_ext.quantization import Int8Blockwise, QuantFormat, variables_inside, zeros_quantized
 from optax_ext.quantization import _is_variable as is_variable
+from optax_ext.tree_checks import tree_difference
 
 
 def full_like_dims(p, dims, fill=0.0, dtype=None) -> jax.Array:
@@ -105,12 +106,26 @@ def mask_leaves(mask, params) -> list[bool] | list[jax.Array]:
     mask_def = jax.tree.structure(mask)
     try:
         subtrees = mask_def.flatten_up_to(params)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"mask must have the structure of params (or a prefix of it); {e}") from None
+    except (ValueError, TypeError):
+        where = tree_difference(mask, params, "mask", "params", prefix=True) or "another tree structure"
+        raise ValueError(f"mask must have the structure of params (or a prefix of it); {where}.") from None
     out = []
     for m, sub in zip(jax.tree.leaves(mask), subtrees):
         out.extend([m] * len(jax.tree.leaves(sub)))
     return out
+
+
+def init_checking_mask(init, mask):
+    """`init`, first checking that `mask` fits the params (as Optax's masked transformations do at
+    init): a mask of the wrong structure fails where the optimizer is built, not at the first step."""
+    if mask is None or isinstance(mask, (bool, np.bool_)):
+        return init
+
+    def checked(params):
+        mask_leaves(mask, params)
+        return init(params)
+
+    return checked
 
 
 def per_leaf_tree(params, values):

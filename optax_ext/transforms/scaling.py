@@ -12,7 +12,7 @@ import optax
 from optax_ext import _validate as check
 from optax_ext.fusion import NoScalars, PerLeaf, Rule, fusable
 from optax_ext.kernels import reductions
-from optax_ext.transforms._common import increment, mask_leaves, per_leaf_tree, zero_count
+from optax_ext.transforms._common import increment, init_checking_mask, mask_leaves, per_leaf_tree, zero_count
 
 
 class _StepSize(NamedTuple):
@@ -139,7 +139,7 @@ def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0, *, mask=N
         return g * s.ratio, ()
 
     return fusable(
-        init,
+        init_checking_mask(init, mask),
         Rule(
             "scale_by_trust_ratio",
             state_type,

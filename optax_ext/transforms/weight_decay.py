@@ -16,7 +16,7 @@ import optax
 from optax_ext import _validate as check
 from optax_ext._compat import WeightDecaySchedule  # Optax's state class, not exported
 from optax_ext.fusion import PerLeaf, Rule, fusable
-from optax_ext.transforms._common import increment, mask_leaves, per_leaf_tree, value_at, zero_count
+from optax_ext.transforms._common import increment, init_checking_mask, mask_leaves, per_leaf_tree, value_at, zero_count
 
 
 class _WeightDecay(NamedTuple):
@@ -54,7 +54,7 @@ def _add_scaled_params(name: str, weight_decay, mask) -> optax.GradientTransform
         return optax.MaskedState(inner_state=inner) if mask is not None else inner
 
     return fusable(
-        init,
+        init_checking_mask(init, mask),
         Rule(name, state_type, (), scalars, element, next_state, needs_params=not is_zero, scalars_type=_WeightDecay),
     )
 
