@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from optax_ext.kernels import sharding
 from optax_ext.kernels.backend import get_backend
 from optax_ext.kernels.blocks import (
     RowLoop,  # noqa: F401  (re-exported: defined here before blocks.py, as row_mask)
@@ -269,6 +270,7 @@ def _fwd2(x, w2, b2, eps, rms):
     """Forward on (..., N) x: (y, mean or None, rstd), statistics of shape x.shape[:-1]."""
     backend = get_backend()
     if not use_pallas(backend, x, w2, b2):
+        sharding.check_whole("rms_norm" if rms else "layer_norm", x, [-1])  # as the kernels' path does
         return _fwd_xla(x, w2, b2, eps, rms)
     lead, n = x.shape[:-1], x.shape[-1]
     operands, kinds = [x, w2] + ([] if rms else [b2]), ["rows", "feat"] + ([] if rms else ["feat"])

@@ -34,7 +34,7 @@ import jax
 import jax.custom_batching
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["Rule", "may_be_sharded", "per_shard"]
+__all__ = ["Rule", "check_whole", "may_be_sharded", "per_shard"]
 
 Axes = tuple[str, ...]
 
@@ -163,12 +163,7 @@ def _explicit(fn, operands, rule: Rule, mesh):
     for factors, x, spec in zip(rule.operands, operands, specs):
         for f, axes in zip(factors, _spec_axes(spec, x.ndim)):
             if f in rule.need_replication and axes:
-                raise ValueError(
-                    f"{rule.name}: an operand of shape {x.shape} is sharded over mesh axis "
-                    f"{axes if len(axes) > 1 else axes[0]!r} along a dimension the kernel needs whole "
-                    f"(spec {spec}); reshard it with that dimension replicated "
-                    f"(jax.sharding.reshard(x, P(...)) with None there) or shard another dimension."
-                )
+                raise _split_error(rule.name, x.shape, axes, spec)
     chosen = _choose_axes(rule, [x.shape for x in operands], specs, sizes)
     in_specs = [_spec(factors, chosen) for factors in rule.operands]
     # Operands laid out otherwise than the chosen factors (e.g. replicated params beside sharded
@@ -185,6 +180,28 @@ def _explicit(fn, operands, rule: Rule, mesh):
         check_vma=False,
     )
     return list(mapped(*operands))
+
+
+def _split_error(name, shape, axes, spec) -> ValueError:
+    return ValueError(
+        f"{name}: an operand of shape {shape} is sharded over mesh axis "
+        f"{axes if len(axes) > 1 else axes[0]!r} along a dimension the kernel needs whole "
+        f"(spec {spec}); reshard it with that dimension replicated "
+        f"(jax.sharding.reshard(x, P(...)) with None there) or shard another dimension."
+    )
+
+
+def check_whole(name: str, x, dims: Sequence[int]) -> None:
+    """Under Explicit axes, the error `per_shard` gives when `x` is split along one of `dims`, for the
+    paths that do not go through it (the XLA backend): the same program fails or runs the same way on
+    every backend, and nothing is resharded behind the user's back."""
+    if explicit_mesh([x]) is None:
+        return
+    spec = jax.typeof(x).sharding.spec
+    per_dim = _spec_axes(spec, x.ndim)
+    for d in dims:
+        if per_dim[d % x.ndim]:
+            raise _split_error(name, x.shape, per_dim[d % x.ndim], spec)
 
 
 def _auto(fn, operands, rule: Rule, result_avals):
