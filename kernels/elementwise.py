@@ -128,7 +128,7 @@ def run_fused(
     through the jnp reference, per shard likewise.
     """
     name = backend or _backend.get_backend()
-    jobs, layouts = _gather_explicit_quantized(list(jobs))
+    jobs, layouts = _gather_explicit_quantized(list(jobs), name)
 
     def reference(job):
         return run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
@@ -149,13 +149,33 @@ def _reshard(x, spec):
     return jax.sharding.reshard(x, spec)
 
 
-def _gather_explicit_quantized(jobs):
-    """Quantized jobs whose arrays are sharded over Explicit axes, made whole (replicated).
+def blocks_per_row(job) -> int | None:
+    """Quantization blocks per row (first-axis slice) of a quantized job's leaf, when its rows hold
+    whole blocks of every format it uses; else None.
 
-    A quantized leaf's blocks run over its flattened elements, which a shard does not follow, so
-    it runs whole on every device (under Auto axes the partitioner gathers it the same way). Returns
-    the jobs and, per gathered job, the layout each output goes back to: its aliased input's, else
-    the leaf's (input 0).
+    Then a shard along the first axis is a run of whole blocks (its absmax a run of whole rows of the
+    (rows, blocks per row) view), so the kernel can run on each device's rows like on a leaf of its
+    own. A leaf split along another axis, or whose row length is not a multiple of the block size
+    (256 by default), does not follow the blocks: it runs whole.
+    """
+    formats = quantized_formats(job)
+    shape = jnp.shape(job.inputs[0])
+    if not formats or len(shape) < 1 or shape[0] == 0:
+        return None
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    if row == 0 or any(row % f.block_size for f in formats) or len({f.block_size for f in formats}) != 1:
+        return None
+    return row // formats[0].block_size
+
+
+def _gather_explicit_quantized(jobs, backend: str):
+    """Quantized jobs whose arrays are sharded over Explicit axes, laid out so that they can run.
+
+    On the kernels' backends a leaf whose rows hold whole blocks (`blocks_per_row`) keeps its first
+    axis' sharding (the kernel runs per shard); its other axes, and every axis of any other quantized
+    leaf (and on the XLA backend, whose reference math reshapes the flattened leaf into blocks),
+    are made whole. Returns the jobs and, per changed job, the layout each output goes back to: its
+    aliased input's, else the leaf's (input 0).
     """
     from jax.sharding import PartitionSpec
 
@@ -170,11 +190,20 @@ def _gather_explicit_quantized(jobs):
         def spec(x):
             return jax.typeof(x.codes if isinstance(x, q8.QuantizedArray) else x).sharding.spec
 
+        leaf_spec = spec(job.inputs[0])
+        first = leaf_spec[0] if len(leaf_spec) else None
+        keep = PartitionSpec(first) if backend != "xla" and blocks_per_row(job) is not None else PartitionSpec()
+
+        def relaid(x, keep=keep):
+            if isinstance(x, q8.QuantizedArray):  # absmax follows the rows: same first-axis split
+                return q8.QuantizedArray(
+                    jax.sharding.reshard(x.codes, keep), jax.sharding.reshard(x.absmax, keep), x.format
+                )
+            return jax.sharding.reshard(x, keep)
+
         source = {o: a for a, o in job.aliases.items()}
         layouts[i] = [spec(job.inputs[source.get(o, 0)]) for o in range(len(job.out_dtypes))]
-        jobs[i] = job._replace(
-            inputs=jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), list(job.inputs))
-        )
+        jobs[i] = job._replace(inputs=[relaid(x) for x in job.inputs])
     return jobs, layouts
 
 
@@ -196,42 +225,62 @@ def _run_kernels(body, jobs, shared, name):
 
     shared = jnp.asarray(shared, jnp.float32)
     jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
-    in_defs = [jax.tree.structure(list(job.inputs)) for job in jobs]
+
+    # Quantized leaves whose rows hold whole blocks pass their absmax as (rows, blocks per row), so
+    # that it splits with the codes' first axis (see blocks_per_row); the kernel sees it flat.
+    per_row = [blocks_per_row(job) for job in jobs]
+
+    def as_rows(q, bpr):
+        return q8.QuantizedArray(q.codes, q.absmax.reshape(-1, bpr), q.format) if bpr else q
+
+    def as_flat(q):
+        return q8.QuantizedArray(q.codes, q.absmax.reshape(-1), q.format)
+
+    def quantized_map(fn, xs):
+        return [fn(x) if isinstance(x, q8.QuantizedArray) else x for x in xs]
+
+    row_jobs = [
+        job._replace(inputs=quantized_map(lambda q, b=b: as_rows(q, b), job.inputs)) for job, b in zip(jobs, per_row)
+    ]
+    in_defs = [jax.tree.structure(list(job.inputs)) for job in row_jobs]
 
     def local(operands, axes):
         it = iter(operands)
         local_jobs = [
-            job._replace(inputs=d.unflatten([next(it) for _ in range(d.num_leaves)])) for job, d in zip(jobs, in_defs)
+            job._replace(inputs=quantized_map(as_flat, d.unflatten([next(it) for _ in range(d.num_leaves)])))
+            for job, d in zip(jobs, in_defs)
         ]
         local_shared = next(it)
         local_jobs = [job._replace(scalars=next(it)) for job in local_jobs]
         outs = fused_pass.fused_pass_pallas(body, local_jobs, local_shared, backend=name)
         flat = []
-        for job, o in zip(local_jobs, outs):
-            flat.extend(
-                jax.tree.leaves(
-                    o
-                    if o is not None
-                    else run_elementwise_reference(body, job.inputs, local_shared, job.scalars, job.out_dtypes)
-                )
-            )
+        for job, o, bpr in zip(local_jobs, outs, per_row):
+            if o is None:
+                o = run_elementwise_reference(body, job.inputs, local_shared, job.scalars, job.out_dtypes)
+            flat.extend(jax.tree.leaves(quantized_map(lambda q, b=bpr: as_rows(q, b), o)))
         return flat
 
     # Leaf k's inputs and outputs share its dims' factors; scalar vectors are never split. A
-    # quantized leaf's absmax runs over blocks of the flattened leaf, which a shard of the leaf does
-    # not align with: such a leaf runs whole (replicated), correct at the cost of a gather.
+    # quantized leaf's absmax runs over blocks of the flattened leaf: when its rows hold whole
+    # blocks, the absmax's (rows, blocks per row) view shares the first axis' factor and only the
+    # other axes must stay whole; otherwise a shard does not follow the blocks, and the leaf runs
+    # whole (replicated), correct at the cost of a gather.
     operands, op_factors, res_factors, res_avals, replicated = [], [], [], [], []
-    for k, job in enumerate(jobs):
+    for k, (job, bpr) in enumerate(zip(row_jobs, per_row)):
         dims = tuple(f"l{k}d{d}" for d in range(jnp.ndim(job.inputs[0])))
+        absmax_factors = (dims[0], f"l{k}q") if bpr else (f"l{k}q",)
         outs = _out_avals(job)
-        if quantized_formats(job):
+        if bpr:
+            replicated.extend(dims[1:] + (f"l{k}q",))
+            outs = [[o[0], jax.ShapeDtypeStruct((o[0].shape[0], bpr), o[1].dtype)] if len(o) > 1 else o for o in outs]
+        elif quantized_formats(job):
             replicated.extend(dims + (f"l{k}q",))
         for x in job.inputs:
             operands.extend(jax.tree.leaves(x))
-            op_factors.extend([dims, (f"l{k}q",)] if isinstance(x, q8.QuantizedArray) else [dims])
+            op_factors.extend([dims, absmax_factors] if isinstance(x, q8.QuantizedArray) else [dims])
         for o in outs:
             res_avals.extend(o)
-            res_factors.extend([dims, (f"l{k}q",)] if len(o) > 1 else [dims])
+            res_factors.extend([dims, absmax_factors] if len(o) > 1 else [dims])
     scalar_factors = ("shared",) + tuple(f"scalars{k}" for k in range(len(jobs)))
     operands += [shared] + [job.scalars for job in jobs]
     op_factors += [(f,) for f in scalar_factors]
@@ -243,7 +292,7 @@ def _run_kernels(body, jobs, shared, name):
     for job in jobs:
         results.append(
             [
-                q8.QuantizedArray(next(it), next(it), d) if isinstance(d, q8.QuantFormat) else next(it)
+                q8.QuantizedArray(next(it), next(it).reshape(-1), d) if isinstance(d, q8.QuantFormat) else next(it)
                 for d in job.out_dtypes
             ]
         )

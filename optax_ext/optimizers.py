@@ -13,8 +13,6 @@ Dettmers et al., ICLR 2022: about 1 byte per parameter per moment instead of 4),
 `update` + `optax.apply_updates`).
 """
 
-from __future__ import annotations
-
 import optax
 
 from optax_ext.fusion import FusableTransformation, chain
@@ -46,7 +44,12 @@ def _chain(kahan_sum: bool, *parts) -> FusableTransformation:
 
 
 def sgd(
-    learning_rate, momentum=None, nesterov: bool = False, accumulator_dtype=None, *, kahan_sum: bool = False
+    learning_rate: optax.ScalarOrSchedule,
+    momentum=None,
+    nesterov: bool = False,
+    accumulator_dtype=None,
+    *,
+    kahan_sum: bool = False,
 ) -> FusableTransformation:
     r"""SGD, optionally with heavy-ball or Nesterov momentum.
 
@@ -62,7 +65,7 @@ def sgd(
 
 
 def rmsprop(
-    learning_rate,
+    learning_rate: optax.ScalarOrSchedule,
     decay=0.9,
     eps=1e-8,
     initial_scale=0.0,
@@ -90,7 +93,7 @@ def rmsprop(
 
 
 def adam(
-    learning_rate,
+    learning_rate: optax.ScalarOrSchedule,
     b1=0.9,
     b2=0.999,
     eps=1e-8,
@@ -114,7 +117,7 @@ def adam(
 
 
 def adamw(
-    learning_rate,
+    learning_rate: optax.ScalarOrSchedule,
     b1=0.9,
     b2=0.999,
     eps=1e-8,
@@ -146,7 +149,7 @@ def adamw(
 
 
 def nadam(
-    learning_rate,
+    learning_rate: optax.ScalarOrSchedule,
     b1=0.9,
     b2=0.999,
     eps=1e-8,
@@ -169,7 +172,7 @@ def nadam(
 
 
 def adabelief(
-    learning_rate,
+    learning_rate: optax.ScalarOrSchedule,
     b1=0.9,
     b2=0.999,
     eps=1e-16,
@@ -195,7 +198,14 @@ def adabelief(
 
 
 def yogi(
-    learning_rate, b1=0.9, b2=0.999, eps=1e-3, *, mu_dtype=None, nu_dtype=None, kahan_sum: bool = False
+    learning_rate: optax.ScalarOrSchedule,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-3,
+    *,
+    mu_dtype=None,
+    nu_dtype=None,
+    kahan_sum: bool = False,
 ) -> FusableTransformation:
     r"""Yogi: :math:`v_t = v_{t-1} - (1-\beta_2)\mathrm{sign}(v_{t-1}-g_t^2) g_t^2`, then an Adam step.
 
@@ -210,7 +220,14 @@ def yogi(
 
 
 def lion(
-    learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *, kahan_sum: bool = False
+    learning_rate: optax.ScalarOrSchedule,
+    b1=0.9,
+    b2=0.99,
+    mu_dtype=None,
+    weight_decay=1e-3,
+    mask=None,
+    *,
+    kahan_sum: bool = False,
 ) -> FusableTransformation:
     r"""Lion: the sign of an interpolation of gradient and momentum,
 
@@ -229,7 +246,7 @@ def lion(
 
 
 def amsgrad(
-    learning_rate,
+    learning_rate: optax.ScalarOrSchedule,
     b1=0.9,
     b2=0.999,
     eps=1e-8,
@@ -254,7 +271,7 @@ def amsgrad(
 
 
 def lars(
-    learning_rate,
+    learning_rate: optax.ScalarOrSchedule,
     weight_decay=0.0,
     weight_decay_mask=True,
     trust_coefficient=0.001,
@@ -276,7 +293,9 @@ def lars(
     )
 
 
-def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0, mask=None) -> FusableTransformation:
+def lamb(
+    learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0, mask=None
+) -> FusableTransformation:
     r"""LAMB: an AdamW direction :math:`r_t = \hat m_t/(\sqrt{\hat v_t}+\epsilon) + \lambda\theta_t`, rescaled per
     leaf by :math:`\|\theta\|/\|r_t\|`: :math:`\theta_{t+1} = \theta_t - \eta_t \frac{\|\theta_t\|}{\|r_t\|} r_t`.
 
@@ -292,7 +311,7 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
 
 
 def adafactor(
-    learning_rate=None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     min_dim_size_to_factor: int = 128,
     decay_rate=0.8,
     decay_offset=0,

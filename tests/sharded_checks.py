@@ -137,7 +137,7 @@ def zero1_and_fsdp(mode):
 
 def int8_states(mode):
     """8-bit moments with sharded params: same result as one device, state laid out like the params
-    (the quantized leaves' kernels run whole: blocks of the flattened leaf do not follow shards)."""
+    (w: rows of 130 elements, no whole blocks; v: split along its second axis; both run whole)."""
     mesh = mesh_for(mode)
     params0 = make_params(jax.random.PRNGKey(5))
     grads0 = jax.tree.map(lambda x: jnp.sin(2 * x), params0)
@@ -161,6 +161,37 @@ def int8_states(mode):
                 assert laid_out(state[0].mu["w"].codes, mesh, specs["w"]), state[0].mu["w"].codes.sharding
         close(params, ref_p, rel=1e-5, what=f"{backend} params")
         close(state, ref_s, rel=1e-5, what=f"{backend} state")
+
+
+def int8_fsdp_per_shard(mode):
+    """FSDP with 8-bit moments: a leaf split along its first axis whose rows hold whole quantization
+    blocks runs per shard (no all-gather in the compiled step, codes and absmax stay split); one
+    whose rows do not (130 columns) runs whole. Both equal one device."""
+    mesh = mesh_for(mode)
+    k = jax.random.split(jax.random.PRNGKey(6), 2)
+    params0 = {"w": jax.random.normal(k[0], (1024, 512)), "r": jax.random.normal(k[1], (64, 130))}
+    grads0 = jax.tree.map(lambda x: jnp.cos(3 * x), params0)
+    specs = {"w": P("data"), "r": P("data")}
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise))
+    with ox.kernels.use_backend("interpret"):
+        ref_p, ref_s = params0, tx.init(params0)
+        for _ in range(2):
+            ref_p, ref_s = jax.jit(tx.update_and_apply)(grads0, ref_s, ref_p)
+    with jax.set_mesh(mesh), ox.kernels.use_backend("interpret"):
+        params, grads = place(params0, mesh, specs), place(grads0, mesh, specs)
+        state = jax.jit(tx.init)(params)
+        aligned = {"w": place(params0, mesh, specs)["w"]}
+        aligned_state = jax.jit(tx.init)(aligned)
+        compiled = jax.jit(tx.update_and_apply).lower(aligned, aligned_state, aligned).compile().as_text()
+        assert "all-gather" not in compiled and "all-to-all" not in compiled, "8-bit leaf gathered"
+        step = jax.jit(tx.update_and_apply)
+        for _ in range(2):
+            params, state = step(grads, state, params)
+        mu = state[1][0].mu["w"]
+        if mode == "explicit":
+            assert laid_out(mu.codes, mesh, P("data")) and laid_out(mu.absmax, mesh, P("data")), mu.absmax.sharding
+    close(params, ref_p, rel=1e-6, what="int8 fsdp params")
+    close(state, ref_s, rel=1e-6, what="int8 fsdp state")
 
 
 def init_keeps_sharding(mode):

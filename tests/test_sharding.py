@@ -25,6 +25,7 @@ CHECKS = [
     "batch_norm",
     "lowers_for_accelerators",
     "int8_states",
+    "int8_fsdp_per_shard",
 ]
 
 
