@@ -16,7 +16,11 @@ moved per parameter are counted, not measured: fp32 AdamW reads p, g, m, v and w
 device's measured copy bandwidth (y = x + 1 over 256 MiB: read + write).
 
     python benchmarks/optimizer_step.py                  # all workloads, table + benchmarks/optimizer_step.json
-    python benchmarks/optimizer_step.py --workloads small2000 --iters 20 --out /tmp/r.json
+    python benchmarks/optimizer_step.py --workloads small2000 --iters 20 --rounds 9 --out /tmp/r.json
+
+CPU ratios (Optax / optax_ext) are the median of `--rounds` interleaved rounds (>= 7 for a figure
+worth quoting), with their range: both libraries run in one process, alternately, so a slow spell
+of a shared machine hits both sides of a ratio.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# Each JAX row runs in its own process beside this one (which times the copy bandwidth and torch on the
+# The JAX rows run in a process of their own beside this one (which times the copy bandwidth and torch on the
 # same GPU): with JAX's default preallocation of 75% of GPU memory per process, the second could not start.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -113,10 +118,9 @@ def optax_step(tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench_jax_one(name, lib_name, iters, clip):
-    """Time one library's step on one workload; returns {"seconds", "compile_seconds"}."""
+def _compiled_step(lib_name, shapes, clip):
+    """One library's jitted, donated step on the workload, compiled; and its first carry."""
     lib, wrap = {"optax_ext": (ox, ours_step), "optax": (optax, optax_step)}[lib_name]
-    shapes = WORKLOADS[name]()
     params, grads = make_tree(shapes, 0), make_tree(shapes, 1)
     core = lib.adamw(1e-3, weight_decay=0.01)
     tx = lib.chain(lib.clip_by_global_norm(1.0), core) if clip else core
@@ -130,26 +134,46 @@ def bench_jax_one(name, lib_name, iters, clip):
         carry[0] = compiled(*carry[0])
         return carry[0]
 
-    t = median_seconds(step, iters)
-    return {"seconds": t, "compile_seconds": compile_s}
+    return step, compile_s
 
 
-def bench_jax(name, iters, clip):
-    """Each library in its own process: XLA's CPU compiler can abort the process outright on a
-    2,000-leaf step (LLVM runs out of mapped memory), which must not take the other row with it."""
-    results = {}
-    for lib_name in ("optax_ext", "optax"):
-        cmd = [sys.executable, __file__, "--single", name, lib_name, "--iters", str(iters)]
-        if not clip:
-            cmd.append("--no-clip")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode == 0 and lines:
-            results[lib_name] = json.loads(lines[-1])
-        else:
-            tail = [line for line in proc.stderr.splitlines() if "LLVM compilation error" not in line][-3:]
-            results[lib_name] = {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return results
+def bench_jax_pair(name, iters, rounds, clip):
+    """Both libraries on one workload, in one process, timed in interleaved rounds.
+
+    Each round times `iters` steps of each library (median of the round), alternating which goes
+    first; the ratio Optax / optax_ext is taken per round, so a slow spell of the machine hits both
+    sides of a ratio alike. Returns per library {"seconds" (median over rounds), "rounds",
+    "compile_seconds"} and "ratio": {"median", "min", "max", "rounds"}.
+    """
+    shapes = WORKLOADS[name]()
+    libs = ("optax_ext", "optax")
+    steps, out = {}, {}
+    for lib_name in libs:
+        steps[lib_name], compile_s = _compiled_step(lib_name, shapes, clip)
+        out[lib_name] = {"compile_seconds": compile_s, "rounds": []}
+    for r in range(rounds):
+        for lib_name in libs if r % 2 == 0 else libs[::-1]:
+            out[lib_name]["rounds"].append(median_seconds(steps[lib_name], iters, warmup=1))
+    for lib_name in libs:
+        out[lib_name]["seconds"] = statistics.median(out[lib_name]["rounds"])
+    ratios = [a / b for a, b in zip(out["optax"]["rounds"], out["optax_ext"]["rounds"])]
+    out["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
+    return out
+
+
+def bench_jax(name, iters, rounds, clip):
+    """Both libraries in a process of their own: XLA's CPU compiler can abort the process outright on a
+    2,000-leaf step (LLVM runs out of mapped memory), which must not take the table with it."""
+    cmd = [sys.executable, __file__, "--single", name, "--iters", str(iters), "--rounds", str(rounds)]
+    if not clip:
+        cmd.append("--no-clip")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = [line for line in proc.stderr.splitlines() if "LLVM compilation error" not in line][-3:]
+    error = {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return {"optax_ext": error, "optax": dict(error)}
 
 
 def _torch_seconds(torch, shapes, iters, clip, **adamw_kwargs):
@@ -188,15 +212,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default = ["resnet50", "gpt2", "small2000"] if jax.default_backend() != "cpu" else ["resnet50", "gpt2", "small200"]
     ap.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=default)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument(
+        "--iters", type=int, default=10, help="steps per round and library (their median is the round's time)"
+    )
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (Optax / optax_ext ratio per round)")
     ap.add_argument("--no-clip", action="store_true", help="adamw alone (28 B/param) instead of clip+adamw")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("optimizer_step.json"))
-    ap.add_argument("--single", nargs=2, metavar=("WORKLOAD", "LIB"), help=argparse.SUPPRESS)
+    ap.add_argument("--single", metavar="WORKLOAD", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     clip = not args.no_clip
     if args.single:
-        print(json.dumps(bench_jax_one(*args.single, args.iters, clip)))
+        print(json.dumps(bench_jax_pair(args.single, args.iters, args.rounds, clip)))
         return 0
     step_name = "clip+adamw" if clip else "adamw"
     bw = copy_bandwidth(args.iters)
@@ -204,7 +231,8 @@ def main(argv=None):
     for name in args.workloads:
         shapes = WORKLOADS[name]()
         n = int(sum(np.prod(s) for s in shapes))
-        res = bench_jax(name, args.iters, clip)
+        res = bench_jax(name, args.iters, args.rounds, clip)
+        ratio = res.pop("ratio", None)
         res.update(bench_torch(shapes, args.iters, clip))
         bytes_moved = n * BYTES_PER_PARAM[step_name]
         for r in res.values():
@@ -220,7 +248,8 @@ def main(argv=None):
                 "step": step_name,
                 "bytes_per_param": BYTES_PER_PARAM[step_name],
                 "results": res,
-                "optax_over_ours": res["optax"]["seconds"] / res["optax_ext"]["seconds"] if ok else None,
+                "optax_over_ours": ratio["median"] if ok else None,
+                "optax_over_ours_range": [ratio["min"], ratio["max"]] if ok else None,
             }
         )
 
@@ -245,12 +274,17 @@ def main(argv=None):
                 + (f"{r['compile_seconds']:9.2f}" if "compile_seconds" in r else f"{'':9s}")
             )
         if row["optax_over_ours"] is not None:
-            print(f"{'':10s} optax time / optax_ext time = {row['optax_over_ours']:.3f}")
+            lo, hi = row["optax_over_ours_range"]
+            print(
+                f"{'':10s} optax time / optax_ext time = {row['optax_over_ours']:.3f} "
+                f"(median of {args.rounds} interleaved rounds; {lo:.3f} to {hi:.3f})"
+            )
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "versions": versions(),
         "copy_bandwidth_gb_per_s": bw,
         "iters": args.iters,
+        "rounds": args.rounds,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
