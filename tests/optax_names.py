@@ -40,4 +40,7 @@ def _patch():
                 setattr(module, name, getattr(ox, name))
 
 
-_patch()
+def pytest_configure(config):
+    """Patch when loaded as a plugin (`-p optax_names`), not when imported for `NAMES`: importing this
+    module must not change Optax for the importing process (tests/test_optax_suite.py reads NAMES)."""
+    _patch()

@@ -111,3 +111,11 @@ def _env():
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     return env
+
+
+def test_reading_our_names_leaves_optax_alone():
+    # This module imports tests/optax_names.py for NAMES; only the plugin hook may patch Optax.
+    import optax_ext as ox
+
+    assert len(NAMES) >= 30 and "adamw" in NAMES and "scale" in NAMES
+    assert optax.adamw is not ox.adamw and optax.scale is not ox.scale
