@@ -11,17 +11,9 @@ import optax
 import pytest
 
 import optax_ext as ox
+from optax_ext.schedules import optax_signatures
 
-NAMES = [
-    "constant_schedule",
-    "cosine_decay_schedule",
-    "join_schedules",
-    "linear_schedule",
-    "piecewise_constant_schedule",
-    "polynomial_schedule",
-    "warmup_constant_schedule",
-    "warmup_cosine_decay_schedule",
-]
+NAMES = optax_signatures.__all__
 SEEDS = range(5)
 
 
