@@ -7,8 +7,8 @@ the whole array, no blocking by Pallas). The launch's 1-D grid runs over every b
 
     leaf k owns programs [start[k], start[k] + num_blocks[k]),   start[k] = sum_{j<k} num_blocks[j]
 
-Program i finds its leaf k by comparing i with the static starts (`locate`); a `lax.switch` on k
-loads block i - start[k] of leaf k's refs (`load_blocks`, masked when the leaf is not a whole
+Program i finds its leaf k by bisecting the static starts (`locate`); a switch on k (`leaf_switch`,
+a balanced tree of conds) loads block i - start[k] of leaf k's refs (`load_blocks`, masked when the leaf is not a whole
 number of blocks), the composed per-element math runs once on the loaded values, and a second
 switch stores the results into leaf k's outputs (`store_blocks`). Only loads and stores are
 repeated per leaf, so a launch's code grows by a few ops per leaf, not by a copy of the math.
@@ -23,13 +23,15 @@ with no such split into rows of at least `MIN_HUGE_COLS` elements (e.g. a prime 
 cannot be addressed; `plan` leaves it out and the caller runs it on XLA.
 
 Launch size. Each leaf adds its refs (XLA passes every buffer, input or output, as one 8-byte
-kernel argument), a branch to each switch and ~3 scalar ops to every program's leaf search. So:
-`MAX_REFS` keeps a launch's pointer arguments at 3.75 KiB, under CUDA's classic 4 KiB
-kernel-parameter limit, and `MAX_LEAVES` (64) bounds the module size and the leaf search (about
-200 scalar ops per program of the last leaf, ~12 per element of a 4096-element block, where an
-AdamW step has ~50 per element of its own and is memory-bound). An AdamW step with the update
-applied (7 refs per leaf: g, p, m, v in; p, m, v out) takes 64 leaves per launch; torch's
-`multi_tensor_apply` takes 36 (its tables share the same 4 KiB).
+kernel argument), a branch to each switch and a leaf to the search. So: `MAX_REFS` keeps a
+launch's pointer arguments at 3.75 KiB, under CUDA's classic 4 KiB kernel-parameter limit, and
+`MAX_LEAVES` (64) bounds the module size. Finding the leaf and switching on it are bisections
+(`locate`, `leaf_switch`): ceil(log2 K) scalar comparisons per program each, nested as deep,
+where an AdamW step has ~50 ops per element of a 4096-element block of its own and is
+memory-bound. (The linear chain of `lax.switch` cost ~200 scalar ops per program at K = 64 and,
+nested 64 deep, ~35 s of Triton compile time for an H100: 5 s with bisection.) An AdamW step
+with the update applied (7 refs per leaf: g, p, m, v in; p, m, v out) takes 64 leaves per
+launch; torch's `multi_tensor_apply` takes 36 (its tables share the same 4 KiB).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ __all__ = [
     "Packed",
     "Segment",
     "load_blocks",
+    "leaf_switch",
     "locate",
     "plan",
     "pow2_at_least",
@@ -169,16 +172,41 @@ def plan(
 
 
 def locate(launch: Launch) -> tuple[jax.Array, jax.Array]:
-    """Inside a kernel: (leaf, program id). The leaf is the number of starts at or below the id.
+    """Inside a kernel: (leaf, program id). The leaf is the last one whose start is at or below the id.
 
-    Static comparisons, no table in memory: O(K) scalar ops per program (and `lax.switch`'s
-    lowering, a chain of K ifs, as many again), which `MAX_LEAVES` keeps small next to a block's
-    per-element work.
+    Found by bisection over the static starts (nested `lax.cond`, no table in memory): a program
+    runs ceil(log2 K) comparisons for a launch of K leaves, and the nesting is as shallow.
     """
     i = pl.program_id(0)
-    if len(launch.segments) == 1:
+    starts = [seg.start for seg in launch.segments]
+    if len(starts) == 1:
         return jnp.int32(0), i
-    return sum((i >= seg.start).astype(jnp.int32) for seg in launch.segments[1:]), i
+
+    def leaf_in(lo: int, hi: int, i):
+        if hi - lo == 1:
+            return i * 0 + lo  # a traced value: a branch of Triton's scf.if cannot yield a literal
+        mid = (lo + hi) // 2
+        return jax.lax.cond(i >= starts[mid], functools.partial(leaf_in, mid, hi), functools.partial(leaf_in, lo, mid), i)
+
+    return leaf_in(0, len(starts), i), i
+
+
+def leaf_switch(leaf, branches: Sequence[Callable], *operands):
+    """`branches[leaf](*operands)`, as a balanced tree of `lax.cond` (ceil(log2 K) deep).
+
+    `lax.switch` lowers to a chain of K nested ifs on Pallas' Triton backend: a program of the last
+    leaf tests every case, and the nesting K deep is what Triton's compiler spends its time on (a
+    64-leaf AdamW launch took ~35 s to compile for an H100). Bisection tests log2 K cases and nests
+    log2 K deep, with the same branches.
+    """
+
+    def between(lo: int, hi: int, *ops):
+        if hi - lo == 1:
+            return branches[lo](*ops)
+        mid = (lo + hi) // 2
+        return jax.lax.cond(leaf >= mid, functools.partial(between, mid, hi), functools.partial(between, lo, mid), *ops)
+
+    return between(0, len(branches), *operands)
 
 
 class _Cursor(NamedTuple):
@@ -302,7 +330,7 @@ def load_blocks(launch: Launch, refs: Sequence[Sequence], leaf, program, *, with
     if len(refs) == 1:
         out = branch(0)(cur)
     else:
-        out = jax.lax.switch(leaf, [branch(k) for k in range(len(refs))], cur)
+        out = leaf_switch(leaf, [branch(k) for k in range(len(refs))], cur)
     values, limit = out if with_limit else (out, None)
     for j, (fmt, leaves) in packed.items():
         plain, codes, absmax = values[j]
@@ -365,7 +393,7 @@ def store_blocks(
     if len(refs) == 1:
         branch(0)(cur)
         return
-    jax.lax.switch(leaf, [branch(k) for k in range(len(refs))], cur)
+    leaf_switch(leaf, [branch(k) for k in range(len(refs))], cur)
 
 
 def _load(plt, ref, mask, other):

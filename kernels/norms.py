@@ -37,10 +37,10 @@ NORM_GPU_BLOCK = 8192
 NORM_GPU_NUM_WARPS = 8
 NORM_TPU_BLOCK_ROWS = 1024
 NORM_INTERPRET_BLOCK = 4096
-# Twice the fused pass's leaves per launch: a branch is one load, so the module stays small, and
-# finding the leaf (~3 scalar ops per leaf of the launch, see multi_tensor.locate) stays a few
-# instructions per element of an 8192-element block.
-NORM_MAX_LEAVES = 128
+# Four times the fused pass's leaves per launch (257 refs, under multi_tensor.MAX_REFS): a branch
+# is one load, so the module stays small, and finding the leaf is a bisection (8 comparisons per
+# program, see multi_tensor.locate). GPT-2 small's 148 leaves are one launch.
+NORM_MAX_LEAVES = 256
 
 
 def _validate(leaves, backend, form, block):
