@@ -13,8 +13,8 @@ f16, math in f32, as in Micikevicius et al., 2018, "Mixed Precision Training").
 
 Two forms:
   * "multi_tensor" (Triton, and the Pallas interpreter by default): up to `MAX_LEAVES` leaves per
-    launch, each leaf its own refs, one program per block of any leaf, a switch on the leaf (bisection, `multi_tensor.leaf_switch`)
-    (`optax_ext.kernels.multi_tensor`). Outputs overwrite their inputs in place
+    launch, each leaf its own refs, one program per block of any leaf, a switch on the leaf
+    (a bisection, `optax_ext.kernels.multi_tensor.leaf_switch`). Outputs overwrite their inputs in place
     (`input_output_aliases`, in place when the caller donates them under jit). A GPT-2-small
     AdamW step is 3 launches instead of 148; nothing is concatenated, sliced or padded.
   * "per_leaf" (Mosaic, TPU): one call per leaf. Mosaic pipelines BlockSpec'd refs through VMEM,

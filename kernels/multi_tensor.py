@@ -186,7 +186,9 @@ def locate(launch: Launch) -> tuple[jax.Array, jax.Array]:
         if hi - lo == 1:
             return i * 0 + lo  # a traced value: a branch of Triton's scf.if cannot yield a literal
         mid = (lo + hi) // 2
-        return jax.lax.cond(i >= starts[mid], functools.partial(leaf_in, mid, hi), functools.partial(leaf_in, lo, mid), i)
+        return jax.lax.cond(
+            i >= starts[mid], functools.partial(leaf_in, mid, hi), functools.partial(leaf_in, lo, mid), i
+        )
 
     return leaf_in(0, len(starts), i), i
 
