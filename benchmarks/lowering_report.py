@@ -23,6 +23,14 @@ and the StableHLO text is read for:
   trace+lower s  seconds to trace and lower the step (a proxy for the Python-side cost per leaf)
 Ops in private functions count once per call. A loop body counts once.
 
+Compiled for an H100 (where `optax_ext[gpu-aot]` is installed, or `--compiled yes`): the same step, ours
+and Optax's, jitted as `step(params, state, grads) -> (params, state)` with `donate_argnums=(0, 1)` (the
+donated arguments in the order of the outputs), compiled by XLA for an H100 on this machine
+(`optax_ext.kernels.aot`) and read by `ox.inspect_step` from XLA's optimized program:
+  H100 launches  fusions + custom calls (our kernels) + copies + other kernels: what the GPU launches
+  copies         copy instructions XLA inserted (0 when every donated buffer is updated in place)
+  temp B/param   XLA's temp buffers (`memory_analysis().temp_size_in_bytes`) per parameter
+
 Physical floors, bytes per parameter, fp32 params, grads and slots, update applied in the same step:
   adamw         28  read p, g, m, v; write p, m, v
   clip+adamw    32  adamw + read g once more for the global norm (needed before any update)
@@ -50,21 +58,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# Without a GPU, JAX's CUDA plugin (optax_ext[gpu-aot]) loads only with its version check skipped,
+# and only if this is set before JAX initializes its backends.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 # sibling modules: run as a script
 from _common import versions  # noqa: E402
 from optimizer_step import gpt2_small_shapes, resnet50_shapes, small_leaves_shapes  # noqa: E402
 
-import optax_ext as ox
-from optax_ext.kernels import lower_for
+import optax_ext as ox  # noqa: E402
+from optax_ext.kernels import aot, lower_for  # noqa: E402
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 COPY_OPS = ("concatenate", "slice", "pad", "dynamic_slice", "dynamic_update_slice", "gather")
@@ -77,6 +91,14 @@ OPTIMIZERS = {
     "lamb": lambda: ox.lamb(1e-3),
     "sgd-momentum": lambda: ox.sgd(1e-3, momentum=0.9),
     "adamw-int8": lambda: ox.adamw(1e-3, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise),
+}
+# The same optimizers in Optax, for the compiled-program columns (Optax has no 8-bit AdamW).
+OPTAX_OPTIMIZERS = {
+    "adamw": lambda: optax.adamw(1e-3),
+    "clip+adamw": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    "lion": lambda: optax.lion(1e-3),
+    "lamb": lambda: optax.lamb(1e-3),
+    "sgd-momentum": lambda: optax.sgd(1e-3, momentum=0.9),
 }
 # adamw-int8: g, p in (8) + p out (4) + 1-byte moments in and out (4) + an f32 absmax per 256 (~0.06).
 FLOOR_BYTES_PER_PARAM = {"adamw": 28, "clip+adamw": 32, "lion": 20, "lamb": 40, "sgd-momentum": 20, "adamw-int8": 16}
@@ -241,7 +263,37 @@ def lower_step(tx, params) -> tuple[str, float]:
     return text, seconds
 
 
-def report_one(tree: str, optimizer: str) -> dict:
+def compiled_step(tx, params, library: str) -> dict:
+    """One step of `library` ("optax_ext" or "optax"), jitted with params and state donated in the order
+    they are returned (`step(params, state, grads) -> (params, state)`, `donate_argnums=(0, 1)`), compiled
+    for an H100 (`optax_ext.kernels.aot`) and read by `ox.inspect_step`."""
+    if library == "optax_ext":
+
+        def step(params, state, grads):
+            return tx.update_and_apply(grads, state, params)
+    else:
+
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+    state = jax.eval_shape(tx.init, params)
+    t0 = time.perf_counter()
+    with ox.kernels.use_backend("triton"):
+        r = ox.inspect_step(jax.jit(step, donate_argnums=(0, 1)), params, state, params, target="h100", warn=False)
+    return {
+        "launches": r.launches,
+        "fusions": r.counts.fusions,
+        "custom_calls": r.counts.custom_calls,
+        "copies": r.copies,
+        "copied_elements_per_param": r.copied_per_param,
+        "temp_bytes_per_param": r.temp_bytes_per_param,
+        "crossed_donations": len(r.crossed),
+        "compile_seconds": time.perf_counter() - t0,
+    }
+
+
+def report_one(tree: str, optimizer: str, compiled: bool = False) -> dict:
     shapes = TREES[tree]()
     params = avals(shapes)
     n = int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes))
@@ -266,7 +318,20 @@ def report_one(tree: str, optimizer: str) -> dict:
         "unaliased_donors": stats["unaliased_donors"],
         "trace_lower_seconds": seconds,
         "stablehlo_chars": len(text),
-    }
+    } | (compiled_columns(optimizer, params) if compiled else {})
+
+
+def compiled_columns(optimizer: str, params) -> dict:
+    ours = compiled_step(OPTIMIZERS[optimizer](), params, "optax_ext")
+    theirs = compiled_step(OPTAX_OPTIMIZERS[optimizer](), params, "optax") if optimizer in OPTAX_OPTIMIZERS else None
+    out = {"h100": ours, "h100_optax": theirs}
+    out["h100_launches"] = ours["launches"]
+    out["h100_copies"] = ours["copies"]
+    out["h100_temp_bytes_per_param"] = ours["temp_bytes_per_param"]
+    out["h100_optax_launches"] = theirs["launches"] if theirs else None
+    out["h100_optax_copies"] = theirs["copies"] if theirs else None
+    out["h100_optax_temp_bytes_per_param"] = theirs["temp_bytes_per_param"] if theirs else None
+    return out
 
 
 COLUMNS = [
@@ -283,18 +348,30 @@ COLUMNS = [
     ("aliased", "aliased_inputs", "{:,d}"),
     ("trace+lower s", "trace_lower_seconds", "{:.2f}"),
 ]
+# Compiled for an H100 (optax_ext.kernels.aot): launches (fusions + custom calls + copies + other
+# kernels), copies and temp bytes per parameter of XLA's program, ours then Optax's.
+COMPILED_COLUMNS = [
+    ("H100 launches", "h100_launches", "{:,d}"),
+    ("Optax launches", "h100_optax_launches", "{:,d}"),
+    ("copies", "h100_copies", "{:,d}"),
+    ("Optax copies", "h100_optax_copies", "{:,d}"),
+    ("temp B/param", "h100_temp_bytes_per_param", "{:.3f}"),
+    ("Optax temp B/param", "h100_optax_temp_bytes_per_param", "{:.3f}"),
+]
 
 
 def markdown_table(rows: list[dict]) -> str:
+    columns = COLUMNS + (COMPILED_COLUMNS if any("h100_launches" in r for r in rows) else [])
     lines = [
-        "| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
+        "| " + " | ".join(title for title, _, _ in columns) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['tree']} | {r['optimizer']} | failed: {r['error'][:200]} |")
             continue
-        lines.append("| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |")
+        cells = [("-" if r.get(key) is None else fmt.format(r[key])) for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -310,20 +387,30 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     ap.add_argument("--smoke", action="store_true", help="the tiny tree only: runs in a few seconds")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("lowering_report.json"))
+    ap.add_argument(
+        "--compiled",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="compiled-program columns for an H100 (needs optax_ext[gpu-aot]); auto: where it is installed",
+    )
     args = ap.parse_args(argv)
     trees = args.trees or (["tiny"] if args.smoke else list(FULL_TREES))
+    compiled = args.compiled == "yes" or (args.compiled == "auto" and aot.available())
+    if args.compiled == "yes":
+        aot.target_mesh("h100")  # fail now, saying what to install, rather than in every row
 
     rows = []
     for tree in trees:
         for optimizer in args.optimizers:
             try:
-                rows.append(report_one(tree, optimizer))
+                rows.append(report_one(tree, optimizer, compiled))
             except Exception as e:  # noqa: BLE001  one configuration failing to lower is a result too
                 rows.append({"tree": tree, "optimizer": optimizer, "error": f"{type(e).__name__}: {e}"})
     info = versions()
     print(
         f"one donated update_and_apply step, backend triton lowered for cuda on {info['device']} "
         f"(jax {info['jax']}, optax_ext {info['optax_ext']}); floor: fp32 bytes per param, update applied"
+        + ("; compiled for an H100 without a GPU, ours and Optax's, donated in output order" if compiled else "")
     )
     print(markdown_table(rows))
     report = {
@@ -332,6 +419,7 @@ def main(argv=None) -> int:
         "backend": "triton",
         "lowering_platform": "cuda",
         "smoke": args.smoke,
+        "compiled_for": "h100" if compiled else None,
         "floor_bytes_per_param": FLOOR_BYTES_PER_PARAM,
         "copy_ops": list(COPY_OPS),
         "rows": rows,

@@ -71,6 +71,7 @@ from optax_ext.schedules import (
     warmup_cosine,
     warmup_cosine_decay_schedule,
 )
+from optax_ext.step_report import StepReport, inspect_step
 from optax_ext.transfer import (
     fine_tune,
     freeze,
@@ -107,6 +108,8 @@ from optax_ext.transforms.kahan import KahanSummationState, kahan_summation
 __version__ = "0.1.0"
 
 __all__ = [
+    "StepReport",
+    "inspect_step",
     # core
     "FusableTransformation",
     "NoScalars",
