@@ -104,8 +104,7 @@ def make_tree(shapes, seed, dtype=jnp.float32):
 
 def ours_step(tx):
     def step(params, state, grads):
-        params, state = tx.update_and_apply(grads, state, params)
-        return params, state, grads
+        return tx.update_and_apply(grads, state, params)
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -113,7 +112,7 @@ def ours_step(tx):
 def optax_step(tx):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, grads
+        return optax.apply_updates(params, updates), state
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -128,10 +127,10 @@ def _compiled_step(lib_name, shapes, clip):
     t0 = time.perf_counter()
     compiled = wrap(tx).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
-    carry = [(params, state, grads)]  # the step donates params and state: feed each call the last outputs
+    carry = [(params, state)]  # the step donates params and state: feed each call the last outputs
 
     def step():
-        carry[0] = compiled(*carry[0])
+        carry[0] = compiled(*carry[0], grads)
         return carry[0]
 
     return step, compile_s

@@ -111,15 +111,15 @@ def time_configs(tree_name: str, configs: list[str], iters: int, rounds: int) ->
             t0 = time.perf_counter()
             compiled = ours_step(tx).lower(params, state, grads).compile()
             out[config] = {"compile_seconds": time.perf_counter() - t0, "round_seconds": []}
-            runs[config] = (compiled, [(params, state, grads)])
+            runs[config] = (compiled, [(params, state)], grads)
         except Exception as e:  # one failing configuration must not take the table with it
             out[config] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         gc.collect()
     for _ in range(rounds):
-        for config, (compiled, carry) in runs.items():
+        for config, (compiled, carry, grads) in runs.items():
 
-            def step(compiled=compiled, carry=carry):  # donated: feed each call the last outputs
-                carry[0] = compiled(*carry[0])
+            def step(compiled=compiled, carry=carry, grads=grads):  # donated: feed each call the last outputs
+                carry[0] = compiled(*carry[0], grads)
                 return carry[0]
 
             out[config]["round_seconds"].append(median_seconds(step, iters))

@@ -44,6 +44,8 @@ class AotUnavailableError(RuntimeError):
 
 
 def _cuda_plugin_installed() -> bool:
+    if importlib.util.find_spec("jax_plugins") is None:
+        return False
     return any(importlib.util.find_spec(f"jax_plugins.xla_{v}") is not None for v in ("cuda13", "cuda12"))
 
 

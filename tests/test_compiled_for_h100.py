@@ -1,0 +1,169 @@
+"""Steps compiled by XLA for an H100 on this CPU machine (deviceless AOT): launches, copies, temp memory.
+
+Needs `optax_ext[gpu-aot]` (JAX's CUDA plugin), installed on CI's newest stack, which sets
+OPTAX_EXT_REQUIRE_GPU_AOT=1 so that these tests fail there rather than skip. Elsewhere they skip;
+the oldest stack keeps the StableHLO checks (test_kernels_lowering.py).
+"""
+
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_ext as ox
+from optax_ext.kernels import aot
+from optax_ext.step_report import count_hlo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+if not aot.available():
+    if os.environ.get("OPTAX_EXT_REQUIRE_GPU_AOT") == "1":
+        aot.target_mesh("h100")  # raises, saying what is missing
+    pytest.skip('compiling for an H100 needs optax_ext[gpu-aot] (pip install -e ".[gpu-aot]")', allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Triton backend is deprecated:DeprecationWarning")
+
+TEMP_BYTES_PER_PARAM = 0.5
+
+
+def _benchmark_module(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _avals(shapes):
+    return {f"p{i:03d}": jax.ShapeDtypeStruct(tuple(s), jnp.float32) for i, s in enumerate(shapes)}
+
+
+def _quiet_report(step, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="inspect_step")
+        return ox.inspect_step(step, *args, target="h100", **kw)
+
+
+def test_gpt2_clip_adamw_is_a_handful_of_launches_next_to_optax():
+    bench = _benchmark_module("optimizer_step")
+    params = _avals(bench.gpt2_small_shapes())
+    ours_tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3))
+    optax_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    ours = _quiet_report(bench.ours_step(ours_tx), params, jax.eval_shape(ours_tx.init, params), params)
+    theirs = _quiet_report(bench.optax_step(optax_tx), params, jax.eval_shape(optax_tx.init, params), params)
+    # 148 leaves: one norm launch (256 leaves a launch), three fused-pass launches (64 a launch) and
+    # XLA's scalar fusions (step count, norm of the partial sums, the stacked step scalars).
+    assert ours.counts.custom_calls == 4
+    assert ours.launches <= 8, str(ours)
+    assert theirs.launches >= 148, str(theirs)  # at least one fusion per leaf
+    for r in (ours, theirs):
+        assert r.copies == 0 and r.temp_bytes_per_param <= TEMP_BYTES_PER_PARAM, str(r)
+
+
+def test_crossed_donation_order_is_caught_on_the_h100_program():
+    bench = _benchmark_module("optimizer_step")
+    params = _avals(bench.gpt2_small_shapes()[:20])
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3))
+
+    def step(grads, state, params):
+        return tx.update_and_apply(grads, state, params)
+
+    with pytest.warns(UserWarning, match="donate_argnums"):
+        r = ox.inspect_step(
+            jax.jit(step, donate_argnums=(1, 2)), params, jax.eval_shape(tx.init, params), params, target="h100"
+        )
+    # params, mu and nu come back crossed; XLA copies each leaf's buffers to undo it.
+    assert r.copied_per_param >= 4.0 and r.temp_bytes_per_param > TEMP_BYTES_PER_PARAM
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: ox.adamw(1e-3),
+        lambda: ox.lion(1e-4),
+        lambda: ox.sgd(1e-2, momentum=0.9),
+        lambda: ox.lamb(1e-3),
+        lambda: ox.adamw(1e-3, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise),
+    ],
+    ids=["adamw", "lion", "sgd-momentum", "lamb", "adamw-int8"],
+)
+def test_benchmark_steps_update_in_place(optimizer):
+    bench = _benchmark_module("optimizer_step")
+    params = _avals([(), (7,), (129, 257), (1000,), (3, 5, 7), (768, 768), (50_000,)])
+    tx = optimizer()
+    r = _quiet_report(bench.ours_step(tx), params, jax.eval_shape(tx.init, params), params)
+    assert r.copies == 0 and r.temp_bytes_per_param <= TEMP_BYTES_PER_PARAM, str(r)
+    assert r.counts.custom_calls >= 1  # the Pallas kernels were compiled for the target, not left to XLA
+
+
+def _training_step_reports(step, no_update_step, *args):
+    """(the step's report, temp bytes the optimizer adds over the same forward/backward without an update)."""
+    full = _quiet_report(step, *args)
+    base = _quiet_report(no_update_step, *args)
+    return full, (full.temp_bytes - base.temp_bytes) / full.params
+
+
+def test_readme_example_step():
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Example.*?```python\n(.*?)```", readme, re.S).group(1)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    params, opt_state = ns["params"], ns["opt_state"]
+    x = jax.ShapeDtypeStruct((128, 784), jnp.float32)
+    y = jax.ShapeDtypeStruct((128,), jnp.int32)
+    graphdef = ns["graphdef"]
+
+    @jax.jit
+    def gradients_only(params, opt_state, x, y):
+        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(x), y).mean()
+        return jax.value_and_grad(loss_fn)(params)
+
+    report, added = _training_step_reports(ns["train_step"], gradients_only, params, opt_state, x, y)
+    assert report.copies == 0, str(report)
+    assert report.params == 784 * 10 + 10
+    assert added <= TEMP_BYTES_PER_PARAM, (added, str(report))
+
+
+def test_demo_train_step():
+    from optax_ext import train
+
+    model = train.ConvNet(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = train.OPTIMIZERS["adamw"](1e-3, train.DEFAULT_WEIGHT_DECAY)
+    opt_state = tx.init(params)
+    x = jax.ShapeDtypeStruct((64, 8, 8, 1), jnp.float32)
+    y = jax.ShapeDtypeStruct((64,), jnp.int32)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+    @jax.jit
+    def gradients_only(params, opt_state, x, y, key):
+        return jax.value_and_grad(lambda p: train.cross_entropy(nnx.merge(graphdef, p)(x), y))(params)
+
+    step = train.make_train_step(graphdef, tx)
+    report, added = _training_step_reports(step, gradients_only, params, opt_state, x, y, key)
+    assert report.copies == 0, str(report)
+    assert added <= TEMP_BYTES_PER_PARAM, (added, str(report))
+
+
+def test_layer_norm_forward_and_backward_compile():
+    from optax_ext.kernels import layer_norm
+
+    x = jax.ShapeDtypeStruct((512, 768), jnp.float32)
+    w = jax.ShapeDtypeStruct((768,), jnp.float32)
+
+    def loss(x, scale, bias):
+        return jnp.sum(layer_norm.layer_norm(x, scale, bias) ** 2)
+
+    with ox.kernels.use_backend("triton"):
+        compiled = aot.compile_for(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, w, w)
+    counts = count_hlo(compiled.as_text())
+    assert counts.custom_calls >= 2  # the forward and backward kernels, compiled for sm_90
+    assert np.isfinite(compiled.memory_analysis().temp_size_in_bytes)
