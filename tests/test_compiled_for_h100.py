@@ -84,31 +84,39 @@ def test_crossed_donation_order_is_caught_on_the_h100_program():
     assert r.copied_per_param >= 4.0 and r.temp_bytes_per_param > TEMP_BYTES_PER_PARAM
 
 
+# LAMB's trust ratio needs a leaf's whole update before any of it is applied: pass 1 stores the
+# update u (4 B/param of temp), pass 2 applies it (see the floors in benchmarks/lowering_report.py).
 @pytest.mark.parametrize(
-    "optimizer",
+    "optimizer, update_bytes",
     [
-        lambda: ox.adamw(1e-3),
-        lambda: ox.lion(1e-4),
-        lambda: ox.sgd(1e-2, momentum=0.9),
-        lambda: ox.lamb(1e-3),
-        lambda: ox.adamw(1e-3, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise),
+        (lambda: ox.adamw(1e-3), 0),
+        (lambda: ox.lion(1e-4), 0),
+        (lambda: ox.sgd(1e-2, momentum=0.9), 0),
+        (lambda: ox.lamb(1e-3), 4),
+        (lambda: ox.adamw(1e-3, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise), 0),
     ],
     ids=["adamw", "lion", "sgd-momentum", "lamb", "adamw-int8"],
 )
-def test_benchmark_steps_update_in_place(optimizer):
+def test_benchmark_steps_update_in_place(optimizer, update_bytes):
     bench = _benchmark_module("optimizer_step")
     params = _avals([(), (7,), (129, 257), (1000,), (3, 5, 7), (768, 768), (50_000,)])
     tx = optimizer()
     r = _quiet_report(bench.ours_step(tx), params, jax.eval_shape(tx.init, params), params)
-    assert r.copies == 0 and r.temp_bytes_per_param <= TEMP_BYTES_PER_PARAM, str(r)
+    assert r.copies == 0 and r.temp_bytes_per_param <= TEMP_BYTES_PER_PARAM + update_bytes, str(r)
     assert r.counts.custom_calls >= 1  # the Pallas kernels were compiled for the target, not left to XLA
 
 
-def _training_step_reports(step, no_update_step, *args):
-    """(the step's report, temp bytes the optimizer adds over the same forward/backward without an update)."""
+def _training_step_reports(step, gradients_only, *args):
+    """(the step's report, temp bytes per parameter the optimizer adds).
+
+    Measured against the same forward and backward pass without an update (`gradients_only`, which
+    returns the gradients): a full step must hold the gradients in temp memory where that one returns
+    them, so they are counted out (4 B per f32 parameter); what is left is the optimizer's own.
+    """
     full = _quiet_report(step, *args)
-    base = _quiet_report(no_update_step, *args)
-    return full, (full.temp_bytes - base.temp_bytes) / full.params
+    base = _quiet_report(gradients_only, *args)
+    grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(args[0]))
+    return full, (full.temp_bytes - base.temp_bytes - grad_bytes) / full.params
 
 
 def test_readme_example_step():
