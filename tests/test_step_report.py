@@ -118,7 +118,10 @@ def test_params_argument_sets_the_denominator():
     assert ox.inspect_step(good, params, state, params, params={"a": jnp.zeros((3, 4))}).params == 12
 
 
-HLO = """HloModule jit_step, is_scheduled=true, input_output_alias={ {0}: (2, {}, may-alias), {1}: (0, {}, may-alias) }, entry_computation_layout={(f32[8]{0}, f32[8]{0}, f32[4,2]{1,0})->(f32[4,2]{1,0}, f32[8]{0})}
+HLO = (
+    "HloModule jit_step, is_scheduled=true, input_output_alias={ {0}: (2, {}, may-alias), {1}: (0, {}, may-alias) }, "
+    "entry_computation_layout={(f32[8]{0}, f32[8]{0}, f32[4,2]{1,0})->(f32[4,2]{1,0}, f32[8]{0})}"
+    """
 
 %fused_add (p0: f32[8], p1: f32[8]) -> f32[8] {
   %p0 = f32[8]{0} parameter(0)
@@ -156,6 +159,7 @@ ENTRY %main (a: f32[8], b: f32[8], c: f32[4,2]) -> (f32[4,2], f32[8]) {
   ROOT %out = (f32[4,2]{1,0}, f32[8]{0}) tuple(%copy, %s)
 }
 """
+)
 
 
 def test_count_hlo_on_a_module_written_by_hand():
