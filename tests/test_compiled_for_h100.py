@@ -5,6 +5,7 @@ OPTAX_EXT_REQUIRE_GPU_AOT=1 so that these tests fail there rather than skip. Els
 the oldest stack keeps the StableHLO checks (test_kernels_lowering.py).
 """
 
+import functools
 import os
 import re
 import sys
@@ -175,3 +176,53 @@ def test_layer_norm_forward_and_backward_compile():
     counts = count_hlo(compiled.as_text())
     assert counts.custom_calls >= 2  # the forward and backward kernels, compiled for sm_90
     assert np.isfinite(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def test_notebook_step_patterns_update_in_place():
+    """The two step shapes the notebooks use beyond the README's: configurations stacked and vmapped
+    (optimizers.ipynb, regularization.ipynb: traced learning rates and decays), and a step that also
+    donates BatchNorm statistics (normalization.ipynb)."""
+    n = 4
+    params = {"W": jax.ShapeDtypeStruct((n, 64, 10), jnp.float32), "b": jax.ShapeDtypeStruct((n, 10), jnp.float32)}
+    x, y = jax.ShapeDtypeStruct((32, 64), jnp.float32), jax.ShapeDtypeStruct((32,), jnp.int32)
+    rates = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+    def make(lr, wd):
+        return ox.adamw(lr, weight_decay=wd)
+
+    def one_step(p, s, x, y, lr, wd):
+        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(x @ p["W"] + p["b"], y).mean()
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        p, s = make(lr, wd).update_and_apply(g, s, p)
+        return p, s, loss
+
+    state = jax.eval_shape(jax.vmap(lambda p, lr, wd: make(lr, wd).init(p)), params, rates, rates)
+    stacked = jax.jit(jax.vmap(one_step, in_axes=(0, 0, None, None, 0, 0)), donate_argnums=(0, 1))
+    r = _quiet_report(stacked, params, state, x, y, rates, rates)
+    assert r.copies == 0 and r.crossed == () and r.counts.custom_calls >= 1, str(r)
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(64, 128, rngs=rngs)
+            self.bn = ox.nn.BatchNorm(128, rngs=rngs)
+            self.l2 = nnx.Linear(128, 10, rngs=rngs)
+
+        def __call__(self, x, train=True):
+            return self.l2(nnx.relu(self.bn(self.l1(x), use_running_average=not train)))
+
+    graphdef, params, stats = nnx.split(MLP(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    tx = ox.adam(1e-3)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, opt_state, stats, x, y):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, stats, copy=True)
+            loss = optax.softmax_cross_entropy_with_integer_labels(model(x, train=True), y).mean()
+            return loss, nnx.state(model, nnx.BatchStat)
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        params, opt_state = tx.update_and_apply(grads, opt_state, params)
+        return params, opt_state, stats, loss
+
+    r = _quiet_report(step, params, tx.init(params), stats, x, y)
+    assert r.copies == 0 and r.crossed == () and r.counts.custom_calls >= 2, str(r)  # BN kernels + the update
