@@ -406,6 +406,7 @@ def main(argv=None) -> int:
                 rows.append(report_one(tree, optimizer, compiled))
             except Exception as e:  # noqa: BLE001  one configuration failing to lower is a result too
                 rows.append({"tree": tree, "optimizer": optimizer, "error": f"{type(e).__name__}: {e}"})
+            print(f"  done: {tree} {optimizer}", file=sys.stderr, flush=True)  # progress: rows can take minutes
     info = versions()
     print(
         f"one donated update_and_apply step, backend triton lowered for cuda on {info['device']} "
