@@ -75,7 +75,7 @@ import optax  # noqa: E402
 
 # sibling modules: run as a script
 from _common import versions  # noqa: E402
-from optimizer_step import gpt2_small_shapes, resnet50_shapes, small_leaves_shapes  # noqa: E402
+from optimizer_step import gpt2_small_shapes, optax_step, ours_step, resnet50_shapes, small_leaves_shapes  # noqa: E402
 
 import optax_ext as ox  # noqa: E402
 from optax_ext.kernels import aot, lower_for  # noqa: E402
@@ -267,20 +267,11 @@ def compiled_step(tx, params, library: str) -> dict:
     """One step of `library` ("optax_ext" or "optax"), jitted with params and state donated in the order
     they are returned (`step(params, state, grads) -> (params, state)`, `donate_argnums=(0, 1)`), compiled
     for an H100 (`optax_ext.kernels.aot`) and read by `ox.inspect_step`."""
-    if library == "optax_ext":
-
-        def step(params, state, grads):
-            return tx.update_and_apply(grads, state, params)
-    else:
-
-        def step(params, state, grads):
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
+    step = (ours_step if library == "optax_ext" else optax_step)(tx)
     state = jax.eval_shape(tx.init, params)
     t0 = time.perf_counter()
     with ox.kernels.use_backend("triton"):
-        r = ox.inspect_step(jax.jit(step, donate_argnums=(0, 1)), params, state, params, target="h100", warn=False)
+        r = ox.inspect_step(step, params, state, params, target="h100", warn=False)
     return {
         "launches": r.launches,
         "fusions": r.counts.fusions,
@@ -325,12 +316,9 @@ def compiled_columns(optimizer: str, params) -> dict:
     ours = compiled_step(OPTIMIZERS[optimizer](), params, "optax_ext")
     theirs = compiled_step(OPTAX_OPTIMIZERS[optimizer](), params, "optax") if optimizer in OPTAX_OPTIMIZERS else None
     out = {"h100": ours, "h100_optax": theirs}
-    out["h100_launches"] = ours["launches"]
-    out["h100_copies"] = ours["copies"]
-    out["h100_temp_bytes_per_param"] = ours["temp_bytes_per_param"]
-    out["h100_optax_launches"] = theirs["launches"] if theirs else None
-    out["h100_optax_copies"] = theirs["copies"] if theirs else None
-    out["h100_optax_temp_bytes_per_param"] = theirs["temp_bytes_per_param"] if theirs else None
+    for key in ("launches", "copies", "temp_bytes_per_param"):
+        out[f"h100_{key}"] = ours[key]
+        out[f"h100_optax_{key}"] = theirs[key] if theirs else None
     return out
 
 

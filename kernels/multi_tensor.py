@@ -7,10 +7,11 @@ the whole array, no blocking by Pallas). The launch's 1-D grid runs over every b
 
     leaf k owns programs [start[k], start[k] + num_blocks[k]),   start[k] = sum_{j<k} num_blocks[j]
 
-Program i finds its leaf k by bisecting the static starts (`locate`); a switch on k (`leaf_switch`,
-a balanced tree of conds) loads block i - start[k] of leaf k's refs (`load_blocks`, masked when the leaf is not a whole
-number of blocks), the composed per-element math runs once on the loaded values, and a second
-switch stores the results into leaf k's outputs (`store_blocks`). Only loads and stores are
+Program i finds its leaf k by bisecting the static starts (`locate`); a switch on k
+(`leaf_switch`, a balanced tree of conds) loads block i - start[k] of leaf k's refs
+(`load_blocks`, masked when the leaf is not a whole number of blocks), the composed
+per-element math runs once on the loaded values, and a second switch stores the results into
+leaf k's outputs (`store_blocks`). Only loads and stores are
 repeated per leaf, so a launch's code grows by a few ops per leaf, not by a copy of the math.
 Nothing is concatenated, sliced or padded: every element is read once and written once, and
 per-leaf scalars (a mask, a trust ratio) stay one value per leaf, read from a small table.
@@ -171,44 +172,44 @@ def plan(
     return launches
 
 
+def _bisect(num: int, at_or_above: Callable, leaf_branch: Callable, *operands):
+    """`leaf_branch(k, *operands)` for the leaf k that `at_or_above(mid)` (a traced bool: "k >= mid")
+    singles out among `num`, by a balanced tree of `lax.cond`: ceil(log2 num) tests, nested as deep."""
+
+    def between(lo: int, hi: int, *ops):
+        if hi - lo == 1:
+            return leaf_branch(lo, *ops)
+        mid = (lo + hi) // 2
+        return jax.lax.cond(
+            at_or_above(mid), functools.partial(between, mid, hi), functools.partial(between, lo, mid), *ops
+        )
+
+    return between(0, num, *operands)
+
+
 def locate(launch: Launch) -> tuple[jax.Array, jax.Array]:
     """Inside a kernel: (leaf, program id). The leaf is the last one whose start is at or below the id.
 
-    Found by bisection over the static starts (nested `lax.cond`, no table in memory): a program
-    runs ceil(log2 K) comparisons for a launch of K leaves, and the nesting is as shallow.
+    Found by bisection over the static starts (`_bisect`, no table in memory): a program runs
+    ceil(log2 K) comparisons for a launch of K leaves, and the nesting is as shallow.
     """
     i = pl.program_id(0)
     starts = [seg.start for seg in launch.segments]
     if len(starts) == 1:
         return jnp.int32(0), i
-
-    def leaf_in(lo: int, hi: int, i):
-        if hi - lo == 1:
-            return i * 0 + lo  # a traced value: a branch of Triton's scf.if cannot yield a literal
-        mid = (lo + hi) // 2
-        return jax.lax.cond(
-            i >= starts[mid], functools.partial(leaf_in, mid, hi), functools.partial(leaf_in, lo, mid), i
-        )
-
-    return leaf_in(0, len(starts), i), i
+    # `i * 0 + k`: a traced value, since a branch of Triton's scf.if cannot yield a literal.
+    return _bisect(len(starts), lambda mid: i >= starts[mid], lambda k, i: i * 0 + k, i), i
 
 
 def leaf_switch(leaf, branches: Sequence[Callable], *operands):
-    """`branches[leaf](*operands)`, as a balanced tree of `lax.cond` (ceil(log2 K) deep).
+    """`branches[leaf](*operands)`, as a balanced tree of `lax.cond` (ceil(log2 K) deep, `_bisect`).
 
     `lax.switch` lowers to a chain of K nested ifs on Pallas' Triton backend: a program of the last
     leaf tests every case, and the nesting K deep is what Triton's compiler spends its time on (a
     64-leaf AdamW launch took ~35 s to compile for an H100). Bisection tests log2 K cases and nests
     log2 K deep, with the same branches.
     """
-
-    def between(lo: int, hi: int, *ops):
-        if hi - lo == 1:
-            return branches[lo](*ops)
-        mid = (lo + hi) // 2
-        return jax.lax.cond(leaf >= mid, functools.partial(between, mid, hi), functools.partial(between, lo, mid), *ops)
-
-    return between(0, len(branches), *operands)
+    return _bisect(len(branches), lambda mid: leaf >= mid, lambda k, *ops: branches[k](*ops), *operands)
 
 
 class _Cursor(NamedTuple):

@@ -225,20 +225,18 @@ def inspect_step(step: Callable, *args, target: str | None = None, params=None, 
     """
     jitted = step if hasattr(step, "trace") else jax.jit(step)
     if target is None:
-        traced = jitted.trace(*args)
-        compiled = traced.lower().compile()
+        compiled = jitted.trace(*args).lower().compile()
         where = jax.devices()[0].device_kind
     else:
         from optax_ext.kernels import aot
 
         compiled = aot.compile_for(jitted, *args, target=target)
-        traced = None
         where = target
     counts = count_hlo(compiled.as_text())
     memory = compiled.memory_analysis()
     temp = int(getattr(memory, "temp_size_in_bytes", 0)) if memory is not None else 0
 
-    out_struct = jax.eval_shape(jitted, *args) if traced is None else traced.out_info
+    out_struct = compiled.out_info
     out_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(out_struct)[0]]
     in_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
     out_drop = 1 if isinstance(out_struct, (tuple, list)) else 0
