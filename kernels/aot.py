@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_ext.kernels.backend import use_backend
+from optax_ext.kernels.backend import explicit_backend, use_backend
 
 __all__ = ["TARGETS", "AotUnavailableError", "available", "compile_for", "target_mesh"]
 
@@ -86,7 +86,7 @@ def compile_for(
     fn: Callable,
     *args,
     target: str = "h100",
-    backend: str | None = "triton",
+    backend: str | None = "default",
     donate_argnums: int | Sequence[int] = (),
 ) -> jax.stages.Compiled:
     """`fn` traced on `args` and compiled by XLA for the GPU `target`, on this machine.
@@ -97,7 +97,9 @@ def compile_for(
       *args: its arguments: arrays or `jax.ShapeDtypeStruct`s (only shapes and dtypes matter;
         nothing is allocated). Other leaves (Python scalars) pass through.
       target: a name in `TARGETS`.
-      backend: the kernel backend to trace with ("triton", the CUDA default; None: the one in force).
+      backend: the kernel backend to trace with. "default": one chosen with `use_backend` or
+        `OPTAX_EXT_BACKEND`, else "triton" (the Triton kernels' step; pass "mosaic_gpu" for the
+        Mosaic GPU backend, the default on an H100 with jax >= 0.12); None: `get_backend()`.
       donate_argnums: for a plain `fn`, as for `jax.jit`.
 
     Raises `AotUnavailableError` (saying what to install or set) where this cannot run.
@@ -118,6 +120,8 @@ def compile_for(
 
     args = jax.tree.map(on_target, args)
     jitted = fn if hasattr(fn, "trace") else jax.jit(fn, donate_argnums=donate_argnums)
+    if backend == "default":
+        backend = explicit_backend() or "triton"
     kernels = use_backend(backend) if backend is not None else contextlib.nullcontext()
     with kernels, jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return jitted.trace(*args).lower().compile()

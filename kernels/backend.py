@@ -1,9 +1,17 @@
-"""Which engine runs the kernels: Triton (CUDA), Mosaic (TPU), the Pallas interpreter, or XLA.
+"""Which engine runs the kernels: Mosaic GPU or Triton (CUDA), Mosaic (TPU), an interpreter, or XLA.
 
 The backend is read when a function is *traced*. Resolution order: `use_backend(...)` context,
 then the `OPTAX_EXT_BACKEND` environment variable (read and checked once, when this module is
 imported: a bad value fails there, not deep inside a trace), then the platform of JAX's default
-device (cuda/rocm -> "triton", tpu -> "mosaic", anything else -> "xla").
+device: cuda -> "mosaic_gpu" on a GPU Mosaic GPU supports (compute capability 9.0 or newer:
+Hopper, Blackwell; JAX documents Mosaic GPU for those) with jax >= 0.12, else "triton" (Pallas'
+Triton backend, deprecated since jax 0.11); rocm -> "triton"; tpu -> "mosaic"; anything else -> "xla".
+
+Backends: "xla" (no Pallas: jnp that XLA fuses), "triton", "mosaic_gpu", "mosaic" (TPU), and two
+interpreters that run the kernels on any device: "interpret" (the generic Pallas interpreter, the
+Triton kernels' code path), "mosaic_gpu_interpret" (Mosaic GPU's own interpreter,
+`plgpu.InterpretGPUParams`: TMA copies, barriers and SMEM as on the GPU). Ops without a kernel
+for a backend run their jnp math there (today: LayerNorm, RMSNorm and BatchNorm on "mosaic_gpu").
 
 `use_backend` is a `jax.make_user_context`: its value is part of `jax.jit`'s cache key, so a
 function jitted under one backend is traced again, not silently reused, under another.
@@ -17,8 +25,16 @@ from collections.abc import Iterator
 
 import jax
 
-BACKENDS = ("xla", "interpret", "triton", "mosaic")
-"""Valid backend names. `interpret` runs the Pallas kernels in the Pallas interpreter (any device)."""
+BACKENDS = ("xla", "interpret", "triton", "mosaic", "mosaic_gpu", "mosaic_gpu_interpret")
+"""Valid backend names (see the module docstring)."""
+
+MOSAIC_GPU_BACKENDS = ("mosaic_gpu", "mosaic_gpu_interpret")
+
+MOSAIC_GPU_MIN_JAX = (0, 12)
+"""The oldest jax the Mosaic GPU kernels are written and tested against (`plgpu.kernel` with
+`jax.new_ref` operands, `plgpu.InterpretGPUParams`)."""
+
+MOSAIC_GPU_MIN_CAPABILITY = (9, 0)
 
 ENV_VAR = "OPTAX_EXT_BACKEND"
 
@@ -40,10 +56,44 @@ _ENVIRONMENT = _from_environment()
 _override = jax.make_user_context(default_value=None)
 
 
+def is_mosaic_gpu(name: str) -> bool:
+    """True for the Mosaic GPU backend and its interpreter."""
+    return name in MOSAIC_GPU_BACKENDS
+
+
+def mosaic_gpu_available() -> bool:
+    """Whether the installed jax has the Mosaic GPU API our kernels use (jax >= `MOSAIC_GPU_MIN_JAX`)."""
+    from optax_ext.kernels._compat import JAX_VERSION
+
+    return JAX_VERSION[:2] >= MOSAIC_GPU_MIN_JAX
+
+
+def require_mosaic_gpu(name: str) -> None:
+    """Raise a clear error when backend `name` is a Mosaic GPU one and this jax is too old for it."""
+    if is_mosaic_gpu(name) and not mosaic_gpu_available():
+        raise RuntimeError(
+            f"backend {name!r} needs jax >= {'.'.join(map(str, MOSAIC_GPU_MIN_JAX))} (installed: {jax.__version__}); "
+            f"upgrade jax, or use the 'triton' backend (OPTAX_EXT_BACKEND=triton) on this version."
+        )
+
+
+def _cuda_default() -> str:
+    """ "mosaic_gpu" where this jax has it and the GPU is one it supports (Hopper or newer), else "triton"."""
+    if not mosaic_gpu_available():
+        return "triton"
+    try:
+        capability = tuple(int(p) for p in str(jax.devices()[0].compute_capability).split(".")[:2])
+    except (AttributeError, ValueError):
+        return "triton"
+    return "mosaic_gpu" if capability >= MOSAIC_GPU_MIN_CAPABILITY else "triton"
+
+
 def platform_backend() -> str:
     """The backend JAX's default device calls for, ignoring any override."""
     platform = jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
+    if platform in ("gpu", "cuda"):
+        return _cuda_default()
+    if platform == "rocm":
         return "triton"
     if platform == "tpu":
         return "mosaic"
@@ -58,6 +108,11 @@ def get_backend() -> str:
     if _ENVIRONMENT is not None:
         return _ENVIRONMENT
     return platform_backend()
+
+
+def explicit_backend() -> str | None:
+    """The backend chosen with `use_backend` or `OPTAX_EXT_BACKEND`, or None (the platform's applies)."""
+    return _override.value if _override.value is not None else _ENVIRONMENT
 
 
 @contextlib.contextmanager

@@ -81,7 +81,7 @@ LANES = 128
 INTERPRET_BLOCK = 4096
 
 FORMS = ("multi_tensor", "per_leaf")
-BACKENDS = ("interpret", "triton", "mosaic")
+BACKENDS = ("interpret", "triton", "mosaic", "mosaic_gpu", "mosaic_gpu_interpret")
 
 
 class ScalarRef:
@@ -106,11 +106,13 @@ def default_form(backend: str) -> str:
 
 def _validate(jobs: Sequence[Job], shared, backend: str, form: str, block):
     if backend not in BACKENDS:
-        raise ValueError(f"fused_pass_pallas(backend={backend!r}): expected 'interpret', 'triton' or 'mosaic'.")
+        raise ValueError(f"fused_pass_pallas(backend={backend!r}): expected one of {', '.join(BACKENDS)}.")
     if form not in FORMS:
         raise ValueError(f"fused_pass_pallas(form={form!r}): expected 'multi_tensor' or 'per_leaf'.")
     if form == "multi_tensor" and backend == "mosaic":
         raise ValueError("fused_pass_pallas(form='multi_tensor'): Mosaic runs the 'per_leaf' form (see module doc).")
+    if form == "per_leaf" and _backend.is_mosaic_gpu(backend):
+        raise ValueError(f"fused_pass_pallas(form='per_leaf'): backend {backend!r} runs the 'multi_tensor' form.")
     if block is not None and (not isinstance(block, int) or block < 1):
         raise ValueError(f"fused_pass_pallas(block={block!r}): expected a positive int.")
     if block is not None and form == "multi_tensor" and block & (block - 1):
@@ -363,7 +365,9 @@ def fused_pass_pallas(
       jobs: one `Job` per leaf; every job has the same number of inputs, outputs and scalars. Input
         dtypes, output dtypes and shapes may differ between jobs.
       shared: 1-D f32 vector of step-wide values (may be empty).
-      backend: "interpret" (Pallas interpreter, any device), "triton" or "mosaic".
+      backend: "interpret" (Pallas interpreter, any device), "triton", "mosaic", "mosaic_gpu" or
+        "mosaic_gpu_interpret" (Mosaic GPU's interpreter, any device; see
+        `optax_ext.kernels.fused_pass_mosaic_gpu`).
       form: "multi_tensor" or "per_leaf" (see the module docstring); default: per backend.
       block: elements per program (multi_tensor, a power of 2) or rows per block (per_leaf, a
         multiple of 8; 1-D views use `block * 128` elements); default: the tunables above.
@@ -378,6 +382,11 @@ def fused_pass_pallas(
     _validate(jobs, shared, backend, form, block)
     shared = jnp.asarray(shared, jnp.float32)
     jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
+    if _backend.is_mosaic_gpu(backend):
+        from optax_ext.kernels.fused_pass_mosaic_gpu import fused_pass_mosaic_gpu
+
+        _backend.require_mosaic_gpu(backend)
+        return fused_pass_mosaic_gpu(body, jobs, shared, interpret=backend == "mosaic_gpu_interpret", block=block)
     results: list = [None] * len(jobs)
     kernel_jobs = []  # indices of the jobs the multi-tensor launches take
     for i, job in enumerate(jobs):

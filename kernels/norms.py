@@ -45,7 +45,10 @@ NORM_MAX_LEAVES = 256
 
 def _validate(leaves, backend, form, block):
     if backend not in BACKENDS:
-        raise ValueError(f"leaf_sq_norms_pallas(backend={backend!r}): expected 'interpret', 'triton' or 'mosaic'.")
+        raise ValueError(f"leaf_sq_norms_pallas(backend={backend!r}): expected one of {', '.join(BACKENDS)}.")
+    if form == "per_leaf" and _backend.is_mosaic_gpu(backend):
+        raise ValueError(f"leaf_sq_norms_pallas(form='per_leaf'): backend {backend!r} runs the 'multi_tensor' form.")
+    _backend.require_mosaic_gpu(backend)
     if form not in FORMS:
         raise ValueError(f"leaf_sq_norms_pallas(form={form!r}): expected 'multi_tensor' or 'per_leaf'.")
     if form == "multi_tensor" and backend == "mosaic":
@@ -87,11 +90,18 @@ def _multi_tensor_kernel(launch: mt.Launch, count_nonfinite: bool):
     return kernel
 
 
-def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> list[tuple[mt.Launch, list]]:
-    """Per launch, its plan and `[partials]` (+ `nonfinite` partials): the sums of program j's block."""
+def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> list[tuple[mt.Launch, list, list]]:
+    """Per launch: its plan, its leaves (indices into `leaves`) and `[partials]` (+ `nonfinite`
+    partials): the sums of program j's block. Mosaic GPU groups leaves by dtype, so a launch's
+    leaves need not be consecutive."""
     params = (
         _backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1) if backend == "triton" else None
     )
+    if _backend.is_mosaic_gpu(backend):
+        from optax_ext.kernels import norms_mosaic_gpu
+
+        interpret = backend == "mosaic_gpu_interpret"
+        return norms_mosaic_gpu.partials(leaves, interpret=interpret, block=block, count_nonfinite=count_nonfinite)
     outputs = 2 if count_nonfinite else 1
     out = []
     for launch in mt.plan([x.size for x in leaves], 1, block, extra_refs=outputs, max_leaves=NORM_MAX_LEAVES):
@@ -106,7 +116,7 @@ def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> lis
             compiler_params=params,
             name=f"sq_norm_{len(launch.leaves)}_leaves",
         )(*[jnp.reshape(leaves[i], seg.view) for i, seg in zip(launch.leaves, launch.segments)])
-        out.append((launch, list(partials)))
+        out.append((launch, list(launch.leaves), list(partials)))
     return out
 
 
@@ -184,8 +194,10 @@ def leaf_sq_norms_pallas(
                 sums[i] = _per_leaf_sq_norm(x, backend, rows)
     else:
         b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
-        for launch, (partials,) in _multi_tensor_partials(leaves, backend, b):
-            for i, seg in zip(launch.leaves, launch.segments):
+        if _backend.is_mosaic_gpu(backend):
+            b = block  # its own default (norms_mosaic_gpu)
+        for launch, members, (partials,) in _multi_tensor_partials(leaves, backend, b):
+            for i, seg in zip(members, launch.segments):
                 sums[i] = jnp.sum(partials[seg.start : seg.start + launch.num_blocks(seg)])
     # Empty leaves, and a huge leaf the kernels cannot address, in jnp.
     return [s if s is not None else _reference(x) for s, x in zip(sums, leaves)]
@@ -218,11 +230,13 @@ def global_sq_norm_pallas(
                 covered.add(i)
     else:
         b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
-        for launch, partials in _multi_tensor_partials(leaves, backend, b, count_nonfinite):
+        if _backend.is_mosaic_gpu(backend):
+            b = block  # its own default (norms_mosaic_gpu)
+        for _, members, partials in _multi_tensor_partials(leaves, backend, b, count_nonfinite):
             total = total + jnp.sum(partials[0])
             if count_nonfinite:
                 count = count + jnp.sum(partials[1])
-            covered.update(launch.leaves)
+            covered.update(members)
     for i, x in enumerate(leaves):
         if i not in covered:
             total = total + _reference(x)

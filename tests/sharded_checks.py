@@ -21,6 +21,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_ext as ox  # noqa: E402
 from optax_ext.kernels import batch_norm as bn_kernels  # noqa: E402
+
+# The kernels' backend of the optimizer checks (fused_step, lamb_step, zero1_and_fsdp): the Pallas
+# interpreter, or e.g. "mosaic_gpu_interpret" (test_sharding.py runs some checks on each).
+KERNELS = os.environ.get("SHARDED_CHECKS_BACKEND", "interpret")
 from optax_ext.kernels import layer_norm as ln_kernels  # noqa: E402
 
 
@@ -74,12 +78,12 @@ def fused_step(mode):
     params0 = make_params(jax.random.PRNGKey(0))
     grads0 = jax.tree.map(lambda x: 3.0 * jnp.cos(x), params0)
     make_tx = lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, weight_decay=0.1))
-    with ox.kernels.use_backend("interpret"):
+    with ox.kernels.use_backend(KERNELS):
         tx = make_tx()
         ref_p, ref_s = params0, tx.init(params0)
         for _ in range(3):
             ref_p, ref_s = jax.jit(tx.update_and_apply)(grads0, ref_s, ref_p)
-    with jax.set_mesh(mesh), ox.kernels.use_backend("interpret"):
+    with jax.set_mesh(mesh), ox.kernels.use_backend(KERNELS):
         tx = make_tx()
         params, grads = place(params0, mesh, PARAM_SPECS), place(grads0, mesh, PARAM_SPECS)
         state = jax.jit(tx.init)(params)
@@ -101,10 +105,10 @@ def lamb_step(mode):
     mesh = mesh_for(mode)
     params0 = make_params(jax.random.PRNGKey(1))
     grads0 = jax.tree.map(lambda x: jnp.sin(3 * x), params0)
-    with ox.kernels.use_backend("interpret"):
+    with ox.kernels.use_backend(KERNELS):
         tx = ox.lamb(1e-2, weight_decay=0.01)
         ref, _ = jax.jit(tx.update_and_apply)(grads0, tx.init(params0), params0)
-    with jax.set_mesh(mesh), ox.kernels.use_backend("interpret"):
+    with jax.set_mesh(mesh), ox.kernels.use_backend(KERNELS):
         params, grads = place(params0, mesh, PARAM_SPECS), place(grads0, mesh, PARAM_SPECS)
         step = jax.jit(tx.update_and_apply)
         compiled = step.lower(grads, tx.init(params), params).compile().as_text()
@@ -119,11 +123,11 @@ def zero1_and_fsdp(mode):
     params0 = {"w": jax.random.normal(jax.random.PRNGKey(2), (64, 96)), "b": jnp.linspace(-1, 1, 96)}
     grads0 = jax.tree.map(lambda x: jnp.tanh(x) + 0.5, params0)
     tx = ox.chain(ox.clip_by_global_norm(0.5), ox.adamw(1e-2, weight_decay=0.1))
-    with ox.kernels.use_backend("interpret"):
+    with ox.kernels.use_backend(KERNELS):
         ref, ref_s = jax.jit(tx.update_and_apply)(grads0, tx.init(params0), params0)
     sharded = {"w": P("data"), "b": P("data")}
     replicated = {"w": P(), "b": P()}
-    with jax.set_mesh(mesh), ox.kernels.use_backend("interpret"):
+    with jax.set_mesh(mesh), ox.kernels.use_backend(KERNELS):
         for p_specs, s_specs in [(replicated, sharded), (sharded, sharded)]:
             params, grads = place(params0, mesh, p_specs), place(grads0, mesh, p_specs)
             state = tx.init(place(params0, mesh, s_specs))  # moments laid out like sharded params
@@ -334,10 +338,10 @@ def lowers_for_accelerators(mode):
     with jax.set_mesh(mesh):
         params = place(make_params(jax.random.PRNGKey(0)), mesh, PARAM_SPECS)
         state = tx.init(params)
-        for backend, platform, marker in [
-            ("triton", "cuda", "__gpu$xla.gpu.triton"),
-            ("mosaic", "tpu", "tpu_custom_call"),
-        ]:
+        backends = [("triton", "cuda", "__gpu$xla.gpu.triton"), ("mosaic", "tpu", "tpu_custom_call")]
+        if ox.kernels.backend.mosaic_gpu_available():
+            backends.append(("mosaic_gpu", "cuda", "mosaic_gpu_v2"))
+        for backend, platform, marker in backends:
             step = lambda g, s, p: tx.update_and_apply(g, s, p)
             lowered = ox.kernels.lower_for(step, params, state, params, platform=platform, backend=backend, mesh=mesh)
             text = lowered.as_text()

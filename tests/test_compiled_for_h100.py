@@ -69,6 +69,19 @@ def test_gpt2_clip_adamw_is_a_handful_of_launches_next_to_optax():
         assert r.copies == 0 and r.temp_bytes_per_param <= TEMP_BYTES_PER_PARAM, str(r)
 
 
+@pytest.mark.skipif(not ox.kernels.backend.mosaic_gpu_available(), reason="Mosaic GPU kernels need jax >= 0.12")
+def test_gpt2_clip_adamw_on_mosaic_gpu():
+    """The step on the Mosaic GPU backend: 4 kernels (1 norm launch, 3 fused-pass launches), and it
+    compiles: ptxas rejects a kernel whose TMA descriptors overflow its parameter space."""
+    bench = _benchmark_module("optimizer_step")
+    params = _avals(bench.gpt2_small_shapes())
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3))
+    with ox.kernels.use_backend("mosaic_gpu"):
+        r = _quiet_report(bench.ours_step(tx), params, jax.eval_shape(tx.init, params), params)
+    assert r.counts.custom_calls == 4 and r.launches <= 8, str(r)
+    assert r.copies == 0 and r.temp_bytes_per_param <= TEMP_BYTES_PER_PARAM, str(r)
+
+
 def test_crossed_donation_order_is_caught_on_the_h100_program():
     bench = _benchmark_module("optimizer_step")
     params = _avals(bench.gpt2_small_shapes()[:20])

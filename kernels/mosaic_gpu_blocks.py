@@ -1,0 +1,176 @@
+"""The block machinery of the Mosaic GPU kernels: many leaves per launch, moved by TMA through SMEM.
+
+Mosaic GPU (JAX's maintained Pallas backend for NVIDIA GPUs) programs a thread block per grid
+point with explicit memory spaces: leaves stay in global memory (GMEM) and a block is copied into
+shared memory (SMEM) by the Tensor Memory Accelerator (TMA), computed on in registers, written back
+to SMEM and copied out by TMA. The multi-tensor plan is the one of `optax_ext.kernels.multi_tensor`
+(a 1-D grid over every block of every leaf); what differs is how a block moves, and that finding
+the leaf and switching on it are a sum of comparisons and one `lax.switch` (`locate`, `_switch`):
+
+  * Only the copies switch on the leaf. Every leaf of a launch shares one SMEM buffer per operand,
+    so `copy_in`/`copy_out` issue leaf k's TMA copies inside `leaf_switch` and everything between
+    them (the loads from SMEM, the math, the stores to SMEM) is emitted once per launch.
+  * No masks. A TMA copy clips at the array's end: elements past it read as zero and are not
+    written. A ragged leaf, a 0-d leaf, a leaf smaller than a block need no special case.
+  * A TMA box has at most 256 elements per dimension, so a block of `B` elements is `B / CHUNK`
+    1-D copies of `CHUNK` = 256 elements into the rows of a (B / 256, 256) SMEM buffer; one barrier
+    counts them all (`num_arrivals` = copies per block).
+
+Leaves stay 1-D views (a free reshape): TMA coordinates are int32, so a leaf over `mt.INDEX_LIMIT`
+elements is left to the caller (XLA). Leaves of a launch share SMEM buffers, so they share dtypes
+too: `plan` groups leaves by the dtypes of their operands first (one launch for a model stored in
+one dtype).
+
+Requires jax >= 0.12 (`plgpu.kernel` with `jax.new_ref` operands for in-place outputs, and Mosaic
+GPU's interpreter `plgpu.InterpretGPUParams`, the API this module is written and tested against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from optax_ext.kernels import multi_tensor as mt
+
+__all__ = ["CHUNK", "MAX_TMA_REFS", "copy_in", "copy_out", "locate", "plan_by_dtype", "run_kernel"]
+
+CHUNK = 256
+"""Elements per TMA copy (a TMA box has at most 256 elements per dimension); also the smallest block."""
+
+GRID_AXIS = "blocks"
+
+MAX_TMA_REFS = 240
+"""Refs a launch copies with TMA. Each gets a 128-byte TMA descriptor among the kernel's parameters,
+and a kernel's parameters are at most 32,764 bytes (ptxas: "uses too much parameter space" at 270
+descriptors). An AdamW launch (g, p, m, v: outputs reuse their input's ref) takes 59 leaves."""
+
+
+def locate(launch: mt.Launch) -> tuple[jax.Array, jax.Array]:
+    """Inside a kernel: (leaf, block index). The leaf is the number of later leaves' starts at or
+    below the index: K - 1 scalar comparisons, no branch (see `_switch` for why not a bisection)."""
+    i = jax.lax.axis_index(GRID_AXIS)
+    leaf = jnp.int32(0)
+    for seg in launch.segments[1:]:
+        leaf = leaf + (i >= seg.start).astype(jnp.int32)
+    return leaf, i
+
+
+def _first(launch: mt.Launch, k: int, program):
+    """The first element of leaf k's current block."""
+    return (program - launch.segments[k].start) * launch.block
+
+
+def _for_each_chunk(launch: mt.Launch, chunk) -> None:
+    """`chunk(c, None)` for each `CHUNK` of a block, as a loop: the copy code is emitted once per
+    leaf and operand, not once per chunk (Mosaic GPU's lowering time grows with every copy site)."""
+    n = launch.block // CHUNK
+    if n == 1:
+        chunk(0, None)
+    else:
+        jax.lax.fori_loop(0, n, chunk, None)
+
+
+def copy_in(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, barrier, leaf, program) -> None:
+    """Start the TMA copies of leaf `leaf`'s current block of each operand (`refs[k][j]`) into `smem[j]`.
+
+    `barrier` (`num_arrivals` = len(smem) * block / CHUNK) completes when all have landed.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def branch(k):
+        def issue():
+            def chunk(c, carry):
+                index = pl.ds(_first(launch, k, program) + c * CHUNK, CHUNK)
+                for ref, buf in zip(refs[k], smem):
+                    plgpu.copy_gmem_to_smem(ref.at[index], buf.at[c], barrier)
+                return carry
+
+            _for_each_chunk(launch, chunk)
+
+        return issue
+
+    _switch(leaf, [branch(k) for k in range(len(refs))])
+
+
+def copy_out(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, program) -> None:
+    """Copy `smem[j]` into leaf `leaf`'s current block of `refs[k][j]` (TMA; clipped at the leaf's end)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.commit_smem()  # make the register -> SMEM stores visible to the TMA unit
+
+    def branch(k):
+        def issue():
+            def chunk(c, carry):
+                index = pl.ds(_first(launch, k, program) + c * CHUNK, CHUNK)
+                for ref, buf in zip(refs[k], smem):
+                    plgpu.copy_smem_to_gmem(buf.at[c], ref.at[index])
+                return carry
+
+            _for_each_chunk(launch, chunk)
+
+        return issue
+
+    _switch(leaf, [branch(k) for k in range(len(refs))])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _switch(leaf, branches: Sequence[Callable]) -> None:
+    """`branches[leaf]()` as one `lax.switch`: Mosaic GPU lowers it to a single `scf.index_switch`
+    (a jump, not the chain of ifs Triton makes of it). Not a bisection of `lax.cond`s, as on Triton:
+    Mosaic GPU lowers the first branch of every cond twice (once to learn its result types), which
+    nested log2 K deep lowers a K-leaf switch's code ~K^1.6 times."""
+    if len(branches) == 1:
+        branches[0]()
+    else:
+        jax.lax.switch(leaf, branches)
+
+
+def plan_by_dtype(
+    signatures: Sequence[tuple], sizes: Sequence[int], refs_per_leaf, block: int, **kwargs
+) -> list[tuple[tuple, mt.Launch, list[int]]]:
+    """Launches for leaves grouped by `signatures[i]` (their operands' dtypes), in order within a group.
+
+    Returns (signature, launch, leaf indices into the caller's list) per launch; the launch's own
+    `leaves` index into that list. Blocks are at least `CHUNK`.
+    """
+    refs = [refs_per_leaf] * len(sizes) if isinstance(refs_per_leaf, int) else list(refs_per_leaf)
+    groups: dict[tuple, list[int]] = {}
+    for i, sig in enumerate(signatures):
+        groups.setdefault(sig, []).append(i)
+    out = []
+    for sig, members in groups.items():
+        for launch in mt.plan(
+            [sizes[i] for i in members],
+            [refs[i] for i in members],
+            block,
+            min_block=CHUNK,
+            max_refs=MAX_TMA_REFS,
+            **kwargs,
+        ):
+            out.append((sig, launch, [members[j] for j in launch.leaves]))
+    return out
+
+
+def smem_block(launch: mt.Launch, dtype):
+    """The SMEM scratch type of one operand's block: (block / CHUNK, CHUNK) of `dtype`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.SMEM((launch.block // CHUNK, CHUNK), jnp.dtype(dtype))
+
+
+def run_kernel(body, launch: mt.Launch, operands, out_type, scratch, *, interpret: bool, name: str):
+    """`plgpu.kernel(body)` over the launch's blocks, in Mosaic GPU's interpreter when `interpret`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(launch.num_programs,),
+        grid_names=(GRID_AXIS,),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name=name,
+    )(*operands)

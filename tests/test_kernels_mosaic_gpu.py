@@ -1,0 +1,298 @@
+"""The Mosaic GPU backend: its kernels in Mosaic GPU's own interpreter against XLA, and lowered for CUDA.
+
+`mosaic_gpu_interpret` runs the very kernels the "mosaic_gpu" backend lowers (TMA copies, barriers,
+SMEM) in `plgpu.InterpretGPUParams`, on the CPU. Lowering checks count `mosaic_gpu_v2` custom calls
+in the StableHLO for an abstract H100. Needs jax >= 0.12 (`backend.MOSAIC_GPU_MIN_JAX`); on older jax
+only the error test runs.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_ext as ox
+from optax_ext.kernels import backend as kb
+from optax_ext.kernels import lower_for, use_backend
+from optax_ext.kernels.elementwise import Job, run_elementwise_reference
+from optax_ext.kernels.fused_pass import fused_pass_pallas
+from optax_ext.kernels.norms import global_sq_norm_pallas, leaf_sq_norms_pallas
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from lowering_report import analyze_stablehlo  # noqa: E402
+
+needs_mosaic_gpu = pytest.mark.skipif(not kb.mosaic_gpu_available(), reason="Mosaic GPU kernels need jax >= 0.12")
+
+# The issue's ragged tree: 0-d, tiny, around one 128/256 boundary, 3-D, 2-D odd, and leaves over one block.
+SHAPES = [(), (1,), (7,), (127,), (129,), (1000,), (3, 5, 7), (129, 257), (5000,)]
+MARKER = "mosaic_gpu_v2"
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def adam_body(xs, shared, leaf):
+    g, p, m, v = xs
+    m = shared[0] * m + shared[1] * g
+    v = shared[2] * v + shared[3] * (g * g)
+    u = m / (jnp.sqrt(v) + shared[4])
+    return [p - shared[5] * (u + leaf[0] * p), m, v]
+
+
+SHARED = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 1e-2], jnp.float32)
+
+
+def _jobs(key, shapes, dtypes):
+    jobs = []
+    for k, (shape, (g_dt, p_dt)) in enumerate(zip(shapes, dtypes)):
+        ks = jax.random.split(jax.random.fold_in(key, k), 4)
+        g, p = (jax.random.normal(ks[i], shape).astype(d) for i, d in ((0, g_dt), (1, p_dt)))
+        m = jax.random.normal(ks[2], shape, jnp.float32)
+        v = jnp.abs(jax.random.normal(ks[3], shape, jnp.float32))
+        jobs.append(
+            Job([g, p, m, v], [p_dt, jnp.float32, jnp.float32], jnp.array([0.01 * (k + 1)]), {1: 0, 2: 1, 3: 2})
+        )
+    return jobs
+
+
+@needs_mosaic_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fused_pass_matches_reference(key, dtype):
+    # Mixed storage in one call: every other leaf keeps f32 params (two launches, grouped by dtype).
+    dtypes = [(dtype, dtype if k % 2 else jnp.float32) for k in range(len(SHAPES))]
+    jobs = _jobs(key, SHAPES, dtypes)
+    got = fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic_gpu_interpret")
+    for job, outs in zip(jobs, got):
+        want = run_elementwise_reference(adam_body, job.inputs, SHARED, job.scalars, job.out_dtypes)
+        for o, w in zip(outs, want):
+            assert o.shape == w.shape and o.dtype == w.dtype
+            np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
+
+
+@needs_mosaic_gpu
+def test_fused_pass_outputs_without_aliases_and_scalars(key):
+    x = jax.random.normal(key, (3000,))
+    jobs = [
+        Job([x], [jnp.float16, jnp.float32], jnp.zeros((0,))),
+        Job([x[:5]], [jnp.float16, jnp.float32], jnp.zeros((0,))),
+    ]
+
+    def body(xs, s, t):
+        return [jnp.clip(xs[0], -1.0, 1.0), xs[0] * 2.0]
+
+    got = fused_pass_pallas(body, jobs, jnp.zeros((0,)), backend="mosaic_gpu_interpret")
+    for job, outs in zip(jobs, got):
+        np.testing.assert_array_equal(outs[0], jnp.clip(job.inputs[0], -1, 1).astype(jnp.float16))
+        np.testing.assert_array_equal(outs[1], job.inputs[0] * 2)
+
+
+@needs_mosaic_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_norms_match_reference(key, dtype):
+    leaves = [jax.random.normal(jax.random.fold_in(key, k), s).astype(dtype) for k, s in enumerate(SHAPES)]
+    want = [jnp.sum(jnp.asarray(x, jnp.float64 if jax.config.x64_enabled else jnp.float32) ** 2) for x in leaves]
+    got = leaf_sq_norms_pallas(leaves, backend="mosaic_gpu_interpret")
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6)
+    leaves[5] = leaves[5].at[3].set(jnp.nan).at[7].set(jnp.inf)
+    total, count = global_sq_norm_pallas(leaves, backend="mosaic_gpu_interpret", count_nonfinite=True)
+    assert int(count) == 2 and not jnp.isfinite(total)
+    finite = global_sq_norm_pallas(leaves[:5] + leaves[6:], backend="mosaic_gpu_interpret")
+    np.testing.assert_allclose(finite, sum(want[:5] + want[6:]), rtol=2e-6)
+
+
+def _tree(key, dtype):
+    ks = jax.random.split(key, 2 * len(SHAPES))
+    params = {f"p{i}": jax.random.normal(ks[i], s).astype(dtype) for i, s in enumerate(SHAPES)}
+    grads = [
+        {
+            k: jax.random.normal(jax.random.fold_in(ks[len(SHAPES) + t], i), v.shape).astype(dtype)
+            for i, (k, v) in enumerate(params.items())
+        }
+        for t in range(3)
+    ]
+    return params, grads
+
+
+def _train(tx, params, grads, backend):
+    def step(p, s, g):  # a fresh function per backend: the backend is read at trace time
+        return tx.update_and_apply(g, s, p)
+
+    with use_backend(backend):
+        step = jax.jit(step, donate_argnums=(0, 1))
+        state = tx.init(jax.tree.map(jnp.copy, params))
+        p = jax.tree.map(jnp.copy, params)
+        for g in grads:
+            p, state = step(p, state, g)
+    return p, state
+
+
+def _relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+OPTIMIZERS = {
+    "clip_adamw": lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, weight_decay=0.1)),
+    "apply_if_finite_adam": lambda: ox.apply_if_finite(ox.adam(1e-2), 3),
+    "lamb": lambda: ox.lamb(1e-2, weight_decay=0.01),
+    "lion": lambda: ox.lion(1e-3, weight_decay=0.01),
+    "sgd_momentum": lambda: ox.sgd(0.05, momentum=0.9),
+    "adamw_kahan": lambda: ox.adamw(1e-2, weight_decay=0.05, kahan_sum=True),
+}
+
+
+@needs_mosaic_gpu
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizers_match_xla(key, name):
+    params, grads = _tree(key, jnp.float32)
+    p_mg, s_mg = _train(OPTIMIZERS[name](), params, grads, "mosaic_gpu_interpret")
+    p_x, s_x = _train(OPTIMIZERS[name](), params, grads, "xla")
+    for a, b in zip(jax.tree.leaves((p_mg, s_mg)), jax.tree.leaves((p_x, s_x))):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _relative_error(a, b) <= 1e-6
+
+
+@needs_mosaic_gpu
+def test_clip_adamw_bf16_params(key):
+    params, grads = _tree(key, jnp.bfloat16)
+    p_mg, _ = _train(OPTIMIZERS["clip_adamw"](), params, grads, "mosaic_gpu_interpret")
+    p_x, _ = _train(OPTIMIZERS["clip_adamw"](), params, grads, "xla")
+    for a, b in zip(jax.tree.leaves(p_mg), jax.tree.leaves(p_x)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 * 2.0**-8, atol=1e-3)
+
+
+@needs_mosaic_gpu
+def test_int8_states_run_on_xla_beside_the_kernels(key):
+    params, grads = _tree(key, jnp.float32)
+    tx = lambda: ox.adamw(1e-2, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise)  # noqa: E731
+    p_mg, _ = _train(tx(), params, grads, "mosaic_gpu_interpret")
+    p_x, _ = _train(tx(), params, grads, "xla")
+    for a, b in zip(jax.tree.leaves(p_mg), jax.tree.leaves(p_x)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+
+
+def _gpt2_small():
+    d, v, ctx = 768, 50257, 1024
+    shapes = [(v, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    shapes += [(d,), (d,)]
+    return {f"p{i:03d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)}
+
+
+def _lower_step(tx, params):
+    state = jax.eval_shape(tx.init, params)
+
+    def step(params, state, grads):
+        return tx.update_and_apply(grads, state, params)
+
+    return lower_for(
+        step, params, state, params, platform="cuda", backend="mosaic_gpu", donate_argnums=(0, 1)
+    ).as_text()
+
+
+@needs_mosaic_gpu
+def test_fused_pass_lowers_to_one_mosaic_gpu_call_per_launch():
+    grads = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in SHAPES]
+    state = [[jax.ShapeDtypeStruct(s, d) for d in (jnp.bfloat16, jnp.float32, jnp.float32)] for s in SHAPES]
+
+    def f(grads, state):
+        jobs = [
+            Job([g, *pmv], [jnp.bfloat16, jnp.float32, jnp.float32], jnp.full((1,), 0.01 * k), {1: 0, 2: 1, 3: 2})
+            for k, (g, pmv) in enumerate(zip(grads, state))
+        ]
+        return fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic_gpu")
+
+    text = lower_for(f, grads, state, platform="cuda", backend="mosaic_gpu", donate_argnums=(1,)).as_text()
+    assert text.count(MARKER) == 1 and TRITON not in text
+    stats = analyze_stablehlo(text)
+    # Only the scalar vectors are built (the shared 6 padded to 8, the 9 leaf scalars into 12): no leaf data.
+    assert stats["copied_elements"] <= 8 + 9 + 12 and stats["unaliased_donors"] == 0, stats["copied_elements_by_op"]
+
+
+@needs_mosaic_gpu
+@pytest.mark.slow
+def test_gpt2_clip_adamw_step_on_mosaic_gpu():
+    params = _gpt2_small()
+    text = _lower_step(ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), params)
+    # One norm launch (256 leaves) and ceil(148 / 59) fused-pass launches (59 AdamW leaves fill a
+    # launch's TMA descriptors, mosaic_gpu_blocks.MAX_TMA_REFS); no Triton call.
+    assert text.count(MARKER) == 1 + 3
+    assert TRITON not in text
+    n = sum(x.size for x in jax.tree.leaves(params))
+    stats = analyze_stablehlo(text)
+    assert stats["kernel_bytes"] / n <= 33, stats["kernel_bytes"] / n
+    assert stats["copied_elements"] / n <= 0.01 and stats["unaliased_donors"] == 0
+
+
+@needs_mosaic_gpu
+def test_layer_norm_on_mosaic_gpu_runs_its_jnp_math_without_triton():
+    """LayerNorm has no Mosaic GPU kernel yet: on this backend it is XLA's, never a (deprecated) Triton call."""
+    x = jax.ShapeDtypeStruct((64, 768), jnp.float32)
+    w = jax.ShapeDtypeStruct((768,), jnp.float32)
+
+    def loss(x, w, b):
+        return jnp.sum(ox.kernels.layer_norm.layer_norm(x, w, b) ** 2)
+
+    text = lower_for(jax.grad(loss, argnums=(0, 1, 2)), x, w, w, platform="cuda", backend="mosaic_gpu").as_text()
+    assert TRITON not in text and MARKER not in text
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def test_mosaic_gpu_on_old_jax_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(kb, "mosaic_gpu_available", lambda: False)
+    x = jnp.ones((10,))
+    with pytest.raises(RuntimeError, match=r"backend 'mosaic_gpu' needs jax >= 0\.12.*'triton'"):
+        fused_pass_pallas(adam_body, [Job([x] * 4, [jnp.float32] * 3, jnp.zeros((1,)))], SHARED, backend="mosaic_gpu")
+    with pytest.raises(RuntimeError, match="needs jax"):
+        global_sq_norm_pallas([x], backend="mosaic_gpu_interpret")
+
+
+class _FakeGPU:
+    def __init__(self, capability):
+        self.compute_capability = capability
+
+
+@pytest.mark.parametrize(
+    "capability,available,expected",
+    [("9.0", True, "mosaic_gpu"), ("10.0", True, "mosaic_gpu"), ("8.0", True, "triton"), ("9.0", False, "triton")],
+)
+def test_cuda_default_backend(monkeypatch, capability, available, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [_FakeGPU(capability)])
+    monkeypatch.setattr(kb, "mosaic_gpu_available", lambda: available)
+    assert kb.platform_backend() == expected
+
+
+def test_rocm_default_backend_is_triton(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "rocm")
+    assert kb.platform_backend() == "triton"
+
+
+@needs_mosaic_gpu
+def test_default_cuda_path_emits_no_deprecation_warning(recwarn):
+    params = {"w": jax.ShapeDtypeStruct((300, 129), jnp.float32), "b": jax.ShapeDtypeStruct((129,), jnp.float32)}
+    _lower_step(ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), params)
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning) and "Triton" in str(w.message)]
+
+
+@needs_mosaic_gpu
+def test_optax_update_under_mosaic_gpu_interpret_matches_optax(key):
+    params, grads = _tree(key, jnp.float32)
+    tx = ox.adamw(1e-2, weight_decay=0.05)
+    ref = optax.adamw(1e-2, weight_decay=0.05)
+    p, s = _train(tx, params, grads, "mosaic_gpu_interpret")
+    q, r = params, ref.init(params)
+    for g in grads:
+        u, r = ref.update(g, r, q)
+        q = optax.apply_updates(q, u)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
