@@ -23,7 +23,8 @@ import optax_ext as ox  # noqa: E402
 from optax_ext.kernels import batch_norm as bn_kernels  # noqa: E402
 
 # The kernels' backend of the optimizer checks (fused_step, lamb_step, zero1_and_fsdp): the Pallas
-# interpreter, or e.g. "mosaic_gpu_interpret" (test_sharding.py runs some checks on each).
+# interpreter. "mosaic_gpu_interpret" cannot run here yet: Mosaic GPU's interpreter uses ordered
+# io_callbacks, which custom_partitioning's lowering rejects (KeyError: OrderedIOEffect).
 KERNELS = os.environ.get("SHARDED_CHECKS_BACKEND", "interpret")
 from optax_ext.kernels import layer_norm as ln_kernels  # noqa: E402
 
