@@ -3,7 +3,7 @@
 Same plan and result as the multi-tensor form of `optax_ext.kernels.norms`: one thread block per
 `NORM_MOSAIC_GPU_BLOCK` elements of any leaf, up to `NORM_MOSAIC_GPU_MAX_LEAVES` leaves per launch
 (finding the leaf is K - 1 scalar comparisons per block here, `mosaic_gpu_blocks.locate`: at most
-255 per 8192-element block; GPT-2 small's 148 leaves are one launch), and
+239 per 8192-element block; GPT-2 small's 148 leaves are one launch), and
 each block writes the f32 sum of its squares (and, for `apply_if_finite`, its count of non-finite
 elements) to its own slot of a partials vector; jnp adds the partials (no atomics: deterministic).
 A block is copied GMEM -> SMEM by TMA (`optax_ext.kernels.mosaic_gpu_blocks`), which reads the
@@ -24,7 +24,7 @@ from optax_ext.kernels import multi_tensor as mt
 __all__ = ["NORM_MOSAIC_GPU_BLOCK", "NORM_MOSAIC_GPU_MAX_LEAVES", "partials"]
 
 NORM_MOSAIC_GPU_BLOCK = 8192
-NORM_MOSAIC_GPU_MAX_LEAVES = 256
+NORM_MOSAIC_GPU_MAX_LEAVES = 240  # = mosaic_gpu_blocks.MAX_TMA_REFS: one TMA descriptor per leaf
 
 
 def _kernel(launch: mt.Launch, count_nonfinite: bool):
