@@ -52,7 +52,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from optax_ext.kernels.backend import compiler_params
+from optax_ext.kernels.backend import compiler_params, is_mosaic_gpu
 
 __all__ = [
     "INTERPRET_LAYOUT",
@@ -192,18 +192,14 @@ def store(ref, value: jax.Array, t: Tiling, mask: jax.Array | None) -> None:
         ref[...] = value
 
 
-# Backends without normalization kernels yet: their jnp math runs there (see backend.py).
-_NO_KERNELS = ("mosaic_gpu", "mosaic_gpu_interpret")
-
-
 def use_pallas(backend: str, *arrays) -> bool:
     """Whether to run the Pallas kernel rather than the jnp twin of its math.
 
-    Not on the "xla" backend, not on a backend without normalization kernels (`_NO_KERNELS`), and
-    not for empty arrays. Sharded arrays take the kernel too, on each
+    Not on the "xla" backend, not on Mosaic GPU (no normalization kernels there yet: their jnp math
+    runs, see backend.py), and not for empty arrays. Sharded arrays take the kernel too, on each
     device's shard (`per_rows`).
     """
-    if backend == "xla" or backend in _NO_KERNELS:
+    if backend == "xla" or is_mosaic_gpu(backend):
         return False
     return not any(a is not None and a.size == 0 for a in arrays)
 

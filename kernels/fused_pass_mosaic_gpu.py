@@ -2,7 +2,8 @@
 
 Same contract as `optax_ext.kernels.fused_pass` (for every element e of leaf k,
 `outs_k[j][e] = body([x[e] as f32 for x in inputs_k], shared, leaf_scalars_k)[j]`, stored in the
-output's dtype), same multi-tensor plan: up to `mt.MAX_LEAVES` leaves per launch, one thread block
+output's dtype), same multi-tensor plan: up to `mt.MAX_LEAVES` leaves per launch (fewer where
+their TMA descriptors would overflow, `mosaic_gpu_blocks.MAX_TMA_REFS`), one thread block
 per `MOSAIC_GPU_BLOCK` elements of any leaf. A block's life (`optax_ext.kernels.mosaic_gpu_blocks`):
 
     TMA: leaf k's block of every input, GMEM -> SMEM        (the only code that switches on k)
@@ -58,6 +59,11 @@ def _vector_chunks(n: int, offset: int = 0) -> list:
     return [(pl.ds(offset + c, min(mgb.CHUNK, n - c)), pl.ds(c, min(mgb.CHUNK, n - c))) for c in range(0, n, mgb.CHUNK)]
 
 
+def _sources(job: Job) -> dict[int, int]:
+    """{output: the input it overwrites} (the inverse of `job.aliases`)."""
+    return {o: i for i, o in job.aliases.items()}
+
+
 def _kernel(body: Callable, launch: mt.Launch, members: Sequence[Job], n_shared: int, width: int, vec_sizes):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -65,8 +71,7 @@ def _kernel(body: Callable, launch: mt.Launch, members: Sequence[Job], n_shared:
 
     num = len(members)
     n_in, n_out = len(members[0].inputs), len(members[0].out_dtypes)
-    fresh = [[o for o in range(n_out) if o not in dict((v, i) for i, v in job.aliases.items())] for job in members]
-    n_fresh = sum(len(f) for f in fresh)
+    n_fresh = sum(n_out - len(job.aliases) for job in members)  # outputs with a buffer of their own
 
     def kernel(*refs):
         ins = [refs[k * n_in : (k + 1) * n_in] for k in range(num)]
@@ -74,7 +79,7 @@ def _kernel(body: Callable, launch: mt.Launch, members: Sequence[Job], n_shared:
         it = iter(refs[num * n_in + 2 : num * n_in + 2 + n_fresh])
         outs = []
         for k, job in enumerate(members):
-            source = {o: i for i, o in job.aliases.items()}
+            source = _sources(job)
             outs.append([ins[k][source[o]] if o in source else next(it) for o in range(n_out)])
         scratch = refs[num * n_in + 2 + n_fresh :]
         smem_in, smem_out = scratch[:n_in], scratch[n_in : n_in + n_out]
@@ -105,17 +110,15 @@ def _launch(body, members: Sequence[Job], launch: mt.Launch, shared, svec, table
 
     width = members[0].scalars.shape[0]
     n_in, n_out = len(members[0].inputs), len(members[0].out_dtypes)
-    operands, refs, out_type = [], [], []
+    operands, out_type = [], []
     for job, seg in zip(members, launch.segments):
-        aliased = set(job.aliases)
         for i, x in enumerate(job.inputs):
             x = jnp.reshape(x, seg.view)
-            if i in aliased:
-                x = jax.new_ref(x)
-                refs.append((len(operands), job.aliases[i]))
-            operands.append(x)
-        fresh = set(range(n_out)) - set(job.aliases.values())
-        out_type.extend(jax.ShapeDtypeStruct(seg.view, jnp.dtype(job.out_dtypes[o])) for o in sorted(fresh))
+            operands.append(jax.new_ref(x) if i in job.aliases else x)
+        source = _sources(job)
+        out_type.extend(
+            jax.ShapeDtypeStruct(seg.view, jnp.dtype(d)) for o, d in enumerate(job.out_dtypes) if o not in source
+        )
     scratch = (
         [mgb.smem_block(launch, x.dtype) for x in members[0].inputs]
         + [mgb.smem_block(launch, d) for d in members[0].out_dtypes]
@@ -139,7 +142,7 @@ def _launch(body, members: Sequence[Job], launch: mt.Launch, shared, svec, table
     fresh_it = iter(fresh_outs)
     results, pos = [], 0
     for job in members:
-        source = {o: i for i, o in job.aliases.items()}
+        source = _sources(job)
         shape = jnp.shape(job.inputs[0])
         leaf_outs = []
         for o in range(n_out):
@@ -165,9 +168,9 @@ def fused_pass_mosaic_gpu(
     results: list = [None] * len(jobs)
     kernel_jobs = []
     for i, job in enumerate(jobs):
-        n = jnp.size(job.inputs[0]) if not quantized_formats(job) else 0
         if quantized_formats(job):
             continue
+        n = jnp.size(job.inputs[0])
         if n == 0:
             results[i] = [jnp.zeros(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes]
         elif n <= mt.INDEX_LIMIT:

@@ -8,7 +8,7 @@ to SMEM and copied out by TMA. The multi-tensor plan is the one of `optax_ext.ke
 the leaf and switching on it are a sum of comparisons and one `lax.switch` (`locate`, `_switch`):
 
   * Only the copies switch on the leaf. Every leaf of a launch shares one SMEM buffer per operand,
-    so `copy_in`/`copy_out` issue leaf k's TMA copies inside `leaf_switch` and everything between
+    so `copy_in`/`copy_out` issue leaf k's TMA copies inside `_switch` and everything between
     them (the loads from SMEM, the math, the stores to SMEM) is emitted once per launch.
   * No masks. A TMA copy clips at the array's end: elements past it read as zero and are not
     written. A ragged leaf, a 0-d leaf, a leaf smaller than a block need no special case.
@@ -18,7 +18,7 @@ the leaf and switching on it are a sum of comparisons and one `lax.switch` (`loc
 
 Leaves stay 1-D views (a free reshape): TMA coordinates are int32, so a leaf over `mt.INDEX_LIMIT`
 elements is left to the caller (XLA). Leaves of a launch share SMEM buffers, so they share dtypes
-too: `plan` groups leaves by the dtypes of their operands first (one launch for a model stored in
+too: `plan_by_dtype` groups leaves by the dtypes of their operands first (one launch for a model stored in
 one dtype).
 
 Requires jax >= 0.12 (`plgpu.kernel` with `jax.new_ref` operands for in-place outputs, and Mosaic
@@ -58,19 +58,28 @@ def locate(launch: mt.Launch) -> tuple[jax.Array, jax.Array]:
     return leaf, i
 
 
-def _first(launch: mt.Launch, k: int, program):
-    """The first element of leaf k's current block."""
-    return (program - launch.segments[k].start) * launch.block
+def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, program, copy) -> None:
+    """`copy(refs[leaf][j].at[chunk c of the block], smem[j].at[c])` for every operand j and chunk c.
 
+    The chunks are a loop, so the copy code is emitted once per leaf and operand, not once per
+    chunk (Mosaic GPU's lowering time grows with every copy site).
+    """
+    num_chunks = launch.block // CHUNK
 
-def _for_each_chunk(launch: mt.Launch, chunk) -> None:
-    """`chunk(c, None)` for each `CHUNK` of a block, as a loop: the copy code is emitted once per
-    leaf and operand, not once per chunk (Mosaic GPU's lowering time grows with every copy site)."""
-    n = launch.block // CHUNK
-    if n == 1:
-        chunk(0, None)
-    else:
-        jax.lax.fori_loop(0, n, chunk, None)
+    def branch(k):
+        first = (program - launch.segments[k].start) * launch.block
+
+        def chunk(c, carry):
+            index = pl.ds(first + c * CHUNK, CHUNK)
+            for ref, buf in zip(refs[k], smem):
+                copy(ref.at[index], buf.at[c])
+            return carry
+
+        if num_chunks == 1:
+            return lambda: chunk(0, None)
+        return lambda: jax.lax.fori_loop(0, num_chunks, chunk, None)
+
+    _switch(leaf, [branch(k) for k in range(len(refs))])
 
 
 def copy_in(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, barrier, leaf, program) -> None:
@@ -80,19 +89,7 @@ def copy_in(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, barrier
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    def branch(k):
-        def issue():
-            def chunk(c, carry):
-                index = pl.ds(_first(launch, k, program) + c * CHUNK, CHUNK)
-                for ref, buf in zip(refs[k], smem):
-                    plgpu.copy_gmem_to_smem(ref.at[index], buf.at[c], barrier)
-                return carry
-
-            _for_each_chunk(launch, chunk)
-
-        return issue
-
-    _switch(leaf, [branch(k) for k in range(len(refs))])
+    _each_chunk(launch, refs, smem, leaf, program, lambda g, s: plgpu.copy_gmem_to_smem(g, s, barrier))
 
 
 def copy_out(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, program) -> None:
@@ -100,20 +97,7 @@ def copy_out(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     plgpu.commit_smem()  # make the register -> SMEM stores visible to the TMA unit
-
-    def branch(k):
-        def issue():
-            def chunk(c, carry):
-                index = pl.ds(_first(launch, k, program) + c * CHUNK, CHUNK)
-                for ref, buf in zip(refs[k], smem):
-                    plgpu.copy_smem_to_gmem(buf.at[c], ref.at[index])
-                return carry
-
-            _for_each_chunk(launch, chunk)
-
-        return issue
-
-    _switch(leaf, [branch(k) for k in range(len(refs))])
+    _each_chunk(launch, refs, smem, leaf, program, lambda g, s: plgpu.copy_smem_to_gmem(s, g))
     plgpu.wait_smem_to_gmem(0)
 
 

@@ -90,18 +90,27 @@ def _multi_tensor_kernel(launch: mt.Launch, count_nonfinite: bool):
     return kernel
 
 
+def _default_block(backend: str) -> int:
+    """Elements per program of a multi-tensor launch on `backend`."""
+    if _backend.is_mosaic_gpu(backend):
+        from optax_ext.kernels.norms_mosaic_gpu import NORM_MOSAIC_GPU_BLOCK
+
+        return NORM_MOSAIC_GPU_BLOCK
+    return NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK
+
+
 def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> list[tuple[mt.Launch, list, list]]:
     """Per launch: its plan, its leaves (indices into `leaves`) and `[partials]` (+ `nonfinite`
     partials): the sums of program j's block. Mosaic GPU groups leaves by dtype, so a launch's
     leaves need not be consecutive."""
-    params = (
-        _backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1) if backend == "triton" else None
-    )
     if _backend.is_mosaic_gpu(backend):
         from optax_ext.kernels import norms_mosaic_gpu
 
         interpret = backend == "mosaic_gpu_interpret"
         return norms_mosaic_gpu.partials(leaves, interpret=interpret, block=block, count_nonfinite=count_nonfinite)
+    params = (
+        _backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1) if backend == "triton" else None
+    )
     outputs = 2 if count_nonfinite else 1
     out = []
     for launch in mt.plan([x.size for x in leaves], 1, block, extra_refs=outputs, max_leaves=NORM_MAX_LEAVES):
@@ -193,10 +202,7 @@ def leaf_sq_norms_pallas(
             if x.size and per_leaf_view(x.size, rows) is not None:
                 sums[i] = _per_leaf_sq_norm(x, backend, rows)
     else:
-        b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
-        if _backend.is_mosaic_gpu(backend):
-            b = block  # its own default (norms_mosaic_gpu)
-        for launch, members, (partials,) in _multi_tensor_partials(leaves, backend, b):
+        for launch, members, (partials,) in _multi_tensor_partials(leaves, backend, block or _default_block(backend)):
             for i, seg in zip(members, launch.segments):
                 sums[i] = jnp.sum(partials[seg.start : seg.start + launch.num_blocks(seg)])
     # Empty leaves, and a huge leaf the kernels cannot address, in jnp.
@@ -229,9 +235,7 @@ def global_sq_norm_pallas(
                 total, count = (total + out[0], count + out[1]) if count_nonfinite else (total + out, count)
                 covered.add(i)
     else:
-        b = block or (NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK)
-        if _backend.is_mosaic_gpu(backend):
-            b = block  # its own default (norms_mosaic_gpu)
+        b = block or _default_block(backend)
         for _, members, partials in _multi_tensor_partials(leaves, backend, b, count_nonfinite):
             total = total + jnp.sum(partials[0])
             if count_nonfinite:

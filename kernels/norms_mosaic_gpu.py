@@ -47,7 +47,7 @@ def _kernel(launch: mt.Launch, count_nonfinite: bool):
 
 
 def partials(
-    leaves: Sequence[jax.Array], *, interpret: bool, block: int | None, count_nonfinite: bool = False
+    leaves: Sequence[jax.Array], *, interpret: bool, block: int, count_nonfinite: bool = False
 ) -> list[tuple[mt.Launch, list[int], list[jax.Array]]]:
     """Per launch: its plan, its leaves (indices into `leaves`) and `[partials]` (+ non-finite partials).
 
@@ -61,7 +61,7 @@ def partials(
         signatures,
         [x.size for x in leaves],
         1,
-        block or NORM_MOSAIC_GPU_BLOCK,
+        block,
         extra_refs=0,
         max_leaves=NORM_MOSAIC_GPU_MAX_LEAVES,
     )

@@ -23,6 +23,7 @@ from optax_ext.kernels.norms import NORM_MAX_LEAVES, global_sq_norm_pallas, leaf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from lowering_report import analyze_stablehlo  # noqa: E402  (the report's StableHLO reader)
+from optimizer_step import gpt2_small_shapes  # noqa: E402
 
 TRITON_MARKERS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
 TPU_MARKER = "tpu_custom_call"
@@ -149,12 +150,7 @@ def test_optimizer_step_lowers(name, backend, apply):
 
 def _gpt2_small():
     """GPT-2 small's 148 parameter tensors (124M parameters), as abstract shapes."""
-    d, v, ctx = 768, 50257, 1024
-    shapes = [(v, d), (ctx, d)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    shapes += [(d,), (d,)]
-    return {f"p{i:03d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)}
+    return {f"p{i:03d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(gpt2_small_shapes())}
 
 
 def test_gpt2_clip_adamw_step_is_a_handful_of_launches():

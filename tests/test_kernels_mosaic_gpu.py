@@ -24,6 +24,7 @@ from optax_ext.kernels.norms import global_sq_norm_pallas, leaf_sq_norms_pallas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from lowering_report import analyze_stablehlo  # noqa: E402
+from optimizer_step import gpt2_small_shapes  # noqa: E402
 
 needs_mosaic_gpu = pytest.mark.skipif(not kb.mosaic_gpu_available(), reason="Mosaic GPU kernels need jax >= 0.12")
 
@@ -178,12 +179,8 @@ def test_int8_states_run_on_xla_beside_the_kernels(key):
 
 
 def _gpt2_small():
-    d, v, ctx = 768, 50257, 1024
-    shapes = [(v, d), (ctx, d)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    shapes += [(d,), (d,)]
-    return {f"p{i:03d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(shapes)}
+    """GPT-2 small's 148 parameter tensors (124M parameters), as abstract shapes."""
+    return {f"p{i:03d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(gpt2_small_shapes())}
 
 
 def _lower_step(tx, params):
