@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one command, offline: the `gpu`-marked tests, then every benchmark
-# (optimizer step vs Optax and torch fused/foreach AdamW, normalization vs flax and torch, the lowering
-# report, augmentation). Writes JSON to benchmarks/results/<benchmark>_<device>.json, a log
+# (optimizer step on each GPU kernel backend, mosaic_gpu and triton, vs Optax and torch fused/foreach AdamW;
+# normalization per backend vs flax and torch; the lowering report, augmentation). Writes JSON to benchmarks/results/<benchmark>_<device>.json, a log
 # (gpu_run_<device>.log) and a summary of every step's exit status (gpu_run_<device>.json) beside them.
 # A failing step does not stop the run; the exit status is non-zero at the end if any step failed.
 #
@@ -91,15 +91,24 @@ step() {  # step NAME COMMAND...: run it under the time limit, record its exit s
     fi
 }
 
+# Both GPU kernel backends where this jax has Mosaic GPU (jax >= 0.12; GPU_BACKENDS overrides), Triton alone before.
+GPU_BACKENDS=${GPU_BACKENDS:-$("$PYTHON" -c 'from optax_ext.kernels.backend import mosaic_gpu_available as a
+print("mosaic_gpu triton" if a() else "triton")')}
+read -r -a GPU_BACKEND_LIST <<<"$GPU_BACKENDS"
+echo "GPU kernel backends timed: ${GPU_BACKENDS}"
+
 # A test module that fails to import is reported (and fails this step) without hiding the other modules' tests.
 step gpu_tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors tests \
     --junitxml="$OUT_DIR/gpu_tests_${DEVICE}.xml"
+# One table per step: ours on every backend, Optax and torch's fused/foreach AdamW, in interleaved rounds.
 step optimizer_step_clip_adamw "$PYTHON" benchmarks/optimizer_step.py --iters "$ITERS" \
-    --out "$OUT_DIR/optimizer_step_${DEVICE}.json"
+    --backends "${GPU_BACKEND_LIST[@]}" --out "$OUT_DIR/optimizer_step_${DEVICE}.json"
 step optimizer_step_adamw "$PYTHON" benchmarks/optimizer_step.py --no-clip --iters "$ITERS" \
-    --out "$OUT_DIR/optimizer_step_adamw_${DEVICE}.json"
-step normalization "$PYTHON" benchmarks/normalization.py --full --iters "$ITERS" \
-    --out "$OUT_DIR/normalization_${DEVICE}.json"
+    --backends "${GPU_BACKEND_LIST[@]}" --out "$OUT_DIR/optimizer_step_adamw_${DEVICE}.json"
+for backend in "${GPU_BACKEND_LIST[@]}"; do
+    step "normalization_${backend}" env OPTAX_EXT_BACKEND="$backend" "$PYTHON" benchmarks/normalization.py --full \
+        --iters "$ITERS" --out "$OUT_DIR/normalization_${backend}_${DEVICE}.json"
+done
 step lowering_report "$PYTHON" benchmarks/lowering_report.py --out "$OUT_DIR/lowering_report_${DEVICE}.json"
 step augment "$PYTHON" benchmarks/augment.py --iters "$ITERS" --out "$OUT_DIR/augment_${DEVICE}.json"
 step state_memory "$PYTHON" benchmarks/state_memory.py --iters "$ITERS" --digits-seeds 1 \

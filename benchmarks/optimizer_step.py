@@ -26,6 +26,7 @@ of a shared machine hits both sides of a ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -117,15 +118,17 @@ def optax_step(tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def _compiled_step(lib_name, shapes, clip):
-    """One library's jitted, donated step on the workload, compiled; and its first carry."""
+def _compiled_step(lib_name, shapes, clip, backend=None):
+    """One library's jitted, donated step on the workload, compiled (ours with its kernels on `backend`,
+    default: the platform's); and its first carry."""
     lib, wrap = {"optax_ext": (ox, ours_step), "optax": (optax, optax_step)}[lib_name]
     params, grads = make_tree(shapes, 0), make_tree(shapes, 1)
     core = lib.adamw(1e-3, weight_decay=0.01)
     tx = lib.chain(lib.clip_by_global_norm(1.0), core) if clip else core
     state = tx.init(params)
     t0 = time.perf_counter()
-    compiled = wrap(tx).lower(params, state, grads).compile()
+    with ox.kernels.use_backend(backend) if backend else contextlib.nullcontext():
+        compiled = wrap(tx).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
     carry = [(params, state)]  # the step donates params and state: feed each call the last outputs
 
@@ -136,34 +139,49 @@ def _compiled_step(lib_name, shapes, clip):
     return step, compile_s
 
 
-def bench_jax_pair(name, iters, rounds, clip):
+def _label(backend) -> str:
+    return f"optax_ext_{backend}" if backend else "optax_ext"
+
+
+def bench_jax_pair(name, iters, rounds, clip, backends=(None,)):
     """Both libraries on one workload, in one process, timed in interleaved rounds.
 
-    Each round times `iters` steps of each library (median of the round), alternating which goes
-    first; the ratio Optax / optax_ext is taken per round, so a slow spell of the machine hits both
-    sides of a ratio alike. Returns per library {"seconds" (median over rounds), "rounds",
-    "compile_seconds"} and "ratio": {"median", "min", "max", "rounds"}.
+    Ours runs once per kernel backend in `backends` (None: the platform's), labelled "optax_ext" or
+    "optax_ext_<backend>". Each round times `iters` steps of each (median of the round), rotating
+    which goes first; the ratio Optax / ours is taken per round, so a slow spell of the machine hits
+    both sides of a ratio alike. Returns per label {"seconds" (median over rounds), "rounds",
+    "compile_seconds"} and "ratio": {label: {"median", "min", "max", "rounds"}}.
     """
     shapes = WORKLOADS[name]()
-    libs = ("optax_ext", "optax")
+    runs = [(_label(b), "optax_ext", b) for b in backends] + [("optax", "optax", None)]
     steps, out = {}, {}
-    for lib_name in libs:
-        steps[lib_name], compile_s = _compiled_step(lib_name, shapes, clip)
-        out[lib_name] = {"compile_seconds": compile_s, "rounds": []}
+    for label, lib_name, backend in runs:
+        steps[label], compile_s = _compiled_step(lib_name, shapes, clip, backend)
+        out[label] = {"compile_seconds": compile_s, "rounds": []}
+    labels = [label for label, _, _ in runs]
     for r in range(rounds):
-        for lib_name in libs if r % 2 == 0 else libs[::-1]:
-            out[lib_name]["rounds"].append(median_seconds(steps[lib_name], iters, warmup=1))
-    for lib_name in libs:
-        out[lib_name]["seconds"] = statistics.median(out[lib_name]["rounds"])
-    ratios = [a / b for a, b in zip(out["optax"]["rounds"], out["optax_ext"]["rounds"])]
-    out["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            out[label]["rounds"].append(median_seconds(steps[label], iters, warmup=1))
+    for label in labels:
+        out[label]["seconds"] = statistics.median(out[label]["rounds"])
+    out["ratio"] = {}
+    for label in labels[:-1]:
+        ratios = [a / b for a, b in zip(out["optax"]["rounds"], out[label]["rounds"])]
+        out["ratio"][label] = {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "rounds": ratios,
+        }
     return out
 
 
-def bench_jax(name, iters, rounds, clip):
+def bench_jax(name, iters, rounds, clip, backends=(None,)):
     """Both libraries in a process of their own: XLA's CPU compiler can abort the process outright on a
     2,000-leaf step (LLVM runs out of mapped memory), which must not take the table with it."""
     cmd = [sys.executable, __file__, "--single", name, "--iters", str(iters), "--rounds", str(rounds)]
+    if backends != (None,):
+        cmd += ["--backends", *backends]
     if not clip:
         cmd.append("--no-clip")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -172,7 +190,7 @@ def bench_jax(name, iters, rounds, clip):
         return json.loads(lines[-1])
     tail = [line for line in proc.stderr.splitlines() if "LLVM compilation error" not in line][-3:]
     error = {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return {"optax_ext": error, "optax": dict(error)}
+    return {_label(b): dict(error) for b in backends} | {"optax": dict(error)}
 
 
 def _torch_seconds(torch, shapes, iters, clip, **adamw_kwargs):
@@ -217,12 +235,20 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (Optax / optax_ext ratio per round)")
     ap.add_argument("--no-clip", action="store_true", help="adamw alone (28 B/param) instead of clip+adamw")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("optimizer_step.json"))
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        choices=[b for b in ox.kernels.BACKENDS if b != "xla"],
+        default=None,
+        help="time ours once per kernel backend (e.g. mosaic_gpu triton); default: the platform's",
+    )
     ap.add_argument("--single", metavar="WORKLOAD", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     clip = not args.no_clip
+    backends = tuple(args.backends) if args.backends else (None,)
     if args.single:
-        print(json.dumps(bench_jax_pair(args.single, args.iters, args.rounds, clip)))
+        print(json.dumps(bench_jax_pair(args.single, args.iters, args.rounds, clip, backends)))
         return 0
     step_name = "clip+adamw" if clip else "adamw"
     bw = copy_bandwidth(args.iters)
@@ -230,7 +256,7 @@ def main(argv=None):
     for name in args.workloads:
         shapes = WORKLOADS[name]()
         n = int(sum(np.prod(s) for s in shapes))
-        res = bench_jax(name, args.iters, args.rounds, clip)
+        res = bench_jax(name, args.iters, args.rounds, clip, backends)
         ratio = res.pop("ratio", None)
         res.update(bench_torch(shapes, args.iters, clip))
         bytes_moved = n * BYTES_PER_PARAM[step_name]
@@ -238,7 +264,6 @@ def main(argv=None):
             if "seconds" in r:
                 r["gb_per_s"] = bytes_moved / r["seconds"] / 1e9
                 r["share_of_copy_bw"] = r["gb_per_s"] / bw
-        ok = all("seconds" in res[k] for k in ("optax", "optax_ext"))
         rows.append(
             {
                 "workload": name,
@@ -247,8 +272,9 @@ def main(argv=None):
                 "step": step_name,
                 "bytes_per_param": BYTES_PER_PARAM[step_name],
                 "results": res,
-                "optax_over_ours": ratio["median"] if ok else None,
-                "optax_over_ours_range": [ratio["min"], ratio["max"]] if ok else None,
+                # Optax time / ours, per run of ours (one per backend): median and range over the rounds.
+                "optax_over_ours": {k: r["median"] for k, r in (ratio or {}).items()},
+                "optax_over_ours_range": {k: [r["min"], r["max"]] for k, r in (ratio or {}).items()},
             }
         )
 
@@ -272,10 +298,10 @@ def main(argv=None):
                 f"{lead} {r['seconds'] * 1e3:9.2f} {r['gb_per_s']:8.1f} {100 * r['share_of_copy_bw']:5.0f}% "
                 + (f"{r['compile_seconds']:9.2f}" if "compile_seconds" in r else f"{'':9s}")
             )
-        if row["optax_over_ours"] is not None:
-            lo, hi = row["optax_over_ours_range"]
+        for label, median in row["optax_over_ours"].items():
+            lo, hi = row["optax_over_ours_range"][label]
             print(
-                f"{'':10s} optax time / optax_ext time = {row['optax_over_ours']:.3f} "
+                f"{'':10s} optax time / {label} time = {median:.3f} "
                 f"(median of {args.rounds} interleaved rounds; {lo:.3f} to {hi:.3f})"
             )
     report = {
