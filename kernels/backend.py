@@ -7,11 +7,14 @@ device: cuda -> "mosaic_gpu" on a GPU Mosaic GPU supports (compute capability 9.
 Hopper, Blackwell; JAX documents Mosaic GPU for those) with jax >= 0.12, else "triton" (Pallas'
 Triton backend, deprecated since jax 0.11); rocm -> "triton"; tpu -> "mosaic"; anything else -> "xla".
 
-Backends: "xla" (no Pallas: jnp that XLA fuses), "triton", "mosaic_gpu", "mosaic" (TPU), and two
+Backends: "xla" (no Pallas: jnp that XLA fuses), "triton", "mosaic_gpu", "mosaic" (TPU), and three
 interpreters that run the kernels on any device: "interpret" (the generic Pallas interpreter, the
 Triton kernels' code path), "mosaic_gpu_interpret" (Mosaic GPU's own interpreter,
-`plgpu.InterpretGPUParams`: TMA copies, barriers and SMEM as on the GPU). Ops without a kernel
-for a backend run their jnp math there (today: LayerNorm, RMSNorm and BatchNorm on "mosaic_gpu").
+`plgpu.InterpretGPUParams`: TMA copies, barriers and SMEM as on the GPU), "mosaic_interpret"
+(TPU's own interpreter, `pltpu.InterpretParams`: the "mosaic" kernels' DMAs, semaphores, VMEM and
+SMEM as on the TPU). Ops without a kernel for a backend run their jnp math there (today:
+LayerNorm, RMSNorm and BatchNorm on "mosaic_interpret"; on "mosaic_gpu" and "mosaic_gpu_interpret",
+the shapes their kernels cannot take: see `layer_norm_mosaic_gpu.supported`).
 
 `use_backend` is a `jax.make_user_context`: its value is part of `jax.jit`'s cache key, so a
 function jitted under one backend is traced again, not silently reused, under another.
@@ -25,10 +28,12 @@ from collections.abc import Iterator
 
 import jax
 
-BACKENDS = ("xla", "interpret", "triton", "mosaic", "mosaic_gpu", "mosaic_gpu_interpret")
+BACKENDS = ("xla", "interpret", "triton", "mosaic", "mosaic_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 """Valid backend names (see the module docstring)."""
 
 MOSAIC_GPU_BACKENDS = ("mosaic_gpu", "mosaic_gpu_interpret")
+
+MOSAIC_TPU_BACKENDS = ("mosaic", "mosaic_interpret")
 
 MOSAIC_GPU_MIN_JAX = (0, 12)
 """The oldest jax the Mosaic GPU kernels are written and tested against (`plgpu.kernel` with
@@ -59,6 +64,11 @@ _override = jax.make_user_context(default_value=None)
 def is_mosaic_gpu(name: str) -> bool:
     """True for the Mosaic GPU backend and its interpreter."""
     return name in MOSAIC_GPU_BACKENDS
+
+
+def is_mosaic_tpu(name: str) -> bool:
+    """True for the TPU (Mosaic) backend and its interpreter."""
+    return name in MOSAIC_TPU_BACKENDS
 
 
 def mosaic_gpu_available() -> bool:
@@ -103,11 +113,13 @@ def platform_backend() -> str:
 def get_backend() -> str:
     """The backend in force now (context manager > environment variable > platform)."""
     name = _override.value
-    if name is not None:
-        return name
-    if _ENVIRONMENT is not None:
-        return _ENVIRONMENT
-    return platform_backend()
+    if name is None:
+        name = _ENVIRONMENT if _ENVIRONMENT is not None else platform_backend()
+    if name == "triton":  # about to trace Triton kernels: make their lowering skip futile imports
+        from optax_ext.kernels._compat import skip_absent_triton_dialect_imports
+
+        skip_absent_triton_dialect_imports()
+    return name
 
 
 def explicit_backend() -> str | None:

@@ -12,28 +12,29 @@ exactly `run_elementwise_reference`, computed blockwise (mixed precision: storag
 f16, math in f32, as in Micikevicius et al., 2018, "Mixed Precision Training").
 
 Two forms:
-  * "multi_tensor" (Triton, and the Pallas interpreter by default): up to `MAX_LEAVES` leaves per
+  * "multi_tensor" (every backend by default): up to `MAX_LEAVES` leaves per
     launch, each leaf its own refs, one program per block of any leaf, a switch on the leaf
     (a bisection, `optax_ext.kernels.multi_tensor.leaf_switch`). Outputs overwrite their inputs in place
     (`input_output_aliases`, in place when the caller donates them under jit). A GPT-2-small
-    AdamW step is 3 launches instead of 148; nothing is concatenated, sliced or padded.
-  * "per_leaf" (Mosaic, TPU): one call per leaf. Mosaic pipelines BlockSpec'd refs through VMEM,
-    and a K-leaf launch with blocked refs would keep a double-buffered block of every ref of all K
-    leaves resident (hundreds of MiB for 36 leaves), while the switch over `pl.ANY` refs needs
-    hand-written double-buffered DMA per branch that cannot be checked without a TPU. A leaf whose
-    size is a multiple of 128 is viewed as a lane-dense (rows, 128) slab in (`TPU_BLOCK_ROWS`, 128)
-    blocks; any other leaf as 1-D blocks of `TPU_FLAT_BLOCK` elements (a multiple of 1024, one f32
-    vreg), whose partial last block Pallas reads padded and writes clipped. Both views are free
-    reshapes: no concatenation, slicing or padding copies on TPU either.
+    AdamW step is 3 launches instead of 148; nothing is concatenated, sliced or padded. Mosaic GPU
+    ("mosaic_gpu", `optax_ext.kernels.fused_pass_mosaic_gpu`) and TPU ("mosaic", and TPU's
+    interpreter "mosaic_interpret": `optax_ext.kernels.fused_pass_mosaic_tpu`) run it with their
+    own copies: TMA through SMEM, double-buffered DMA through VMEM.
+  * "per_leaf" (Mosaic, TPU, on request: `form="per_leaf"`): one call per leaf, BlockSpec'd refs
+    that Mosaic pipelines through VMEM itself. A leaf whose size is a multiple of 128 is viewed as a
+    lane-dense (rows, 128) slab in (`TPU_BLOCK_ROWS`, 128) blocks; any other leaf as 1-D blocks of
+    `TPU_FLAT_BLOCK` elements (a multiple of 1024, one f32 vreg), whose partial last block Pallas
+    reads padded and writes clipped. Kept beside the multi-tensor form as a comparison point for a
+    TPU: it has no leaf switch and no hand-written DMA, at one call per leaf.
 
 Quantized storage (8-bit optimizer states): an input may be a `QuantizedArray` and an output's
 dtype a `QuantFormat`. The multi-tensor form passes its codes and absmax as two refs
 (`multi_tensor.Packed`), dequantizes after the load and requantizes before the store, once per
 launch (outside the leaf switch); every launch block holds whole quantization blocks, so the new
 absmax of a block is a max over the block in registers. One launch mixes quantized and plain leaves
-(small leaves stay f32), so an 8-bit step has no more launches than an f32 one. The per-leaf form
-leaves quantized jobs to the XLA reference: regrouping a lane-dense (rows, 128) block into
-quantization blocks is a relayout in Mosaic that we cannot check without a TPU.
+(small leaves stay f32), so an 8-bit step has no more launches than an f32 one. The TPU kernels
+(both forms) and Mosaic GPU's leave quantized jobs to the XLA reference: on TPU, regrouping a
+block into quantization blocks is a relayout in Mosaic that we cannot check without a TPU.
 
 Scalars are two small f32 vectors per launch: `shared` (the same for every leaf: bias corrections,
 learning rate, clip factor) and a per-leaf table (leaf k's values at [k * width, (k + 1) * width)),
@@ -81,7 +82,7 @@ LANES = 128
 INTERPRET_BLOCK = 4096
 
 FORMS = ("multi_tensor", "per_leaf")
-BACKENDS = ("interpret", "triton", "mosaic", "mosaic_gpu", "mosaic_gpu_interpret")
+BACKENDS = ("interpret", "triton", "mosaic", "mosaic_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 
 
 class ScalarRef:
@@ -100,8 +101,8 @@ class ScalarRef:
 
 
 def default_form(backend: str) -> str:
-    """Mosaic runs one call per leaf; Triton and the interpreter run multi-tensor launches."""
-    return "per_leaf" if backend == "mosaic" else "multi_tensor"
+    """Every backend runs multi-tensor launches unless asked for the "per_leaf" form (Mosaic TPU only)."""
+    return "multi_tensor"
 
 
 def _validate(jobs: Sequence[Job], shared, backend: str, form: str, block):
@@ -109,9 +110,7 @@ def _validate(jobs: Sequence[Job], shared, backend: str, form: str, block):
         raise ValueError(f"fused_pass_pallas(backend={backend!r}): expected one of {', '.join(BACKENDS)}.")
     if form not in FORMS:
         raise ValueError(f"fused_pass_pallas(form={form!r}): expected 'multi_tensor' or 'per_leaf'.")
-    if form == "multi_tensor" and backend == "mosaic":
-        raise ValueError("fused_pass_pallas(form='multi_tensor'): Mosaic runs the 'per_leaf' form (see module doc).")
-    if form == "per_leaf" and _backend.is_mosaic_gpu(backend):
+    if form == "per_leaf" and (_backend.is_mosaic_gpu(backend) or backend == "mosaic_interpret"):
         raise ValueError(f"fused_pass_pallas(form='per_leaf'): backend {backend!r} runs the 'multi_tensor' form.")
     if block is not None and (not isinstance(block, int) or block < 1):
         raise ValueError(f"fused_pass_pallas(block={block!r}): expected a positive int.")
@@ -365,9 +364,10 @@ def fused_pass_pallas(
       jobs: one `Job` per leaf; every job has the same number of inputs, outputs and scalars. Input
         dtypes, output dtypes and shapes may differ between jobs.
       shared: 1-D f32 vector of step-wide values (may be empty).
-      backend: "interpret" (Pallas interpreter, any device), "triton", "mosaic", "mosaic_gpu" or
-        "mosaic_gpu_interpret" (Mosaic GPU's interpreter, any device; see
-        `optax_ext.kernels.fused_pass_mosaic_gpu`).
+      backend: "interpret" (Pallas interpreter, any device), "triton", "mosaic" or
+        "mosaic_interpret" (TPU's interpreter, any device; see
+        `optax_ext.kernels.fused_pass_mosaic_tpu`), "mosaic_gpu" or "mosaic_gpu_interpret" (Mosaic
+        GPU's interpreter, any device; see `optax_ext.kernels.fused_pass_mosaic_gpu`).
       form: "multi_tensor" or "per_leaf" (see the module docstring); default: per backend.
       block: elements per program (multi_tensor, a power of 2) or rows per block (per_leaf, a
         multiple of 8; 1-D views use `block * 128` elements); default: the tunables above.
@@ -375,8 +375,9 @@ def fused_pass_pallas(
     Returns:
       Per job, its outputs shaped like its inputs (a `QuantizedArray` for a `QuantFormat` output);
       None for a job the kernels cannot address, which the caller runs on XLA: a leaf over 2^31
-      elements without a usable 2-D view, and on the "per_leaf" form (Mosaic) any job with
-      quantized storage (see the module docstring).
+      elements without a usable 2-D view (on Mosaic GPU and TPU's multi-tensor form: any leaf over
+      `mt.INDEX_LIMIT` elements), and on Mosaic GPU and TPU (both forms) any job with quantized
+      storage (see the module docstring).
     """
     form = form or default_form(backend)
     _validate(jobs, shared, backend, form, block)
@@ -387,6 +388,10 @@ def fused_pass_pallas(
 
         _backend.require_mosaic_gpu(backend)
         return fused_pass_mosaic_gpu(body, jobs, shared, interpret=backend == "mosaic_gpu_interpret", block=block)
+    if _backend.is_mosaic_tpu(backend) and form == "multi_tensor":
+        from optax_ext.kernels.fused_pass_mosaic_tpu import fused_pass_mosaic_tpu
+
+        return fused_pass_mosaic_tpu(body, jobs, shared, interpret=backend == "mosaic_interpret", block=block)
     results: list = [None] * len(jobs)
     kernel_jobs = []  # indices of the jobs the multi-tensor launches take
     for i, job in enumerate(jobs):

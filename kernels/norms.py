@@ -9,12 +9,14 @@ Every program writes the f32 partial sum of one block to its own slot of a `part
 a tiny jnp reduction adds the partials, leaf by leaf for per-leaf norms (a static slice of the
 partials per leaf) or all at once for the global norm. No atomics and a fixed order: the result
 is deterministic run to run. Same two forms as `optax_ext.kernels.fused_pass`:
-  * "multi_tensor" (Triton, interpreter): up to `multi_tensor.MAX_LEAVES` leaves per launch, each
+  * "multi_tensor" (every backend by default): up to `NORM_MAX_LEAVES` leaves per launch, each
     its own `pl.ANY` ref, one program per block of any leaf, a switch on the leaf; elements past
-    a ragged block's end are masked to zero.
-  * "per_leaf" (Mosaic): one call per leaf, as a (rows, 128) slab reduced over sublanes to one
-    (1, 128) partial per block, or (sizes not divisible by 128) as 1-D blocks whose partial sum is
-    stored in lane 0 of a (1, 128) row; Pallas pads the last block's reads, the mask zeroes them.
+    a ragged block's end are masked to zero. Mosaic GPU and TPU (and their interpreters) run it
+    with their own copies: `norms_mosaic_gpu`, `norms_mosaic_tpu`.
+  * "per_leaf" (Mosaic, TPU, on request): one call per leaf, as a (rows, 128) slab reduced over
+    sublanes to one (1, 128) partial per block, or (sizes not divisible by 128) as 1-D blocks whose
+    partial sum is stored in lane 0 of a (1, 128) row; Pallas pads the last block's reads, the mask
+    zeroes them.
 """
 
 from __future__ import annotations
@@ -46,13 +48,11 @@ NORM_MAX_LEAVES = 256
 def _validate(leaves, backend, form, block):
     if backend not in BACKENDS:
         raise ValueError(f"leaf_sq_norms_pallas(backend={backend!r}): expected one of {', '.join(BACKENDS)}.")
-    if form == "per_leaf" and _backend.is_mosaic_gpu(backend):
+    if form == "per_leaf" and (_backend.is_mosaic_gpu(backend) or backend == "mosaic_interpret"):
         raise ValueError(f"leaf_sq_norms_pallas(form='per_leaf'): backend {backend!r} runs the 'multi_tensor' form.")
     _backend.require_mosaic_gpu(backend)
     if form not in FORMS:
         raise ValueError(f"leaf_sq_norms_pallas(form={form!r}): expected 'multi_tensor' or 'per_leaf'.")
-    if form == "multi_tensor" and backend == "mosaic":
-        raise ValueError("leaf_sq_norms_pallas(form='multi_tensor'): Mosaic runs the 'per_leaf' form.")
     if block is not None and (not isinstance(block, int) or block < 1):
         raise ValueError(f"leaf_sq_norms_pallas(block={block!r}): expected a positive int.")
     if block is not None and form == "multi_tensor" and block & (block - 1):
@@ -96,18 +96,27 @@ def _default_block(backend: str) -> int:
         from optax_ext.kernels.norms_mosaic_gpu import NORM_MOSAIC_GPU_BLOCK
 
         return NORM_MOSAIC_GPU_BLOCK
+    if _backend.is_mosaic_tpu(backend):
+        from optax_ext.kernels.norms_mosaic_tpu import NORM_MOSAIC_TPU_BLOCK
+
+        return NORM_MOSAIC_TPU_BLOCK
     return NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK
 
 
 def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> list[tuple[mt.Launch, list, list]]:
     """Per launch: its plan, its leaves (indices into `leaves`) and `[partials]` (+ `nonfinite`
-    partials): the sums of program j's block. Mosaic GPU groups leaves by dtype, so a launch's
-    leaves need not be consecutive."""
+    partials): the sums of program j's block. Mosaic GPU and TPU group leaves by dtype, so a
+    launch's leaves need not be consecutive."""
     if _backend.is_mosaic_gpu(backend):
         from optax_ext.kernels import norms_mosaic_gpu
 
         interpret = backend == "mosaic_gpu_interpret"
         return norms_mosaic_gpu.partials(leaves, interpret=interpret, block=block, count_nonfinite=count_nonfinite)
+    if _backend.is_mosaic_tpu(backend):
+        from optax_ext.kernels import norms_mosaic_tpu
+
+        interpret = backend == "mosaic_interpret"
+        return norms_mosaic_tpu.partials(leaves, interpret=interpret, block=block, count_nonfinite=count_nonfinite)
     params = (
         _backend.compiler_params("triton", num_warps=NORM_GPU_NUM_WARPS, num_stages=1) if backend == "triton" else None
     )
@@ -188,7 +197,8 @@ def leaf_sq_norms_pallas(
 
     Args:
       leaves: arrays of any shapes (0-d and empty included), dtypes f32/bf16/f16.
-      backend: "interpret", "triton" or "mosaic".
+      backend: "interpret", "triton", "mosaic", "mosaic_interpret", "mosaic_gpu" or
+        "mosaic_gpu_interpret".
       form: "multi_tensor" or "per_leaf" (see the module docstring); default: per backend.
       block: elements per program (multi_tensor, a power of 2) or rows per block (per_leaf, a
         multiple of 8; 1-D views use `block * 128` elements); default: the tunables above.

@@ -23,8 +23,10 @@ import optax_ext as ox  # noqa: E402
 from optax_ext.kernels import batch_norm as bn_kernels  # noqa: E402
 
 # The kernels' backend of the optimizer checks (fused_step, lamb_step, zero1_and_fsdp): the Pallas
-# interpreter. "mosaic_gpu_interpret" cannot run here yet: Mosaic GPU's interpreter uses ordered
-# io_callbacks, which custom_partitioning's lowering rejects (KeyError: OrderedIOEffect).
+# interpreter. "mosaic_gpu_interpret" and "mosaic_interpret" cannot run here yet: Mosaic GPU's and
+# TPU's interpreters use ordered io_callbacks, which custom_partitioning's lowering rejects
+# (KeyError: OrderedIOEffect; checked for both with jax 0.12). The TPU kernels themselves are
+# lowered per shard in `lowers_for_accelerators` ("mosaic").
 KERNELS = os.environ.get("SHARDED_CHECKS_BACKEND", "interpret")
 from optax_ext.kernels import layer_norm as ln_kernels  # noqa: E402
 

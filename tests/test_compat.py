@@ -175,3 +175,22 @@ def test_lowering_target_keeps_a_meshes_axes():
     with pytest.raises(ValueError, match="platform='rocm'"):
         with lowering_target("rocm"):
             pass
+
+
+def test_triton_lowering_marks_only_absent_dialect_modules_absent():
+    import sys
+
+    from optax_ext.kernels import _compat, lower_for
+
+    x = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    lower_for(lambda v: ox.kernels.global_sq_norm([v]), x, platform="cuda", backend="triton")
+    assert _compat._triton_dialects_checked
+    marked = [name for name in _compat._TRITON_DIALECT_MODULES if sys.modules.get(name, "") is None]
+    assert marked  # jaxlib has no Python module for the tt dialect: at least its own prefix is marked
+    for name in marked:  # marked absent only where no such module exists: nothing real is shadowed
+        del sys.modules[name]
+        try:
+            assert _compat._absent(name), name
+        finally:
+            sys.modules[name] = None
+    assert not _compat._absent("jaxlib.mlir.dialects.func")

@@ -269,7 +269,7 @@ def test_size_zero_inputs():
     [
         (dict(backend="cuda"), ValueError, "backend='cuda'"),
         (dict(backend="interpret", form="tiles"), ValueError, "form='tiles'"),
-        (dict(backend="mosaic", form="multi_tensor"), ValueError, "per_leaf"),
+        (dict(backend="mosaic_interpret", form="per_leaf"), ValueError, "multi_tensor"),
         (dict(backend="interpret", block=0), ValueError, "block=0"),
         (dict(backend="interpret", form="per_leaf", block=12), ValueError, "multiple of 8"),
         (dict(backend="triton", block=1000), ValueError, "power of 2"),

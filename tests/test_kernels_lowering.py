@@ -70,15 +70,19 @@ def _adam_step(shapes, backend):
 @pytest.mark.parametrize("shape", SHAPES + [HUGE])
 def test_fused_pass_lowers_one_leaf(shape, backend):
     text = _adam_step([shape], backend)
+    if backend == "mosaic" and shape == HUGE:
+        # Over mt.INDEX_LIMIT elements: the TPU kernels' int32 copy offsets cannot reach it; XLA runs it.
+        assert _count_kernels(text, backend) == 0
+        return
     assert _count_kernels(text, backend) == 1
     assert "output_operand_aliases" in text
 
 
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
 def test_fused_pass_lowers_many_leaves(backend):
-    # Triton: every leaf in one launch (9 leaves, 7 refs each: under both limits). Mosaic: one call each.
+    # Every leaf in one launch (9 leaves, 7 refs each: under both limits).
     text = _adam_step(SHAPES, backend)
-    assert _count_kernels(text, backend) == (1 if backend == "triton" else len(SHAPES))
+    assert _count_kernels(text, backend) == 1
     for op in ("stablehlo.concatenate", "stablehlo.slice", "stablehlo.pad", "stablehlo.dynamic_slice"):
         # No parameter data is copied; the only concatenate builds the per-leaf scalar table.
         assert text.count(op) <= (1 if op == "stablehlo.concatenate" else 0), op
@@ -93,7 +97,7 @@ def test_fused_pass_without_scalars_lowers(backend):
         )
 
     text = _lower(f, [jax.ShapeDtypeStruct((4096, 1000), jnp.float32)], backend)
-    assert _count_kernels(text, backend) == (1 if backend == "triton" else 2)
+    assert _count_kernels(text, backend) == 1
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -102,9 +106,9 @@ def test_norms_lower(backend, dtype):
     avals = [jax.ShapeDtypeStruct(s, dtype) for s in SHAPES + [HUGE]]
     per_leaf = _lower(lambda *xs: leaf_sq_norms_pallas(list(xs), backend=backend), avals, backend)
     total = _lower(lambda *xs: global_sq_norm_pallas(list(xs), backend=backend), avals, backend)
-    expected = 1 if backend == "triton" else len(avals)
-    assert _count_kernels(per_leaf, backend) == expected
-    assert _count_kernels(total, backend) == expected
+    # One launch; on TPU, HUGE (over mt.INDEX_LIMIT elements) is summed by XLA.
+    assert _count_kernels(per_leaf, backend) == 1
+    assert _count_kernels(total, backend) == 1
 
 
 PARAMS = {
@@ -115,15 +119,15 @@ PARAMS = {
     "head": jax.ShapeDtypeStruct((64, 3, 5), jnp.bfloat16),  # 960 = 7 * 128 + 64
 }
 # name: (make, kernels on Triton, kernels on Mosaic) for the 5 leaves of PARAMS. Triton: one
-# launch per fused run and per reduction; Mosaic: one call per leaf for each (LAMB's norms read
-# the updates and the params: 10 leaves).
+# launch per fused run and per reduction; Mosaic (TPU): the same, per dtype, since a launch's
+# leaves share VMEM buffers: PARAMS' bf16 "head" takes a launch of its own in each.
 OPTIMIZERS = {
-    "clip_adamw": (lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), 2, 10),
-    "lamb": (lambda: ox.lamb(1e-3, weight_decay=0.01), 3, 20),
-    "sgd_momentum": (lambda: ox.sgd(0.1, momentum=0.9), 1, 5),
-    "lion": (lambda: ox.lion(1e-4), 1, 5),
-    "rmsprop": (lambda: ox.rmsprop(1e-3), 1, 5),
-    "adamw_masked": (lambda: ox.adamw(1e-3, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}), 1, 5),
+    "clip_adamw": (lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), 2, 4),
+    "lamb": (lambda: ox.lamb(1e-3, weight_decay=0.01), 3, 6),
+    "sgd_momentum": (lambda: ox.sgd(0.1, momentum=0.9), 1, 2),
+    "lion": (lambda: ox.lion(1e-4), 1, 2),
+    "rmsprop": (lambda: ox.rmsprop(1e-3), 1, 2),
+    "adamw_masked": (lambda: ox.adamw(1e-3, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}), 1, 2),
 }
 
 
@@ -153,12 +157,13 @@ def _gpt2_small():
     return {f"p{i:03d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(gpt2_small_shapes())}
 
 
-def test_gpt2_clip_adamw_step_is_a_handful_of_launches():
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_gpt2_clip_adamw_step_is_a_handful_of_launches(backend):
     params = _gpt2_small()
     assert len(params) == 148
-    text = _lower_step(ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), params, "triton")
+    text = _lower_step(ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), params, backend)
     # The global norm: ceil(148 / 256) launches; the fused pass: ceil(148 / 64).
-    assert _count_kernels(text, "triton") == -(-148 // NORM_MAX_LEAVES) + -(-148 // mt.MAX_LEAVES) == 4
+    assert _count_kernels(text, backend) == -(-148 // NORM_MAX_LEAVES) + -(-148 // mt.MAX_LEAVES) == 4
     _assert_at_the_floor(text, params, floor=32)
 
 
@@ -172,9 +177,10 @@ def _assert_at_the_floor(text, params, floor):
 
 
 @pytest.mark.slow
-def test_two_thousand_small_leaves_step_is_under_64_launches():
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_two_thousand_small_leaves_step_is_under_64_launches(backend):
     sizes = np.random.default_rng(0).integers(100, 2300, size=2000)
     params = {f"p{i:04d}": jax.ShapeDtypeStruct((int(n),), jnp.float32) for i, n in enumerate(sizes)}
-    text = _lower_step(ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), params, "triton")
-    assert _count_kernels(text, "triton") == -(-2000 // NORM_MAX_LEAVES) + -(-2000 // mt.MAX_LEAVES) == 40
+    text = _lower_step(ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), params, backend)
+    assert _count_kernels(text, backend) == -(-2000 // NORM_MAX_LEAVES) + -(-2000 // mt.MAX_LEAVES) == 40
     _assert_at_the_floor(text, params, floor=32)

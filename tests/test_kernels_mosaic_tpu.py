@@ -1,0 +1,295 @@
+"""The TPU backend: its multi-tensor kernels in TPU's own interpreter against XLA, and lowered for TPU.
+
+`mosaic_interpret` runs the very kernels the "mosaic" backend lowers (DMAs, semaphores, VMEM and SMEM)
+in `pltpu.InterpretParams`, on the CPU. Lowering checks count `tpu_custom_call`s in the StableHLO for
+an abstract TPU v5e. The 2,000-leaf step's lowering is in tests/test_kernels_lowering.py (slow).
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_trees_rel_close
+
+import optax_ext as ox
+from optax_ext.kernels import lower_for, use_backend
+from optax_ext.kernels import mosaic_tpu_blocks as mtb
+from optax_ext.kernels import multi_tensor as mt
+from optax_ext.kernels.elementwise import Job, run_elementwise_reference
+from optax_ext.kernels.fused_pass import fused_pass_pallas
+from optax_ext.kernels.norms import NORM_MAX_LEAVES, global_sq_norm_pallas, leaf_sq_norms_pallas
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from lowering_report import analyze_stablehlo  # noqa: E402
+from optimizer_step import gpt2_small_shapes, small_leaves_shapes  # noqa: E402
+
+# The issue's ragged tree: 0-d, tiny, around the 128 boundary, 3-D, 2-D odd, and a leaf over one
+# 1024-element block (with `block=1024` every leaf over 1024 elements is several, ragged blocks).
+SHAPES = [(), (1,), (7,), (127,), (129,), (1000,), (3, 5, 7), (129, 257), (5000,)]
+MARKER = "tpu_custom_call"
+
+
+def adam_body(xs, shared, leaf):
+    g, p, m, v = xs
+    m = shared[0] * m + shared[1] * g
+    v = shared[2] * v + shared[3] * (g * g)
+    u = m / (jnp.sqrt(v) + shared[4])
+    return [p - shared[5] * (u + leaf[0] * p), m, v]
+
+
+SHARED = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 1e-2], jnp.float32)
+
+
+def _jobs(key, shapes, dtypes):
+    jobs = []
+    for k, (shape, (g_dt, p_dt)) in enumerate(zip(shapes, dtypes)):
+        ks = jax.random.split(jax.random.fold_in(key, k), 4)
+        g, p = (jax.random.normal(ks[i], shape).astype(d) for i, d in ((0, g_dt), (1, p_dt)))
+        m = jax.random.normal(ks[2], shape, jnp.float32)
+        v = jnp.abs(jax.random.normal(ks[3], shape, jnp.float32))
+        jobs.append(
+            Job([g, p, m, v], [p_dt, jnp.float32, jnp.float32], jnp.array([0.01 * (k + 1)]), {1: 0, 2: 1, 3: 2})
+        )
+    return jobs
+
+
+def _check_against_reference(jobs, got, body=adam_body, shared=SHARED):
+    for job, outs in zip(jobs, got):
+        want = run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
+        for o, w in zip(outs, want):
+            assert o.shape == w.shape and o.dtype == w.dtype
+            np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dtype,backend,block",
+    [
+        (jnp.float32, "mosaic_interpret", None),
+        (jnp.float32, "mosaic_interpret", 1024),
+        (jnp.bfloat16, "mosaic_interpret", None),
+        (jnp.bfloat16, "mosaic_interpret", 1024),
+        (jnp.bfloat16, "interpret", 1024),  # the generic interpreter runs the Triton kernels' form
+    ],
+    ids=["f32-one_block_per_leaf", "f32-ragged_blocks", "bf16-one_block_per_leaf", "bf16-ragged_blocks", "interpret"],
+)
+def test_fused_pass_matches_reference(key, dtype, backend, block):
+    # Mixed storage in one call: every other leaf keeps f32 params (two launches, grouped by dtype).
+    dtypes = [(dtype, dtype if k % 2 else jnp.float32) for k in range(len(SHAPES))]
+    jobs = _jobs(key, SHAPES, dtypes)
+    _check_against_reference(jobs, fused_pass_pallas(adam_body, jobs, SHARED, backend=backend, block=block))
+
+
+@pytest.mark.parametrize(
+    "params", [{"dma_execution_mode": "eager"}, {"detect_races": True}], ids=["eager_dma", "race_detection"]
+)
+def test_double_buffering_holds_in_any_dma_order(key, monkeypatch, params):
+    """Copies done when started ("eager") or when waited for (the default): both orders give the
+    reference, so no block is read before its copy is waited for, nor a slot refilled too early."""
+    monkeypatch.setattr(mtb, "INTERPRET_PARAMS", params)
+    jobs = _jobs(key, SHAPES, [(jnp.float32, jnp.float32)] * len(SHAPES))
+    got = fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic_interpret", block=1024)
+    _check_against_reference(jobs, got)
+    sums = leaf_sq_norms_pallas([job.inputs[0] for job in jobs], backend="mosaic_interpret", block=1024)
+    np.testing.assert_allclose(sums, [jnp.sum(job.inputs[0] ** 2) for job in jobs], rtol=2e-6)
+
+
+def test_fused_pass_outputs_without_aliases_and_scalars(key):
+    x = jax.random.normal(key, (3000,))
+    jobs = [
+        Job([x], [jnp.float16, jnp.float32], jnp.zeros((0,))),
+        Job([x[:5]], [jnp.float16, jnp.float32], jnp.zeros((0,))),
+        Job([x[:0]], [jnp.float16, jnp.float32], jnp.zeros((0,))),
+    ]
+
+    def body(xs, s, t):
+        return [jnp.clip(xs[0], -1.0, 1.0), xs[0] * 2.0]
+
+    got = fused_pass_pallas(body, jobs, jnp.zeros((0,)), backend="mosaic_interpret", block=1024)
+    for job, outs in zip(jobs, got):
+        np.testing.assert_array_equal(outs[0], jnp.clip(job.inputs[0], -1, 1).astype(jnp.float16))
+        np.testing.assert_array_equal(outs[1], job.inputs[0] * 2)
+
+
+@pytest.mark.parametrize(
+    "dtype,block", [(jnp.bfloat16, None), (jnp.float32, 1024)], ids=["bf16-one_block_per_leaf", "f32-ragged_blocks"]
+)
+def test_norms_match_reference(key, dtype, block):
+    # With 1024-element blocks, the last leaf makes the launch over 128 blocks: partials in two rows.
+    shapes = SHAPES + ([(140_000,)] if block else [])
+    leaves = [jax.random.normal(jax.random.fold_in(key, k), s).astype(dtype) for k, s in enumerate(shapes)]
+    want = [jnp.sum(jnp.asarray(x, jnp.float32) ** 2) for x in leaves]
+    got = leaf_sq_norms_pallas(leaves, backend="mosaic_interpret", block=block)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6)
+    leaves[5] = leaves[5].at[3].set(jnp.nan).at[7].set(jnp.inf)
+    total, count = global_sq_norm_pallas(leaves, backend="mosaic_interpret", block=block, count_nonfinite=True)
+    assert int(count) == 2 and not jnp.isfinite(total)
+    finite = global_sq_norm_pallas(leaves[:5] + leaves[6:], backend="mosaic_interpret", block=block)
+    np.testing.assert_allclose(finite, sum(want[:5] + want[6:]), rtol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------- whole steps
+
+
+def _tree(key, dtype):
+    ks = jax.random.split(key, 2 * len(SHAPES))
+    params = {f"p{i}": jax.random.normal(ks[i], s).astype(dtype) for i, s in enumerate(SHAPES)}
+    grads = [
+        {
+            k: jax.random.normal(jax.random.fold_in(ks[len(SHAPES) + t], i), v.shape).astype(dtype)
+            for i, (k, v) in enumerate(params.items())
+        }
+        for t in range(2)
+    ]
+    return params, grads
+
+
+def _train(tx, params, grads, backend):
+    def step(p, s, g):  # a fresh function per backend: the backend is read at trace time
+        return tx.update_and_apply(g, s, p)
+
+    with use_backend(backend):
+        step = jax.jit(step, donate_argnums=(0, 1))
+        state = tx.init(jax.tree.map(jnp.copy, params))
+        p = jax.tree.map(jnp.copy, params)
+        for g in grads:
+            p, state = step(p, state, g)
+    return p, state
+
+
+def clip_adamw():
+    return ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-2, weight_decay=0.1))
+
+
+def test_clip_adamw_matches_xla(key):
+    params, grads = _tree(key, jnp.float32)
+    assert_trees_rel_close(
+        _train(clip_adamw(), params, grads, "mosaic_interpret"), _train(clip_adamw(), params, grads, "xla")
+    )
+
+
+def test_clip_adamw_bf16_params(key):
+    params, grads = _tree(key, jnp.bfloat16)
+    p_tpu, _ = _train(clip_adamw(), params, grads, "mosaic_interpret")
+    p_x, _ = _train(clip_adamw(), params, grads, "xla")
+    for a, b in zip(jax.tree.leaves(p_tpu), jax.tree.leaves(p_x)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 * 2.0**-8, atol=1e-3)
+
+
+def test_quantized_jobs_are_left_to_xla(key):
+    """8-bit states are not on the TPU kernels: such a job comes back None (the caller runs it on
+    XLA, as `elementwise` does), the plain jobs of the same call run in the kernels."""
+    from optax_ext import quantization as q8
+
+    fmt = q8.QuantFormat(256, True)
+    x = jax.random.normal(key, (1000,))
+    jobs = [
+        Job([x, q8.quantize_leaf(x, fmt)], [jnp.float32, fmt], jnp.zeros((0,))),
+        Job([x, x], [jnp.float32] * 2, jnp.zeros((0,))),
+    ]
+    got = fused_pass_pallas(lambda xs, s, t: [xs[0] + xs[1], xs[1]], jobs, jnp.zeros((0,)), backend="mosaic_interpret")
+    assert got[0] is None
+    np.testing.assert_array_equal(got[1][0], 2 * x)
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+
+
+def _lower(fn, *avals, donate=(), **kwargs):
+    return lower_for(fn, *avals, platform="tpu", backend="mosaic", donate_argnums=donate, **kwargs).as_text()
+
+
+def _adam_pass(shapes, form=None):
+    grads = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    state = [[jax.ShapeDtypeStruct(s, d) for d in (jnp.bfloat16, jnp.float32, jnp.float32)] for s in shapes]
+
+    def f(grads, state):
+        jobs = [
+            Job([g, *pmv], [jnp.bfloat16, jnp.float32, jnp.float32], jnp.full((1,), 0.01 * k), {1: 0, 2: 1, 3: 2})
+            for k, (g, pmv) in enumerate(zip(grads, state))
+        ]
+        return fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic", form=form)
+
+    return _lower(f, grads, state, donate=(1,))
+
+
+def test_fused_pass_lowers_to_one_call_per_launch_in_place():
+    text = _adam_pass(SHAPES)
+    assert text.count(MARKER) == 1
+    # p, m, v of every leaf are updated in place: 27 aliases, and no donated buffer left unaliased.
+    assert text.count("tf.aliasing_output") == 3 * len(SHAPES)
+    stats = analyze_stablehlo(text)
+    # Only the leaf-scalar table is built (9 scalars): no parameter data is copied, sliced or padded.
+    assert stats["copied_elements"] <= len(SHAPES) and stats["unaliased_donors"] == 0, stats["copied_elements_by_op"]
+
+
+def test_per_leaf_form_still_lowers_one_call_per_leaf():
+    assert _adam_pass(SHAPES[:4], form="per_leaf").count(MARKER) == 4
+    avals = [jax.ShapeDtypeStruct(s, jnp.float32) for s in SHAPES[:4]]
+    text = _lower(lambda *xs: global_sq_norm_pallas(list(xs), backend="mosaic", form="per_leaf"), *avals)
+    assert text.count(MARKER) == 4
+
+
+def test_huge_leaf_runs_on_xla():
+    # Over mt.INDEX_LIMIT elements: left to XLA by the multi-tensor TPU kernels (abstract: costs nothing).
+    text = _adam_pass([(7,), (65_536, 32_771)])
+    assert text.count(MARKER) == 1
+
+
+def test_norms_lower_to_one_call_per_launch():
+    avals = [jax.ShapeDtypeStruct(s, jnp.float32) for s in SHAPES]
+    assert _lower(lambda *xs: leaf_sq_norms_pallas(list(xs), backend="mosaic"), *avals).count(MARKER) == 1
+    text = _lower(lambda *xs: global_sq_norm_pallas(list(xs), backend="mosaic", count_nonfinite=True), *avals)
+    assert text.count(MARKER) == 1
+
+
+def test_gpt2_clip_adamw_step_is_four_calls():
+    params = {f"p{i:03d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(gpt2_small_shapes())}
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3))
+    state = jax.eval_shape(tx.init, params)
+    text = _lower(lambda p, s, g: tx.update_and_apply(g, s, p), params, state, params, donate=(0, 1))
+    # One norm launch (148 <= 256 leaves) and ceil(148 / 64) fused-pass launches.
+    assert text.count(MARKER) == 1 + 3
+    n = sum(x.size for x in jax.tree.leaves(params))
+    stats = analyze_stablehlo(text)
+    assert stats["copied_elements"] / n <= 1e-3 and stats["unaliased_donors"] == 0
+
+
+def test_two_thousand_leaves_plan_to_forty_launches():
+    """The 2,000-small-leaf step's launch count from the plans (its lowering: test_kernels_lowering.py)."""
+    sizes = [int(np.prod(s)) for s in small_leaves_shapes()]
+    f32 = [jnp.dtype(jnp.float32)] * len(sizes)
+    fused = mtb.plan_by_dtype(f32, sizes, 7, 64 * 1024, extra_refs=2)
+    norms = mtb.plan_by_dtype(f32, sizes, 1, 128 * 1024, max_leaves=NORM_MAX_LEAVES)
+    assert len(fused) == -(-2000 // mt.MAX_LEAVES) and len(norms) == -(-2000 // NORM_MAX_LEAVES)
+    assert len(fused) + len(norms) == 40
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def test_per_leaf_form_is_not_the_interpreters():
+    x = jnp.ones((10,))
+    with pytest.raises(ValueError, match="runs the 'multi_tensor' form"):
+        fused_pass_pallas(
+            adam_body,
+            [Job([x] * 4, [jnp.float32] * 3, jnp.zeros((1,)))],
+            SHARED,
+            backend="mosaic_interpret",
+            form="per_leaf",
+        )
+    with pytest.raises(ValueError, match="runs the 'multi_tensor' form"):
+        global_sq_norm_pallas([x], backend="mosaic_interpret", form="per_leaf")
+
+
+def test_layer_norm_in_tpu_interpreter_runs_its_jnp_math(key):
+    x = jax.random.normal(key, (4, 256))
+    w, b = jnp.ones((256,)), jnp.zeros((256,))
+    with use_backend("mosaic_interpret"):
+        got = ox.kernels.layer_norm.layer_norm(x, w, b)
+    with use_backend("xla"):
+        want = ox.kernels.layer_norm.layer_norm(x, w, b)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
