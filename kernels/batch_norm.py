@@ -30,7 +30,8 @@ Backward of y (and of the returned mean/var, with cotangents dmean, dvar), s = s
 computed as one reduction kernel (persistent grid: (P, 1, C) partials of dbias/dscale, summed by
 XLA) and one elementwise kernel.
 Every elementwise pass is the same "affine" kernel: out = (x - c) * a + b [+ k * dy].
-Tiling/masking conventions are those of `blocks.py` (shared with `layer_norm.py`).
+Tiling/masking conventions are those of `blocks.py` (shared with `layer_norm.py`). On "mosaic_gpu" the
+kernels are `batch_norm_mosaic_gpu`'s, for the shapes they take (jnp for the others).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from optax_ext.kernels.backend import get_backend
+from optax_ext.kernels import batch_norm_mosaic_gpu as bnm
+from optax_ext.kernels import layer_norm_mosaic_gpu as lnm
+from optax_ext.kernels.backend import get_backend, is_mosaic_gpu, mosaic_gpu_available
 from optax_ext.kernels.blocks import (
     Tiling,
     block_mask,
@@ -183,16 +186,31 @@ def _rows(x):
     return x.reshape(-1, x.shape[-1])
 
 
+def _mosaic_gpu_takes(backend: str, rows, vectors: int) -> bool:
+    """False where the Mosaic GPU kernels cannot take these (..., C) operands' rows
+    (`layer_norm_mosaic_gpu.supported`; and jax >= 0.12): the jnp math runs. True on other backends."""
+    if not is_mosaic_gpu(backend):
+        return True
+    c = rows[0].shape[-1]
+    dtypes = [r.dtype for r in rows]
+    return mosaic_gpu_available() and lnm.supported(rows[0].size // max(c, 1), c, dtypes, vectors=vectors)
+
+
 def _stats(x):
     """Per-feature (mean, biased var) of (..., C) x over all leading axes, f32."""
     backend = get_backend()
-    if not use_pallas(backend, x):
+    if not use_pallas(backend, x, mosaic_gpu=True) or not _mosaic_gpu_takes(backend, [x], 3):
         return _stats_xla(x)
     c = x.shape[-1]
 
     def local(xs, row_axes):
         x2 = _rows(xs[0])
-        mean, var = _stats_pallas(x2, backend)
+        if not is_mosaic_gpu(backend):
+            mean, var = _stats_pallas(x2, backend)
+        elif _mosaic_gpu_takes(backend, [x2], 3):
+            mean, var = bnm.stats(x2, interpret=backend == "mosaic_gpu_interpret")
+        else:  # a shard the Mosaic GPU kernel cannot take
+            mean, var = _stats_xla(x2)
         if not row_axes:
             return [mean, var]
         # SyncBN: merge the devices' (count, mean, M2) exactly (Chan et al.; equal counts per shard):
@@ -210,7 +228,8 @@ def _affine(x, c, a, b, dy=None, k=None, out_dtype=None):
     """out = (x - c) * a + b [+ dy * k], per-feature c, a, b, k (f32, shape (C,))."""
     out_dtype = out_dtype or x.dtype
     backend = get_backend()
-    if not use_pallas(backend, x, c, a, b, dy, k):
+    rows = [x] + ([] if dy is None else [dy])
+    if not use_pallas(backend, x, c, a, b, dy, k, mosaic_gpu=True) or not _mosaic_gpu_takes(backend, rows, 4):
         out = (x.astype(_F32) - c) * a + b
         if dy is not None:
             out = out + dy.astype(_F32) * k
@@ -228,6 +247,12 @@ def _affine(x, c, a, b, dy=None, k=None, out_dtype=None):
 
 
 def _affine_pallas(x2, c, a, b, dy2, k, out_dtype, backend):
+    if is_mosaic_gpu(backend):
+        interpret = backend == "mosaic_gpu_interpret"
+        if _mosaic_gpu_takes(backend, [x2] + ([] if dy2 is None else [dy2]), 4):
+            return bnm.affine(x2, c, a, b, dy2, k, out_dtype=out_dtype, interpret=interpret)
+        out = (x2.astype(_F32) - c) * a + b  # a shard the Mosaic GPU kernel cannot take
+        return (out if dy2 is None else out + dy2.astype(_F32) * k).astype(out_dtype)
     m, n = x2.shape
     layout = layout_for(backend)
     t = make_tiling(m, n, layout, block_elems=_AFFINE_BLOCK[layout])
@@ -250,7 +275,7 @@ def _affine_pallas(x2, c, a, b, dy2, k, out_dtype, backend):
 def _bwd_sums(x, dy, mean, rstd):
     """(sum_r dy, sum_r dy * xhat) over all leading axes, f32 (C,)."""
     backend = get_backend()
-    if not use_pallas(backend, x, dy, mean, rstd):
+    if not use_pallas(backend, x, dy, mean, rstd, mosaic_gpu=True) or not _mosaic_gpu_takes(backend, [x, dy], 4):
         dyf = dy.astype(_F32)
         xhat = (x.astype(_F32) - mean) * rstd
         lead = tuple(range(x.ndim - 1))
@@ -274,6 +299,11 @@ def _bwd_sums(x, dy, mean, rstd):
 
 
 def _bwd_sums_pallas(x2, dy2, mean, rstd, backend):
+    if is_mosaic_gpu(backend):
+        if _mosaic_gpu_takes(backend, [x2, dy2], 4):
+            return bnm.bwd_sums(x2, dy2, mean, rstd, interpret=backend == "mosaic_gpu_interpret")
+        dyf = dy2.astype(_F32)  # a shard the Mosaic GPU kernel cannot take
+        return jnp.sum(dyf, axis=0), jnp.sum(dyf * (x2.astype(_F32) - mean) * rstd, axis=0)
     m, n = x2.shape
     layout = layout_for(backend)
     t = make_tiling(m, n, layout, block_elems=_STATS_BLOCK[layout])

@@ -192,14 +192,15 @@ def store(ref, value: jax.Array, t: Tiling, mask: jax.Array | None) -> None:
         ref[...] = value
 
 
-def use_pallas(backend: str, *arrays) -> bool:
+def use_pallas(backend: str, *arrays, mosaic_gpu: bool = False) -> bool:
     """Whether to run the Pallas kernel rather than the jnp twin of its math.
 
-    Not on the "xla" backend, not on Mosaic GPU (no normalization kernels there yet: their jnp math
-    runs, see backend.py), and not for empty arrays. Sharded arrays take the kernel too, on each
-    device's shard (`per_rows`).
+    Not on the "xla" backend, not in TPU's interpreter, on Mosaic GPU only for callers with kernels
+    there, which pass `mosaic_gpu=True` (LayerNorm, RMSNorm, BatchNorm: `layer_norm_mosaic_gpu`,
+    `batch_norm_mosaic_gpu`, which take only some shapes, see backend.py), and not for empty arrays.
+    Sharded arrays take the kernel too, on each device's shard (`per_rows`).
     """
-    if backend == "xla" or is_mosaic_gpu(backend):
+    if backend in ("xla", "mosaic_interpret") or (is_mosaic_gpu(backend) and not mosaic_gpu):
         return False
     return not any(a is not None and a.size == 0 for a in arrays)
 

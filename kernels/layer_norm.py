@@ -20,10 +20,11 @@ one-pass E[x^2] - E[x]^2 cannot do in f32. All statistics and sums are accumulat
 
 Tiling, masking and the persistent grid are those of `optax_ext.kernels.blocks` (shared with
 `batch_norm.py`): the input is viewed as (M, N) rows and one forward grid step normalises a block
-of rows; the "xla" backend runs the same math in jnp and lets XLA fuse it. The backward is one pass
-over x and dy for dx, dscale and dbias together on the persistent grid (`persistent_row_call`):
-each of its P programs writes the dx of its row blocks and folds their column sums into one f32
-(1, N) partial per output, and XLA sums the P partials,
+of rows; the "xla" backend runs the same math in jnp and lets XLA fuse it. On "mosaic_gpu" the
+kernels are `layer_norm_mosaic_gpu`'s (TMA row blocks), for the shapes they take (jnp for the
+others). The backward is one pass over x and dy for dx, dscale and dbias together on the
+persistent grid (`persistent_row_call`): each of its P programs writes the dx of its row blocks and
+folds their column sums into one f32 (1, N) partial per output, and XLA sums the P partials,
 
     dscale = sum_p S_p,   S_p = sum_{i in B_p} sum_{r in block i} dy_r * xhat_r   (dbias: dy_r)
 
@@ -40,8 +41,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from optax_ext.kernels import layer_norm_mosaic_gpu as lnm
 from optax_ext.kernels import sharding
-from optax_ext.kernels.backend import get_backend
+from optax_ext.kernels.backend import get_backend, is_mosaic_gpu, mosaic_gpu_available
 from optax_ext.kernels.blocks import (
     RowLoop,  # noqa: F401  (re-exported: defined here before blocks.py, as row_mask)
     Tiling,
@@ -269,7 +271,7 @@ def rms_norm_reference(x, scale=None, *, epsilon: float = 1e-6):
 def _fwd2(x, w2, b2, eps, rms):
     """Forward on (..., N) x: (y, mean or None, rstd), statistics of shape x.shape[:-1]."""
     backend = get_backend()
-    if not use_pallas(backend, x, w2, b2):
+    if not use_pallas(backend, x, w2, b2, mosaic_gpu=True) or not _mosaic_gpu_takes(backend, x, [x.dtype]):
         sharding.check_whole("rms_norm" if rms else "layer_norm", x, [-1])  # as the kernels' path does
         return _fwd_xla(x, w2, b2, eps, rms)
     lead, n = x.shape[:-1], x.shape[-1]
@@ -279,7 +281,13 @@ def _fwd2(x, w2, b2, eps, rms):
 
     def local(xs, row_axes):
         xl = xs[0]  # this device's rows, viewed as (M, N) only here, per shard
-        y, mean, rstd = _fwd_pallas(xl.reshape(-1, n), xs[1], None if rms else xs[2], eps, rms, backend)
+        x2, b = xl.reshape(-1, n), None if rms else xs[2]
+        if not is_mosaic_gpu(backend):
+            y, mean, rstd = _fwd_pallas(x2, xs[1], b, eps, rms, backend)
+        elif _mosaic_gpu_takes(backend, x2, [x2.dtype]):
+            y, mean, rstd = lnm.forward(x2, xs[1], b, eps, rms, interpret=backend == "mosaic_gpu_interpret")
+        else:  # a shard the Mosaic GPU kernel cannot take (see `_mosaic_gpu_takes`)
+            y, mean, rstd = _fwd_xla(x2, xs[1], b, eps, rms)
         stats = [rstd] if rms else [mean, rstd]
         return [y.reshape(xl.shape)] + [v.reshape(xl.shape[:-1]) for v in stats]
 
@@ -287,10 +295,22 @@ def _fwd2(x, w2, b2, eps, rms):
     return (outs[0], None, outs[1]) if rms else tuple(outs)
 
 
+def _mosaic_gpu_takes(backend: str, x, row_dtypes) -> bool:
+    """False where the Mosaic GPU kernels cannot take x's rows (`layer_norm_mosaic_gpu.supported`: M
+    a multiple of 8 and >= 64, N of 8, a 64-row block in SMEM; and jax >= 0.12): its jnp math runs.
+    True on every other backend."""
+    if not is_mosaic_gpu(backend):
+        return True
+    n = x.shape[-1]
+    return mosaic_gpu_available() and lnm.supported(x.size // max(n, 1), n, row_dtypes)
+
+
 def _bwd2(x, w2, mean, rstd, dy, rms):
     """Backward on (..., N) arrays: (dx, dscale (1, N) f32, dbias (1, N) f32 or None)."""
     backend = get_backend()
-    if not use_pallas(backend, x, w2, mean, rstd, dy):
+    if not use_pallas(backend, x, w2, mean, rstd, dy, mosaic_gpu=True) or not _mosaic_gpu_takes(
+        backend, x, [x.dtype, dy.dtype]
+    ):
         return _bwd_xla(x, w2, mean, rstd, dy, rms)
     n = x.shape[-1]
     operands = [x, w2] + ([] if rms else [mean]) + [rstd, dy]
@@ -305,7 +325,15 @@ def _bwd2(x, w2, mean, rstd, dy, rms):
         else:
             xl, w, mu, r, dyl = xs
             mu = mu.reshape(-1)
-        dx, dw, db = _bwd_pallas(xl.reshape(-1, n), w, mu, r.reshape(-1), dyl.reshape(-1, n), rms, backend)
+        x2, dy2 = xl.reshape(-1, n), dyl.reshape(-1, n)
+        if not is_mosaic_gpu(backend):
+            dx, dw, db = _bwd_pallas(x2, w, mu, r.reshape(-1), dy2, rms, backend)
+        elif _mosaic_gpu_takes(backend, x2, [x2.dtype, dy2.dtype]):
+            interpret = backend == "mosaic_gpu_interpret"
+            dx, dw, db = lnm.backward(x2, w, mu, r.reshape(-1), dy2, rms, interpret=interpret)
+        else:
+            dx, dw, db = _bwd_xla(x2, w, mu, r.reshape(-1), dy2, rms)
+            dw, db = dw[0], None if rms else db[0]
         # dscale and dbias sum over all rows: add the other devices' rows.
         sums = [dw] + ([] if rms else [db])
         if row_axes:
