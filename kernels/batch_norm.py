@@ -52,6 +52,7 @@ from optax_ext.kernels.blocks import (
     call_params,
     check_operands,
     feature_spec,
+    interpret_mode,
     layout_for,
     load_f32,
     make_tiling,
@@ -267,7 +268,7 @@ def _affine_pallas(x2, c, a, b, dy2, k, out_dtype, backend):
         in_specs=[row_spec(t)] * len(rows) + [feature_spec(t)] * len(feats),
         out_specs=row_spec(t),
         compiler_params=call_params(backend, t),
-        interpret=backend == "interpret",
+        interpret=interpret_mode(backend),
         name="batch_norm_affine",
     )(*rows, *feats)
 

@@ -115,9 +115,20 @@ def layout_for(backend: str) -> str:
     """The block layout a Pallas backend runs ("interpret" follows `INTERPRET_LAYOUT`)."""
     if backend == "triton":
         return "triton"
-    if backend == "mosaic":
+    if backend in ("mosaic", "mosaic_interpret"):
         return "mosaic"
     return INTERPRET_LAYOUT
+
+
+def interpret_mode(backend: str):
+    """`pl.pallas_call(interpret=...)` for a backend: the generic Pallas interpreter for "interpret",
+    TPU's own (`pltpu.InterpretParams`: VMEM, SMEM and the pipeline's DMAs as on a TPU) for
+    "mosaic_interpret", else False (compiled)."""
+    if backend == "mosaic_interpret":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.InterpretParams()
+    return backend == "interpret"
 
 
 def make_tiling(m: int, n: int, layout: str, *, block_elems: int) -> Tiling:
@@ -195,12 +206,12 @@ def store(ref, value: jax.Array, t: Tiling, mask: jax.Array | None) -> None:
 def use_pallas(backend: str, *arrays, mosaic_gpu: bool = False) -> bool:
     """Whether to run the Pallas kernel rather than the jnp twin of its math.
 
-    Not on the "xla" backend, not in TPU's interpreter, on Mosaic GPU only for callers with kernels
+    Not on the "xla" backend, on Mosaic GPU only for callers with kernels
     there, which pass `mosaic_gpu=True` (LayerNorm, RMSNorm, BatchNorm: `layer_norm_mosaic_gpu`,
     `batch_norm_mosaic_gpu`, which take only some shapes, see backend.py), and not for empty arrays.
     Sharded arrays take the kernel too, on each device's shard (`per_rows`).
     """
-    if backend in ("xla", "mosaic_interpret") or (is_mosaic_gpu(backend) and not mosaic_gpu):
+    if backend == "xla" or (is_mosaic_gpu(backend) and not mosaic_gpu):
         return False
     return not any(a is not None and a.size == 0 for a in arrays)
 
@@ -254,7 +265,7 @@ def call_params(backend: str, t: Tiling, semantics: tuple[str, ...] = ("parallel
     if backend == "triton":
         warps = min(max(t.block_rows * t.block_cols // 512, 1), 8)
         return compiler_params("triton", num_warps=warps, num_stages=1)
-    if backend == "mosaic":
+    if backend in ("mosaic", "mosaic_interpret"):
         return compiler_params("mosaic", dimension_semantics=semantics)
     return None
 
@@ -485,7 +496,7 @@ def persistent_row_call(
         in_specs=[row_s] * n_rows + [stat_s] * n_stats + [feat_s] * n_feats,
         out_specs=[row_s] * n_outs + [part_s] * num_partials,
         compiler_params=params,
-        interpret=backend == "interpret",
+        interpret=interpret_mode(backend),
         name=name,
     )(*rows, *stats, *feats)
     return list(outs[:n_outs]), list(outs[n_outs:])

@@ -52,6 +52,7 @@ from optax_ext.kernels.blocks import (
     check_operands,
     col_mask,
     feature_spec,
+    interpret_mode,
     layout_for,
     load_f32,
     make_tiling,
@@ -167,7 +168,7 @@ def _fwd_pallas(x2, w2, b2, eps: float, rms: bool, backend: str):
         in_specs=in_specs,
         out_specs=out_specs,
         compiler_params=call_params(backend, t),
-        interpret=backend == "interpret",
+        interpret=interpret_mode(backend),
         name="rms_norm_fwd" if rms else "layer_norm_fwd",
     )(x2, w2, *([] if rms else [b2]))
     if rms:
