@@ -63,6 +63,34 @@ def quantized_formats(job: Job) -> list[q8.QuantFormat]:
     ]
 
 
+def plain_kernel_jobs(jobs: Sequence[Job], max_size: int) -> tuple[list, list[int], list[tuple]]:
+    """What a kernel backend without quantized storage takes of `jobs` (the Mosaic GPU and TPU fused passes).
+
+    Returns (results, taken, signatures): per job its outputs where it needs no kernel (zeros for an
+    empty leaf) and None otherwise; the indices of the jobs the kernels take (plain storage, 0 < size
+    <= `max_size`), and per taken job its (input dtypes, output dtypes), which the launches group by.
+    A job neither answered nor taken (quantized, or too large) stays None for the caller's XLA path.
+    """
+    results: list = [None] * len(jobs)
+    taken = []
+    for i, job in enumerate(jobs):
+        if quantized_formats(job):
+            continue
+        n = jnp.size(job.inputs[0])
+        if n == 0:
+            results[i] = [jnp.zeros(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes]
+        elif n <= max_size:
+            taken.append(i)
+    signatures = [
+        (
+            tuple(jnp.dtype(jnp.result_type(x)) for x in jobs[i].inputs),
+            tuple(jnp.dtype(d) for d in jobs[i].out_dtypes),
+        )
+        for i in taken
+    ]
+    return results, taken, signatures
+
+
 def same_storage(a, b) -> bool:
     """Whether an output of storage `b` may overwrite an input of storage `a` (dtype or format)."""
     if isinstance(a, q8.QuantFormat) or isinstance(b, q8.QuantFormat):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from optax_ext.kernels import mosaic_gpu_blocks as mgb
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import Job
+from optax_ext.kernels.elementwise import Job, plain_kernel_jobs
 
 __all__ = ["MOSAIC_GPU_BLOCK", "fused_pass_mosaic_gpu"]
 
@@ -163,25 +163,10 @@ def fused_pass_mosaic_gpu(
     Jobs are validated by the caller. Returns per job its outputs, or None for a job left to the
     caller (quantized storage, or a leaf over `mt.INDEX_LIMIT` elements).
     """
-    from optax_ext.kernels.elementwise import quantized_formats
-
-    results: list = [None] * len(jobs)
-    kernel_jobs = []
-    for i, job in enumerate(jobs):
-        if quantized_formats(job):
-            continue
-        n = jnp.size(job.inputs[0])
-        if n == 0:
-            results[i] = [jnp.zeros(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes]
-        elif n <= mt.INDEX_LIMIT:
-            kernel_jobs.append(i)
+    results, kernel_jobs, signatures = plain_kernel_jobs(jobs, mt.INDEX_LIMIT)
     if not kernel_jobs:
         return results
     sub = [jobs[i] for i in kernel_jobs]
-    signatures = [
-        (tuple(jnp.dtype(jnp.result_type(x)) for x in job.inputs), tuple(jnp.dtype(d) for d in job.out_dtypes))
-        for job in sub
-    ]
     refs = [len(job.inputs) + len(job.out_dtypes) - len(job.aliases) for job in sub]
     b = block or MOSAIC_GPU_BLOCK
     plans = mgb.plan_by_dtype(signatures, [jnp.size(job.inputs[0]) for job in sub], refs, b, extra_refs=2)

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from optax_ext.kernels import mosaic_tpu_blocks as mtb
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import Job
+from optax_ext.kernels.elementwise import Job, plain_kernel_jobs
 
 __all__ = ["MOSAIC_TPU_BLOCK", "fused_pass_mosaic_tpu"]
 
@@ -115,26 +115,12 @@ def fused_pass_mosaic_tpu(
     Jobs are validated by the caller. Returns per job its outputs, or None for a job left to the
     caller (quantized storage, or a leaf over `mt.INDEX_LIMIT` elements).
     """
-    from optax_ext.kernels.elementwise import quantized_formats
     from optax_ext.kernels.fused_pass import _scalar_vector
 
-    results: list = [None] * len(jobs)
-    kernel_jobs = []
-    for i, job in enumerate(jobs):
-        if quantized_formats(job):
-            continue
-        n = jnp.size(job.inputs[0])
-        if n == 0:
-            results[i] = [jnp.zeros(jnp.shape(job.inputs[0]), d) for d in job.out_dtypes]
-        elif n <= mt.INDEX_LIMIT:
-            kernel_jobs.append(i)
+    results, kernel_jobs, signatures = plain_kernel_jobs(jobs, mt.INDEX_LIMIT)
     if not kernel_jobs:
         return results
     sub = [jobs[i] for i in kernel_jobs]
-    signatures = [
-        (tuple(jnp.dtype(jnp.result_type(x)) for x in job.inputs), tuple(jnp.dtype(d) for d in job.out_dtypes))
-        for job in sub
-    ]
     refs = [len(job.inputs) + len(job.out_dtypes) for job in sub]
     b = max(mtb.ALIGN, mt.pow2_at_least(block)) if block else MOSAIC_TPU_BLOCK
     svec = _scalar_vector(shared)
