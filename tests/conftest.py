@@ -197,3 +197,34 @@ def assert_grads_match_finite_differences(f, f64, args, out_tols, *, eps=3e-2, f
         f"{err_msg} vjp: |<J^T c, t> - <c, finite differences>| = {abs(ip_ad - ip_fd):.3e} > bound {ip_bound:.3e}"
     )
     return abs(ip_ad - ip_fd) / ip_bound
+
+
+def params_and_grads(key, shapes, dtype, steps):
+    """A {"p<i>": leaf} tree of `shapes` in `dtype`, and `steps` gradient trees like it (fresh normals)."""
+    ks = jax.random.split(key, len(shapes) + steps)
+    params = {f"p{i}": jax.random.normal(ks[i], s).astype(dtype) for i, s in enumerate(shapes)}
+    grads = [
+        {
+            k: jax.random.normal(jax.random.fold_in(ks[len(shapes) + t], i), v.shape).astype(dtype)
+            for i, (k, v) in enumerate(params.items())
+        }
+        for t in range(steps)
+    ]
+    return params, grads
+
+
+def train_on_backend(tx, params, grads, backend):
+    """(params, state) after one jitted, donated `update_and_apply` step per gradient tree, traced under
+    kernel `backend`; the caller's params are copied, not donated."""
+    from optax_ext.kernels import use_backend
+
+    def step(p, s, g):  # a fresh function per call: the backend is read at trace time
+        return tx.update_and_apply(g, s, p)
+
+    with use_backend(backend):
+        step = jax.jit(step, donate_argnums=(0, 1))
+        state = tx.init(jax.tree.map(jnp.copy, params))
+        p = jax.tree.map(jnp.copy, params)
+        for g in grads:
+            p, state = step(p, state, g)
+    return p, state

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import params_and_grads, train_on_backend
 
 import optax_ext as ox
 from optax_ext.kernels import backend as kb
-from optax_ext.kernels import lower_for, use_backend
+from optax_ext.kernels import lower_for
 from optax_ext.kernels.elementwise import Job, run_elementwise_reference
 from optax_ext.kernels.fused_pass import fused_pass_pallas
 from optax_ext.kernels.norms import global_sq_norm_pallas, leaf_sq_norms_pallas
@@ -104,29 +105,7 @@ def test_norms_match_reference(key, dtype):
 
 
 def _tree(key, dtype):
-    ks = jax.random.split(key, 2 * len(SHAPES))
-    params = {f"p{i}": jax.random.normal(ks[i], s).astype(dtype) for i, s in enumerate(SHAPES)}
-    grads = [
-        {
-            k: jax.random.normal(jax.random.fold_in(ks[len(SHAPES) + t], i), v.shape).astype(dtype)
-            for i, (k, v) in enumerate(params.items())
-        }
-        for t in range(3)
-    ]
-    return params, grads
-
-
-def _train(tx, params, grads, backend):
-    def step(p, s, g):  # a fresh function per backend: the backend is read at trace time
-        return tx.update_and_apply(g, s, p)
-
-    with use_backend(backend):
-        step = jax.jit(step, donate_argnums=(0, 1))
-        state = tx.init(jax.tree.map(jnp.copy, params))
-        p = jax.tree.map(jnp.copy, params)
-        for g in grads:
-            p, state = step(p, state, g)
-    return p, state
+    return params_and_grads(key, SHAPES, dtype, steps=3)
 
 
 def _relative_error(a, b):
@@ -148,8 +127,8 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizers_match_xla(key, name):
     params, grads = _tree(key, jnp.float32)
-    p_mg, s_mg = _train(OPTIMIZERS[name](), params, grads, "mosaic_gpu_interpret")
-    p_x, s_x = _train(OPTIMIZERS[name](), params, grads, "xla")
+    p_mg, s_mg = train_on_backend(OPTIMIZERS[name](), params, grads, "mosaic_gpu_interpret")
+    p_x, s_x = train_on_backend(OPTIMIZERS[name](), params, grads, "xla")
     for a, b in zip(jax.tree.leaves((p_mg, s_mg)), jax.tree.leaves((p_x, s_x))):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert _relative_error(a, b) <= 1e-6
@@ -158,8 +137,8 @@ def test_optimizers_match_xla(key, name):
 @needs_mosaic_gpu
 def test_clip_adamw_bf16_params(key):
     params, grads = _tree(key, jnp.bfloat16)
-    p_mg, _ = _train(OPTIMIZERS["clip_adamw"](), params, grads, "mosaic_gpu_interpret")
-    p_x, _ = _train(OPTIMIZERS["clip_adamw"](), params, grads, "xla")
+    p_mg, _ = train_on_backend(OPTIMIZERS["clip_adamw"](), params, grads, "mosaic_gpu_interpret")
+    p_x, _ = train_on_backend(OPTIMIZERS["clip_adamw"](), params, grads, "xla")
     for a, b in zip(jax.tree.leaves(p_mg), jax.tree.leaves(p_x)):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 * 2.0**-8, atol=1e-3)
@@ -169,8 +148,8 @@ def test_clip_adamw_bf16_params(key):
 def test_int8_states_run_on_xla_beside_the_kernels(key):
     params, grads = _tree(key, jnp.float32)
     tx = lambda: ox.adamw(1e-2, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise)  # noqa: E731
-    p_mg, _ = _train(tx(), params, grads, "mosaic_gpu_interpret")
-    p_x, _ = _train(tx(), params, grads, "xla")
+    p_mg, _ = train_on_backend(tx(), params, grads, "mosaic_gpu_interpret")
+    p_x, _ = train_on_backend(tx(), params, grads, "xla")
     for a, b in zip(jax.tree.leaves(p_mg), jax.tree.leaves(p_x)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
@@ -288,7 +267,7 @@ def test_optax_update_under_mosaic_gpu_interpret_matches_optax(key):
     params, grads = _tree(key, jnp.float32)
     tx = ox.adamw(1e-2, weight_decay=0.05)
     ref = optax.adamw(1e-2, weight_decay=0.05)
-    p, s = _train(tx, params, grads, "mosaic_gpu_interpret")
+    p, s = train_on_backend(tx, params, grads, "mosaic_gpu_interpret")
     q, r = params, ref.init(params)
     for g in grads:
         u, r = ref.update(g, r, q)

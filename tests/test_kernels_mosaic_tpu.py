@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_rel_close
+from conftest import assert_trees_rel_close, params_and_grads, train_on_backend
 
 import optax_ext as ox
 from optax_ext.kernels import lower_for, use_backend
@@ -134,29 +134,7 @@ def test_norms_match_reference(key, dtype, block):
 
 
 def _tree(key, dtype):
-    ks = jax.random.split(key, 2 * len(SHAPES))
-    params = {f"p{i}": jax.random.normal(ks[i], s).astype(dtype) for i, s in enumerate(SHAPES)}
-    grads = [
-        {
-            k: jax.random.normal(jax.random.fold_in(ks[len(SHAPES) + t], i), v.shape).astype(dtype)
-            for i, (k, v) in enumerate(params.items())
-        }
-        for t in range(2)
-    ]
-    return params, grads
-
-
-def _train(tx, params, grads, backend):
-    def step(p, s, g):  # a fresh function per backend: the backend is read at trace time
-        return tx.update_and_apply(g, s, p)
-
-    with use_backend(backend):
-        step = jax.jit(step, donate_argnums=(0, 1))
-        state = tx.init(jax.tree.map(jnp.copy, params))
-        p = jax.tree.map(jnp.copy, params)
-        for g in grads:
-            p, state = step(p, state, g)
-    return p, state
+    return params_and_grads(key, SHAPES, dtype, steps=2)
 
 
 def clip_adamw():
@@ -165,15 +143,14 @@ def clip_adamw():
 
 def test_clip_adamw_matches_xla(key):
     params, grads = _tree(key, jnp.float32)
-    assert_trees_rel_close(
-        _train(clip_adamw(), params, grads, "mosaic_interpret"), _train(clip_adamw(), params, grads, "xla")
-    )
+    ours = train_on_backend(clip_adamw(), params, grads, "mosaic_interpret")
+    assert_trees_rel_close(ours, train_on_backend(clip_adamw(), params, grads, "xla"))
 
 
 def test_clip_adamw_bf16_params(key):
     params, grads = _tree(key, jnp.bfloat16)
-    p_tpu, _ = _train(clip_adamw(), params, grads, "mosaic_interpret")
-    p_x, _ = _train(clip_adamw(), params, grads, "xla")
+    p_tpu, _ = train_on_backend(clip_adamw(), params, grads, "mosaic_interpret")
+    p_x, _ = train_on_backend(clip_adamw(), params, grads, "xla")
     for a, b in zip(jax.tree.leaves(p_tpu), jax.tree.leaves(p_x)):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2 * 2.0**-8, atol=1e-3)
