@@ -119,6 +119,10 @@ def get_backend() -> str:
         from optax_ext.kernels._compat import skip_absent_triton_dialect_imports
 
         skip_absent_triton_dialect_imports()
+    elif name == "mosaic_gpu":  # about to lower Mosaic GPU kernels: find their TMA scratch once per kernel
+        from optax_ext.kernels._compat import remember_mosaic_gpu_scratch
+
+        remember_mosaic_gpu_scratch()
     return name
 
 

@@ -194,3 +194,35 @@ def test_triton_lowering_marks_only_absent_dialect_modules_absent():
         finally:
             sys.modules[name] = None
     assert not _compat._absent("jaxlib.mlir.dialects.func")
+
+
+@pytest.mark.skipif(not ox.kernels.backend.mosaic_gpu_available(), reason="Mosaic GPU kernels need jax >= 0.12")
+def test_mosaic_gpu_scratch_is_found_once_per_kernel_and_lowers_the_same(monkeypatch):
+    from jax.experimental.mosaic.gpu import launch_context
+
+    from optax_ext.kernels import _compat, lower_for
+
+    _compat.remember_mosaic_gpu_scratch()
+    remembering = launch_context.Scratch._find_alloc_load_and_device_ptr
+    assert remembering.remembers
+    walks = []
+    walk = launch_context.Scratch._find_first_op
+    monkeypatch.setattr(launch_context.Scratch, "_find_first_op", lambda self, *a: walks.append(1) or walk(self, *a))
+
+    tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3))
+    params = {f"p{i}": jax.ShapeDtypeStruct((300 + 37 * i,), jnp.float32) for i in range(12)}
+    state = jax.eval_shape(tx.init, params)
+
+    def lowered():
+        walks.clear()
+        step = lambda p, s, g: tx.update_and_apply(g, s, p)  # noqa: E731  (a fresh function: no trace cache)
+        text = lower_for(step, params, state, params, platform="cuda", backend="mosaic_gpu").as_text()
+        return text, len(walks)
+
+    text, few = lowered()
+    # As shipped: every TMA descriptor walks the module again.
+    monkeypatch.setattr(_compat, "remember_mosaic_gpu_scratch", lambda: None)
+    monkeypatch.setattr(launch_context.Scratch, "_find_alloc_load_and_device_ptr", remembering.__wrapped__)
+    text_as_shipped, many = lowered()
+    assert text == text_as_shipped
+    assert many > 4 * few, (few, many)
