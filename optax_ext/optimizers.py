@@ -36,6 +36,12 @@ from optax_ext.transforms import (
 from optax_ext.transforms.kahan import kahan_summation
 
 
+def _identity() -> FusableTransformation:
+    """The identity with Optax's `EmptyState`, fusable: `optax.identity()` is opaque to `chain` and would
+    end the fused run there (one more pass, the intermediate rounded to the gradients' dtype)."""
+    return scale_by_learning_rate(None)
+
+
 def _chain(kahan_sum: bool, *parts) -> FusableTransformation:
     """The optimizer's chain; with `kahan_sum`, the compensated apply goes last."""
     if not isinstance(kahan_sum, bool):
@@ -60,7 +66,7 @@ def sgd(
       Robbins & Monro, 1951; Sutskever et al., *On the importance of initialization and momentum in
       deep learning*, ICML 2013.
     """
-    first = scale_by_momentum(momentum, nesterov, accumulator_dtype) if momentum is not None else optax.identity()
+    first = scale_by_momentum(momentum, nesterov, accumulator_dtype) if momentum is not None else _identity()
     return _chain(kahan_sum, first, scale_by_learning_rate(learning_rate))
 
 
@@ -88,7 +94,7 @@ def rmsprop(
         kahan_sum,
         scale_by_rms(decay, eps, initial_scale, eps_in_sqrt, bias_correction, centered=centered),
         scale_by_learning_rate(learning_rate),
-        scale_by_momentum(momentum, nesterov) if momentum is not None else optax.identity(),
+        scale_by_momentum(momentum, nesterov) if momentum is not None else _identity(),
     )
 
 

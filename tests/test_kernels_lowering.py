@@ -125,6 +125,9 @@ OPTIMIZERS = {
     "clip_adamw": (lambda: ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3)), 2, 4),
     "lamb": (lambda: ox.lamb(1e-3, weight_decay=0.01), 3, 6),
     "sgd_momentum": (lambda: ox.sgd(0.1, momentum=0.9), 1, 2),
+    # Plain SGD's first part is the identity: it must not end the fused run (optax.identity() would).
+    "decay_then_sgd": (lambda: ox.chain(ox.add_decayed_weights(1e-3), ox.sgd(0.1)), 1, 2),
+    "rmsprop_decay_first": (lambda: ox.chain(ox.add_decayed_weights(1e-3), ox.rmsprop(1e-3)), 1, 2),
     "lion": (lambda: ox.lion(1e-4), 1, 2),
     "rmsprop": (lambda: ox.rmsprop(1e-3), 1, 2),
     "adamw_masked": (lambda: ox.adamw(1e-3, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}), 1, 2),
