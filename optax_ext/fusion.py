@@ -30,7 +30,7 @@ import optax
 from optax_ext.kernels import elementwise as _elementwise
 from optax_ext.kernels import reductions
 from optax_ext.quantization import QuantizedArray, variables_inside, variables_outside
-from optax_ext.rule import ElementFn, NoScalars, PerLeaf, Rule, Scalars, scalar
+from optax_ext.rule import ElementFn, NoScalars, PerLeaf, Rule, Scalars, next_state_of, scalar
 from optax_ext.tree_checks import check_trees, tree_difference
 
 __all__ = [
@@ -435,12 +435,18 @@ def _fused_run(rules: Sequence[Rule], states, updates, params, write_params: boo
     out, new_pruned = _fused_run_leaves(
         rules, pruned_states, prune(updates), None if params is None else prune(params), write_params, gate
     )
-    new_states = []
-    for rule, st, new in zip(rules, states, new_pruned):
-        trees = tuple(
-            getattr(st, f) if rule.readonly_slots else unprune(getattr(new, f), getattr(st, f)) for f in rule.slots
+    # The new states as the run made them (step counts gated too), with their slots whole again.
+    new_states = [
+        new._replace(
+            **{
+                f: getattr(st, f) if rule.readonly_slots else unprune(getattr(new, f), getattr(st, f))
+                for f in rule.slots
+            }
         )
-        new_states.append(rule.next_state(st, trees) if rule.slots else new)
+        if rule.slots
+        else new
+        for rule, st, new in zip(rules, states, new_pruned)
+    ]
     return unprune(out, params if write_params else None), new_states
 
 
@@ -460,7 +466,7 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
         raise ValueError(f"{names} requires params: call update(updates, state, params).")
     p_leaves = [jnp.asarray(p) for p in treedef.flatten_up_to(params)] if needs_params else [None] * n
 
-    slot_leaves, positions, shared, per_leaf = [], [], [], []
+    slot_leaves, positions, shared, per_leaf, scalars = [], [], [], [], []
     for rule, st in zip(rules, states):
         per_slot = []
         for field in rule.slots:
@@ -487,6 +493,7 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
             per_slot.append(slot)
         slot_leaves.append(per_slot)
         scal = rule.scalars(st, updates, params)
+        scalars.append(scal)
         positions.append(_scalar_columns(rule, scal, treedef, shared, per_leaf))
 
     gate_at = None
@@ -521,13 +528,13 @@ def _fused_run_leaves(rules: Sequence[Rule], states, updates, params, write_para
 
     out_leaves = [o[0] for o in outs]
     new_states, j = [], 1
-    for rule, st in zip(rules, states):
+    for rule, st, scal in zip(rules, states, scalars):
         if rule.readonly_slots:
             trees = [getattr(st, field) for field in rule.slots]
         else:
             trees = [variables_inside(treedef.unflatten([o[j + k] for o in outs])) for k in range(len(rule.slots))]
             j += len(rule.slots)
-        new = rule.next_state(st, tuple(trees))
+        new = next_state_of(rule, st, tuple(trees), scal)
         if gate is not None:  # step counts and other fields: keep the old ones on a skipped step
             new = _keep_unless(gate, rule, new, st)
         new_states.append(new)

@@ -59,6 +59,9 @@ class Rule:
       readonly_slots: the slots are constants (anchors, a Fisher diagonal): the fused pass reads
         them but never writes them back; `element`'s returned slots are ignored.
       scalars_type: the NamedTuple class `scalars` returns, defined next to the rule.
+      next_state_reads_scalars: `next_state` is `(state, new_slots, scalars) -> new state`: a
+        step-wide value computed in `scalars` is also part of the new state (Prodigy's step-size
+        estimate, computed once, used by the pass and kept).
     """
 
     name: str
@@ -71,6 +74,7 @@ class Rule:
     needs_params: bool = False
     readonly_slots: bool = False
     scalars_type: type = NoScalars
+    next_state_reads_scalars: bool = False
 
     def __post_init__(self):
         if not (
@@ -80,6 +84,13 @@ class Rule:
         ):
             raise TypeError(f"{self.name}: Rule.scalars_type must be a NamedTuple class, got {self.scalars_type!r}.")
         _check_elementwise(self)
+
+
+def next_state_of(rule: Rule, state, new_slots: tuple, scalars: Scalars):
+    """`rule.next_state` called with the scalars where the rule asks for them."""
+    if rule.next_state_reads_scalars:
+        return rule.next_state(state, new_slots, scalars)
+    return rule.next_state(state, new_slots)
 
 
 def scalar(x) -> jax.Array:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_tree
+from conftest import assert_trees_rel_close, random_tree
 
 import optax_ext as ox
 
@@ -149,3 +149,18 @@ def test_nested_in_a_chain(key):
         u_r, s_r = ref.update(g, s_r, params)
         for a, b in zip(jax.tree.leaves((u_o, s_o)), jax.tree.leaves((u_r, s_r))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+
+
+def test_a_skipped_step_keeps_the_step_count_with_none_update_leaves(key):
+    # Updates with a None leaf (no update for that param) run the fused pass on the other leaves;
+    # a skipped step must still keep every state field, step counts included, and the None leaf's moments.
+    params = {"a": jax.random.normal(key, (5,)), "frozen": jnp.ones((3,))}
+    tx = ox.apply_if_finite(ox.adam(1e-2), 3)
+    state = tx.init(params)
+    _, state = tx.update({"a": jnp.ones((5,)), "frozen": None}, state, params)
+    bad = {"a": jnp.ones((5,)).at[2].set(jnp.nan), "frozen": None}
+    updates, skipped = tx.update(bad, state, params)
+    assert int(skipped.inner_state[0].count) == int(state.inner_state[0].count) == 1
+    assert int(skipped.notfinite_count) == 1
+    assert_trees_rel_close(skipped.inner_state, state.inner_state, rel=0.0)
+    assert float(jnp.abs(updates["a"]).max()) == 0.0 and updates["frozen"] is None
