@@ -5,7 +5,23 @@ Every optimizer is a pure `optax.GradientTransformation`; adjacent per-element t
 CPU). Import as `import optax_ext as ox`.
 """
 
-from optax_ext import augment, kernels, losses, nn, quantization, regularizers, schedules, transfer
+from optax_ext import augment, contrib, kernels, losses, nn, quantization, regularizers, schedules, transfer
+from optax_ext.contrib import (
+    MuonDimensionNumbers,
+    ademamix,
+    adopt,
+    muon,
+    prodigy,
+    scale_by_ademamix,
+    scale_by_adopt,
+    scale_by_muon,
+    scale_by_simplified_ademamix,
+    schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+    simplified_ademamix,
+)
 from optax_ext.fusion import (
     FusableTransformation,
     NoScalars,
@@ -30,6 +46,17 @@ from optax_ext.optimizers import (
     rmsprop,
     sgd,
     yogi,
+)
+from optax_ext.optimizers_adaptive import adadelta, adagrad, adamax, adamaxw, adan, nadamw, radam
+from optax_ext.optimizers_norm_based import fromage, lbfgs, novograd, polyak_sgd, sm3
+from optax_ext.optimizers_sign_and_optimistic import (
+    noisy_sgd,
+    optimistic_adam,
+    optimistic_adam_v2,
+    optimistic_gradient_descent,
+    rprop,
+    sign_sgd,
+    signum,
 )
 from optax_ext.quantization import Int8Blockwise, QuantizedArray, int8_blockwise
 from optax_ext.regularizers import (
@@ -103,7 +130,21 @@ from optax_ext.transforms import (
     scale_by_trust_ratio,
     scale_by_yogi,
 )
+from optax_ext.transforms.adaptive import (
+    scale_by_adadelta,
+    scale_by_adamax,
+    scale_by_adan,
+    scale_by_radam,
+    scale_by_rss,
+)
 from optax_ext.transforms.kahan import KahanSummationState, kahan_summation
+from optax_ext.transforms.norm_based import scale_by_lbfgs, scale_by_novograd, scale_by_polyak, scale_by_sm3
+from optax_ext.transforms.sign_and_optimistic import (
+    add_noise,
+    scale_by_optimistic_gradient,
+    scale_by_rprop,
+    scale_by_sign,
+)
 
 __version__ = "0.1.0"
 
@@ -122,6 +163,7 @@ __all__ = [
     "update_and_apply",
     # subpackages: image augmentation and Flax NNX normalization layers
     "augment",
+    "contrib",
     "nn",
     # transformations
     "add_decayed_weights",
@@ -143,6 +185,19 @@ __all__ = [
     "scale_by_rms",
     "scale_by_trust_ratio",
     "scale_by_yogi",
+    "scale_by_adadelta",
+    "scale_by_adamax",
+    "scale_by_adan",
+    "scale_by_radam",
+    "scale_by_rss",
+    "scale_by_lbfgs",
+    "scale_by_novograd",
+    "scale_by_polyak",
+    "scale_by_sm3",
+    "add_noise",
+    "scale_by_optimistic_gradient",
+    "scale_by_rprop",
+    "scale_by_sign",
     # low-memory states: 8-bit blockwise moments, Kahan-compensated low-precision params
     "Int8Blockwise",
     "KahanSummationState",
@@ -217,4 +272,38 @@ __all__ = [
     "rmsprop",
     "sgd",
     "yogi",
+    "adadelta",
+    "adagrad",
+    "adamax",
+    "adamaxw",
+    "adan",
+    "nadamw",
+    "radam",
+    "fromage",
+    "lbfgs",
+    "novograd",
+    "polyak_sgd",
+    "sm3",
+    "noisy_sgd",
+    "optimistic_adam",
+    "optimistic_adam_v2",
+    "optimistic_gradient_descent",
+    "rprop",
+    "sign_sgd",
+    "signum",
+    # from optax.contrib (also as optax_ext.contrib.*)
+    "MuonDimensionNumbers",
+    "ademamix",
+    "adopt",
+    "muon",
+    "prodigy",
+    "scale_by_ademamix",
+    "scale_by_adopt",
+    "scale_by_muon",
+    "scale_by_simplified_ademamix",
+    "schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "schedule_free_sgd",
+    "simplified_ademamix",
 ]

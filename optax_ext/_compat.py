@@ -11,10 +11,12 @@ Items (all Optax state classes; no import of `optax._src` or any other private m
   `optax.scale_by_stddev(bias_correction=True)`.
 - `WeightDecaySchedule(count)`: the state of `optax.add_decayed_weights(schedule)` with a
   callable (scheduled) weight decay.
+- `ScaleByOptimisticGradientState(is_initial_step, previous_gradient)`: the state of
+  `optax.scale_by_optimistic_gradient()`.
 
 Why: optax_ext's transformations return Optax's own state classes (same class, fields and order),
 so a state is interchangeable with Optax's (`isinstance`, `optax.tree.get(state, "nu")`,
-checkpoints restored into either library). Optax defines these three in private modules
+checkpoints restored into either library). Optax defines these in private modules
 (`optax._src.transform`, `optax.transforms._adding`) and exports none of them, so each is taken
 from the public transformation that makes it: the type of its `init` output, traced with
 `jax.eval_shape` (no device work at import time). Should Optax return another class or other
@@ -58,4 +60,9 @@ ScaleByRStdDevWithCountState = _state_class(
 )
 WeightDecaySchedule = _state_class(
     "WeightDecaySchedule", lambda: optax.add_decayed_weights(lambda count: 0.0), ("count",)
+)
+ScaleByOptimisticGradientState = _state_class(
+    "ScaleByOptimisticGradientState",
+    lambda: optax.scale_by_optimistic_gradient(),
+    ("is_initial_step", "previous_gradient"),
 )

@@ -60,6 +60,17 @@ def test_scale_by_stddev_with_count_state():
     )
 
 
+def test_optimistic_gradient_state():
+    state = optax.scale_by_optimistic_gradient().init(PARAMS)
+    expected, fields = _compat.ScaleByOptimisticGradientState, ("is_initial_step", "previous_gradient")
+    assert type(state) is expected and expected._fields == fields, (
+        f"optax {optax.__version__}: optax.scale_by_optimistic_gradient().init returns {type(state)}; "
+        f"optax_ext._compat.ScaleByOptimisticGradientState expects Optax's own class with fields {fields}."
+    )
+    assert type(ox.scale_by_optimistic_gradient().init(PARAMS)) is expected
+    assert jax.tree.structure(state.previous_gradient) == jax.tree.structure(PARAMS)
+
+
 def test_weight_decay_schedule():
     schedule = optax.linear_schedule(1e-2, 0.0, 10)
     state = optax.add_decayed_weights(schedule).init(PARAMS)
