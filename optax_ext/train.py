@@ -61,7 +61,20 @@ OPTIMIZERS: dict[str, Callable] = {
     "lamb": lambda lr, wd, **kw: ox.lamb(lr, weight_decay=wd, **kw),
     "lars": lambda lr, wd, **kw: ox.lars(lr, weight_decay=wd, trust_coefficient=0.02, **kw),
     "adafactor": lambda lr, wd, **kw: ox.adafactor(lr, multiply_by_parameter_scale=False, **kw),
+    "adopt": lambda lr, wd, **kw: ox.adopt(lr, **kw),
+    # Muon's rate is for orthogonalized matrices (update spectral norm ~1); the rest is AdamW's.
+    "muon": lambda lr, wd, **kw: ox.muon(
+        lr,
+        weight_decay=wd,
+        adam_learning_rate=_scaled(lr, MUON_ADAM_LR_RATIO),
+        muon_weight_dimension_numbers=muon_dimension_numbers,
+        **kw,
+    ),
+    "prodigy": lambda lr, wd, **kw: ox.prodigy(lr, weight_decay=wd, **kw),
+    "schedule_free_adamw": lambda lr, wd, **kw: ox.schedule_free_adamw(lr, weight_decay=wd, **kw),
 }
+# What to evaluate: schedule-free optimizers train at y and are evaluated at their average x.
+EVAL_PARAMS: dict[str, Callable] = {"schedule_free_adamw": ox.schedule_free_eval_params}
 # The optax_ext function behind each entry: its signature says which memory options it takes.
 OPTIMIZER_FUNCTIONS: dict[str, Callable] = {name: getattr(ox, name) for name in OPTIMIZERS}
 
@@ -71,6 +84,23 @@ STATE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": ox.int
 MOMENT_DTYPE_ARGS = ("mu_dtype", "nu_dtype", "accumulator_dtype")
 DEFAULT_STATE_DTYPE = "float32"
 PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _scaled(lr, factor):
+    """A learning rate (a number or a schedule) times `factor`."""
+    return (lambda step: factor * lr(step)) if callable(lr) else factor * lr
+
+
+def muon_dimension_numbers(params):
+    """Which arrays Muon orthogonalizes, as what matrices: dense kernels (in, out) as they are, conv
+    kernels (kh, kw, in, out) as (kh * kw * in, out) matrices; biases (None) go to AdamW."""
+
+    def dims(p):
+        if p.ndim == 4:
+            return ox.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=(3,))
+        return ox.MuonDimensionNumbers() if p.ndim == 2 else None
+
+    return jax.tree.map(dims, params)
 
 
 def _parameters(name: str):
@@ -106,15 +136,19 @@ def tree_bytes(tree) -> int:
 
 # Peak learning rates that train this model well in a few epochs: sign-based (lion) and
 # trust-ratio (lars, lamb) optimizers live on other scales than Adam's.
-DEFAULT_LR = {"sgd": 0.05, "lion": 1e-3, "lars": 1.0, "lamb": 3e-2}
+DEFAULT_LR = {"sgd": 0.05, "lion": 1e-3, "lars": 1.0, "lamb": 3e-2, "prodigy": 1.0, "muon": 0.02}
 DEFAULT_LR_OTHERS = 3e-3
+MUON_ADAM_LR_RATIO = DEFAULT_LR_OTHERS / DEFAULT_LR["muon"]  # Muon's AdamW part: Adam's rate at --lr 0.02
 
 # The optimizers that use --weight-decay (decoupled; an L2 term for sgd): the others ignore it.
-WEIGHT_DECAY_OPTIMIZERS = ("adamw", "sgd", "lion", "lamb", "lars")
+WEIGHT_DECAY_OPTIMIZERS = ("adamw", "sgd", "lion", "lamb", "lars", "muon", "prodigy", "schedule_free_adamw")
 DEFAULT_WEIGHT_DECAY = 1e-4
 
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle")
-WARMUP_SCHEDULES = ("warmup_cosine",)  # the schedules that use --warmup-steps
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_constant", "one_cycle")
+WARMUP_SCHEDULES = ("warmup_cosine", "warmup_constant")  # the schedules that use --warmup-steps
+# --schedule by optimizer: schedule-free learning replaces the decay (it keeps the warm-up).
+DEFAULT_SCHEDULE = {"schedule_free_adamw": "warmup_constant"}
+DEFAULT_SCHEDULE_OTHERS = "warmup_cosine"
 DEFAULT_WARMUP_STEPS = 50
 
 PROG = "python -m optax_ext.train"
@@ -167,6 +201,8 @@ def make_schedule(name: str, lr: float, total_steps: int, warmup_steps: int):
         return schedules.cosine_decay(lr, total_steps)
     if name == "warmup_cosine":
         return schedules.linear_warmup(schedules.cosine_decay(lr, max(total_steps - warmup_steps, 1)), warmup_steps)
+    if name == "warmup_constant":
+        return schedules.linear_warmup(schedules.constant(lr), warmup_steps)
     if name == "one_cycle":
         return schedules.one_cycle(lr, total_steps)
     raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
@@ -205,7 +241,7 @@ def make_train_step(graphdef, tx, *, augment: bool = False, mesh=None):
             return cross_entropy(nnx.merge(graphdef, p)(x), y)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        params, opt_state = tx.update_and_apply(grads, opt_state, params)
+        params, opt_state = ox.update_and_apply(tx, grads, opt_state, params)  # any transformation
         if mesh is not None:  # ZeRO-1: the update ran on the state's shards; gather the new params
             params = jax.tree.map(lambda p: jax.sharding.reshard(p, P()), params)
         return params, opt_state, loss
@@ -280,9 +316,11 @@ def _train(args, mesh) -> dict:
     def batch(x):
         return x if mesh is None else jax.device_put(x, P("data"))
 
+    eval_params = EVAL_PARAMS.get(args.optimizer, lambda opt_state, params: params)
+
     @jax.jit
-    def accuracy(params, x, y):
-        return jnp.mean(jnp.argmax(nnx.merge(graphdef, params)(x), -1) == y)
+    def accuracy(params, opt_state, x, y):
+        return jnp.mean(jnp.argmax(nnx.merge(graphdef, eval_params(opt_state, params))(x), -1) == y)
 
     rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
@@ -293,7 +331,7 @@ def _train(args, mesh) -> dict:
     step_fn = train_step.lower(
         params, opt_state, batch(x_train[: args.batch_size]), batch(y_train[: args.batch_size]), key
     ).compile()
-    accuracy_fn = accuracy.lower(params, x_test, y_test).compile()
+    accuracy_fn = accuracy.lower(params, opt_state, x_test, y_test).compile()
     _, _ = jax.random.split(key)  # the loop's eager ops too (each compiles on first use)
     float(schedule(0))
     compile_seconds = time.perf_counter() - start
@@ -321,7 +359,7 @@ def _train(args, mesh) -> dict:
             progress.update(1)
             progress.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
     progress.close()
-    acc = float(accuracy_fn(params, x_test, y_test))
+    acc = float(accuracy_fn(params, opt_state, x_test, y_test))
     result = {
         "optimizer": args.optimizer,
         "schedule": args.schedule,
@@ -413,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"weight decay, decoupled for {', '.join(w for w in WEIGHT_DECAY_OPTIMIZERS if w != 'sgd')}, "
         f"an L2 term for sgd; the others ignore it (default: {DEFAULT_WEIGHT_DECAY:g})",
     )
-    p.add_argument("--schedule", choices=SCHEDULES, default="warmup_cosine", help="learning-rate schedule")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="learning-rate schedule (default: "
+        + ", ".join(f"{s} for {name}" for name, s in sorted(DEFAULT_SCHEDULE.items()))
+        + f", {DEFAULT_SCHEDULE_OTHERS} for the others)",
+    )
     p.add_argument(
         "--warmup-steps",
         type=int,
@@ -505,6 +550,8 @@ def parse_args(argv=None):
     if not 0 < args.min_accuracy <= 1:
         p.error(f"--min-accuracy must be in (0, 1], got {args.min_accuracy}")
 
+    if args.schedule is None:
+        args.schedule = DEFAULT_SCHEDULE.get(args.optimizer, DEFAULT_SCHEDULE_OTHERS)
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY
     elif not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):

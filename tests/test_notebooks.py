@@ -44,9 +44,10 @@ def test_notebook_is_saved_with_its_outputs(path):
     assert not unexecuted, f"{path.name} has cells that were not run"
 
 
-def test_the_seven_notebooks_exist():
+def test_the_eight_notebooks_exist():
     assert {p.stem for p in NOTEBOOKS} >= {
         "optimizers",
+        "modern_optimizers",
         "normalization",
         "schedules",
         "regularization",
