@@ -245,7 +245,8 @@ def _check_state(atoms, state):
         return  # None, {}, EmptyState(), ... all fine
     if state is None:
         raise ValueError("update(): state is None. Call `state = tx.init(params)` first and pass it.")
-    for atom in atoms:
+    # Outer states first: a wrong state is named by the transformation it was given to.
+    for atom in sorted(atoms, key=lambda a: len(a.path)):
         try:
             sub = _get(state, atom.path)
         except (IndexError, TypeError, KeyError):
@@ -322,6 +323,8 @@ def _execute_runs(atoms, updates, state, params, apply, extra_args):
         subs = [_get(state, a.path) for a in run]
         out, new_subs = _fused_run([a.rule for a in run], subs, updates, params, write_params, gate)
         for a, sub in zip(run, new_subs):
+            if a.rule.owns is not None:  # the rest of its state was written by the atoms it holds
+                sub = _get(state, a.path)._replace(**{f: getattr(sub, f) for f in a.rule.owns})
             state = _set(state, a.path, sub)
         if write_params:
             return out, state

@@ -59,6 +59,10 @@ class Rule:
       readonly_slots: the slots are constants (anchors, a Fisher diagonal): the fused pass reads
         them but never writes them back; `element`'s returned slots are ignored.
       scalars_type: the NamedTuple class `scalars` returns, defined next to the rule.
+      owns: the state fields the rule writes back (None: its whole state). For a rule whose state
+        also holds another transformation's state, updated by that transformation in the same step
+        (schedule-free learning around its base optimizer): the rule's new state replaces only
+        these fields.
       next_state_reads_scalars: `next_state` is `(state, new_slots, scalars) -> new state`: a
         step-wide value computed in `scalars` is also part of the new state (Prodigy's step-size
         estimate, computed once, used by the pass and kept).
@@ -75,6 +79,7 @@ class Rule:
     readonly_slots: bool = False
     scalars_type: type = NoScalars
     next_state_reads_scalars: bool = False
+    owns: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not (

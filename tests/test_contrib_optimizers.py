@@ -362,3 +362,33 @@ def test_lowers_to_as_many_kernels_as_adamw(name, backend, apply):
     adamw = _count_kernels(_lower_step(ox.adamw(1e-3), PARAMS, backend, apply), backend)
     ours = _count_kernels(_lower_step(PAIRS[name](OURS), PARAMS, backend, apply), backend)
     assert ours == adamw == (1 if backend == "triton" else 2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_schedule_free_fuses_with_its_neighbours_in_a_chain(backend):
+    """Clipping, the base AdamW and the interpolation: the norm and one fused pass, as clip + adamw
+    (the schedule-free rule writes back only its own fields, so it sits in the chain like any rule)."""
+    clip_adamw = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3))
+    clip_sf = ox.chain(ox.clip_by_global_norm(1.0), ox.schedule_free_adamw(1e-3, warmup_steps=10))
+    expected = _count_kernels(_lower_step(clip_adamw, PARAMS, backend), backend)
+    assert _count_kernels(_lower_step(clip_sf, PARAMS, backend), backend) == expected
+
+
+def test_schedule_free_in_a_chain_matches_optax(key):
+    params = random_tree(key)
+    ours = ox.chain(ox.clip_by_global_norm(1.0), ox.schedule_free_adamw(1e-2, warmup_steps=5, weight_decay=1e-3))
+    theirs = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_adamw(1e-2, warmup_steps=5, weight_decay=1e-3)
+    )
+    results = []
+    for tx in (ours, theirs):
+        p, state = params, tx.init(params)
+        step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
+        for t in range(30):
+            g = random_tree(jax.random.fold_in(key, t), scale=2.0)
+            u, state = step(g, state, p)
+            p = optax.apply_updates(p, u)
+        results.append((p, state))
+    assert jax.tree.structure(results[0][1]) == jax.tree.structure(results[1][1])
+    assert_trees_rel_close(results[0][0], results[1][0], rel=1e-6)
+    assert_trees_rel_close(results[0][1], results[1][1], rel=1e-6)

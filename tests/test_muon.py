@@ -377,3 +377,20 @@ def test_elementwise_parts_lower_to_three_kernels(backend):
     text = _lower(lambda p, s, g: tx.update(g, s, p), (params, state, params), backend)
     assert _count_kernels(text, backend) == 3
     assert "dot_general" in text
+
+
+def test_update_and_apply_matches_update_then_apply(key):
+    # As every optax_ext optimizer: tx.update_and_apply under a jit that donates params and state.
+    params = random_tree(key, SHAPES)
+    tx = ox.muon(0.02, weight_decay=0.01)
+    step = jax.jit(tx.update_and_apply, donate_argnums=(1, 2))
+    p1, s1 = jax.tree.map(jnp.copy, params), tx.init(params)
+    p2, s2 = params, tx.init(params)
+    update = jax.jit(tx.update)  # both jitted: eager and jitted math may round differently
+    for t in range(3):
+        g = _grads(key, params, t)
+        p1, s1 = step(g, s1, p1)
+        u, s2 = update(g, s2, p2)
+        p2 = optax.apply_updates(p2, u)
+    assert_trees_rel_close(p1, p2, rel=1e-6)
+    assert_trees_rel_close(s1, s2, rel=1e-6)

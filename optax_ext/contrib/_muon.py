@@ -480,7 +480,9 @@ def muon(
             is_leaf=lambda x: is_spec(x) or isinstance(x, optax.MaskedNode),
         )
 
-    return optax.transforms.partition(
+    # Optax's partition (its state layout); an optax_ext transformation to the caller, so that
+    # `tx.update_and_apply` works as for every other optimizer here (update, then apply).
+    partitioned = optax.transforms.partition(
         {
             "muon": chain(
                 scale_by_muon(
@@ -512,3 +514,4 @@ def muon(
         },
         labels,
     )
+    return FusableTransformation(partitioned.init, partitioned.update)

@@ -22,7 +22,6 @@ with `_replace`, so that the base's new state under `base_optimizer_state` is ke
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -60,53 +59,6 @@ def copy_params(params, dtype=None):
     """A copy of the params in buffers of their own (optionally cast): a state leaf that is the params'
     own buffer could not be donated together with the params."""
     return jax.tree.map(lambda p: jnp.array(p, dtype=dtype, copy=True), params)
-
-
-class _Fields(NamedTuple):
-    """`ScheduleFreeState` without the base optimizer's state: what the schedule-free rule owns."""
-
-    b1: Any
-    weight_sum: Any
-    step_count: Any
-    max_lr: Any
-    z: Any
-
-
-def _split(state, name):
-    if not isinstance(state, ScheduleFreeState):
-        raise TypeError(
-            f"{name}: update() expected its state to be optax.contrib.ScheduleFreeState, got "
-            f"{type(state).__name__}. Was `init` called with this transformation?"
-        )
-    fields = _Fields(state.b1, state.weight_sum, state.step_count, state.max_lr, state.z)
-    return (state.base_optimizer_state, fields)
-
-
-def _join(view) -> ScheduleFreeState:
-    base, f = view
-    return ScheduleFreeState(
-        b1=f.b1, weight_sum=f.weight_sum, step_count=f.step_count, max_lr=f.max_lr, base_optimizer_state=base, z=f.z
-    )
-
-
-# Transformation -> its fused update-and-apply (keyed by the update function, as fusion keys atoms:
-# a transformation rebuilt from (init, update) keeps it; one whose update was replaced does not).
-_APPLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _WrapperTransformation(FusableTransformation):
-    """A `FusableTransformation` whose fused step runs on a re-rooted view of its state: fused inside,
-    opaque to an enclosing chain (`atoms` is None)."""
-
-    def update_and_apply(self, updates, state, params, **extra_args):
-        try:
-            apply = _APPLY.get(self.update)
-        except TypeError:
-            apply = None
-        if apply is None:
-            updates, state = self.update(updates, state, params, **extra_args)
-            return optax.apply_updates(params, updates), state
-        return apply(updates, state, params, **extra_args)
 
 
 # ------------------------------------------------------------------------------ schedule_free
@@ -161,9 +113,10 @@ def schedule_free(
 
     Evaluate at :math:`x` (:func:`schedule_free_eval_params`). Turn the base optimizer's momentum
     off (e.g. `adam(..., b1=0)`): the interpolation replaces it. When `base_optimizer` is one of
-    ours, the base's per-element math and the interpolation are one fused pass (`update_and_apply`
-    writes the new parameters in it); an Optax base runs unfused, then the fused interpolation.
-    `state_dtype` stores :math:`z` in another dtype. State: `optax.contrib.ScheduleFreeState`.
+    ours, the base's per-element math and the interpolation are one fused pass, which also fuses
+    with its neighbours in an `optax_ext.chain` (`update_and_apply` writes the new parameters in
+    it); an Optax base runs unfused, then the fused interpolation. `state_dtype` stores :math:`z`
+    in another dtype. State: `optax.contrib.ScheduleFreeState`.
 
     References:
       Defazio et al., *The Road Less Scheduled*, NeurIPS 2024 (arXiv:2405.15682).
@@ -191,7 +144,7 @@ def schedule_free(
             z=copy_params(params, state_dtype),
         )
 
-    def averaging(st: _Fields):
+    def averaging(st: ScheduleFreeState):
         """(max lr so far, new weight sum, c_t), in the state's dtype as Optax computes them."""
         lr = learning_rate
         if callable(learning_rate):
@@ -223,28 +176,28 @@ def schedule_free(
 
     def next_state(st, new_slots):
         max_lr, total, _ = averaging(st)
-        return _Fields(b1=st.b1, weight_sum=total, step_count=increment(st.step_count), max_lr=max_lr, z=new_slots[0])
+        return st._replace(weight_sum=total, step_count=increment(st.step_count), max_lr=max_lr, z=new_slots[0])
 
+    # The rule holds the base optimizer's state (its field base_optimizer_state), which the base's own
+    # atoms update in the same step: the rule writes back only its fields (Rule.owns). With a base of
+    # ours, base and interpolation are one fused run, which also fuses with neighbours in a chain.
     rule = Rule(
-        name, _Fields, ("z",), scalars, element, next_state, needs_params=True, scalars_type=_ScheduleFreeScalars
+        name,
+        ScheduleFreeState,
+        ("z",),
+        scalars,
+        element,
+        next_state,
+        needs_params=True,
+        scalars_type=_ScheduleFreeScalars,
+        owns=("weight_sum", "step_count", "max_lr", "z"),
     )
     inner = fusion._atoms_of(base_optimizer) or (
         fusion._Atom(None, optax.with_extra_args_support(base_optimizer).update, ()),
     )
-    atoms = (*(dataclasses.replace(a, path=(0,) + a.path) for a in inner), fusion._Atom(rule, None, (1,)))
-
-    def run(updates, state, params, apply, extra_args):
-        out, view = fusion._execute(atoms, updates, _split(state, name), params, apply=apply, extra_args=extra_args)
-        return out, _join(view)
-
-    def update(updates, state, params=None, **extra_args):
-        return run(updates, state, params, False, extra_args)
-
-    def update_and_apply(updates, state, params, **extra_args):
-        return run(updates, state, params, True, extra_args)
-
-    _APPLY[update] = update_and_apply
-    return _WrapperTransformation(init, update)
+    base_at = (ScheduleFreeState._fields.index("base_optimizer_state"),)
+    atoms = (*(dataclasses.replace(a, path=base_at + a.path) for a in inner), fusion._Atom(rule, None, ()))
+    return fusion._make(init, atoms)
 
 
 def schedule_free_eval_params(state, params):
