@@ -394,3 +394,15 @@ def test_update_and_apply_matches_update_then_apply(key):
         p2 = optax.apply_updates(p2, u)
     assert_trees_rel_close(p1, p2, rel=1e-6)
     assert_trees_rel_close(s1, s2, rel=1e-6)
+
+
+def test_inject_hyperparams_gives_the_same_bf16_iterations(key):
+    # Injected hyperparameters are traced f32 arrays; they must not promote the bf16 Newton-Schulz
+    # iterations to f32 (Python floats do not), or the two would differ by bf16 rounding (~2%).
+    params = random_tree(key, SHAPES)
+    grads = _grads(key, params, 0)
+    plain = ox.muon(0.01, weight_decay=0.01)
+    injected = optax.inject_hyperparams(ox.muon, static_args=("ns_steps",))(0.01, weight_decay=0.01)
+    u1, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    u2, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    assert_trees_rel_close(u2, u1, rel=1e-5)

@@ -136,6 +136,9 @@ def _mT(x):
 def _newton_schulz(x, coeffs, ns_steps: int, preconditioning: str, eps):
     """Batched quintic Newton-Schulz on `x` of shape (B, m, n), m <= n, in x's dtype."""
     dtype = x.dtype
+    # eps in the compute dtype: a traced f32 eps (optax.inject_hyperparams) must not promote a bf16
+    # iteration to f32, which a Python float does not either.
+    eps = jnp.asarray(eps).astype(dtype)
     # Normalized in the compute dtype, as Optax does in its own (the momentum's) dtype.
     if preconditioning == "frobenius":
         x = x / (jnp.linalg.norm(x, ord="fro", axis=(-2, -1), keepdims=True) + eps)
@@ -268,7 +271,7 @@ def scale_by_muon(
     adaptive: bool = False,
     preconditioning: str = "frobenius",
     weight_dimension_numbers=None,
-    ns_dtype=jnp.bfloat16,
+    ns_dtype="bfloat16",
 ) -> FusableTransformation:
     r"""Muon's direction: the momentum, orthogonalized by a quintic Newton-Schulz iteration.
 
@@ -290,7 +293,9 @@ def scale_by_muon(
 
     `ns_dtype` (keyword-only, ours): the dtype the iterations run in, bfloat16 by default as in the
     reference implementations; None iterates in the momentum's own dtype, as Optax always does
-    (float32 for float32 params), and reproduces its numerics. Complex leaves iterate in their own
+    (float32 for float32 params), and reproduces its numerics. Name it by a string ("bfloat16")
+    under `optax.inject_hyperparams`, which takes anything callable, `jnp.bfloat16` too, for a
+    schedule. Complex leaves iterate in their own
     dtype. Leaves of one matrix shape are orthogonalized in one batched call; under a mesh, whole
     matrices are moved onto devices first (module docstring).
 
@@ -306,8 +311,14 @@ def scale_by_muon(
     check.one_of("scale_by_muon", "preconditioning", preconditioning, _PRECONDITIONINGS)
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 0:
         raise ValueError(f"scale_by_muon: ns_steps must be an int >= 0, got {ns_steps!r}.")
-    if ns_dtype is not None and not jnp.issubdtype(jnp.dtype(ns_dtype), jnp.inexact):
-        raise ValueError(f"scale_by_muon: ns_dtype must be a float dtype or None, got {ns_dtype!r}.")
+    if ns_dtype is not None:
+        try:
+            dtype = jnp.dtype(ns_dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            raise ValueError(f"scale_by_muon: ns_dtype must be a float dtype or None, got {ns_dtype!r}.")
+        ns_dtype = dtype
     check.storage("scale_by_muon", "mu_dtype", mu_dtype)
 
     def init(params):
@@ -415,7 +426,7 @@ def muon(
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     muon_weight_dimension_numbers=None,
     consistent_rms=None,
-    ns_dtype=jnp.bfloat16,
+    ns_dtype="bfloat16",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon: Momentum Orthogonalized by Newton-Schulz for the matrices, AdamW for the rest.
 
