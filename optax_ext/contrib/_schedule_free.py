@@ -168,7 +168,10 @@ def schedule_free(
         (z,) = slots
         z_next = z + u
         if state_dtype is not None:  # as Optax: the interpolation reads z as stored
-            z_next = z_next.astype(state_dtype).astype(u.dtype)
+            stored = z_next.astype(state_dtype)
+            # A complex z for real params holds real values: take them (casting complex to real is
+            # deprecated in jax).
+            z_next = (stored if jnp.iscomplexobj(u) else jnp.real(stored)).astype(u.dtype)
         x = (y - s.one_minus_b1 * z) / s.b1
         x = s.one_minus_ck * x + s.ck * z_next
         y_next = s.b1 * x + s.one_minus_b1 * z_next
