@@ -174,10 +174,12 @@ def _orthogonalize_group(mats, coeffs, ns_steps, preconditioning, eps):
     nb = len(mats)
     factors = [(f"b{i}", "r", "c") for i in range(nb)]
     k = ("k1", "k0")[2 - coeffs.ndim :]
-    rule = sharding.Rule(tuple(factors) + (k,), tuple(factors), need_replication=k, name="newton_schulz")
+    # The coefficients and eps are operands too (replicated): eps may be traced (inject_hyperparams),
+    # and the partitioned function may not close over traced values.
+    rule = sharding.Rule(tuple(factors) + (k, ()), tuple(factors), need_replication=k, name="newton_schulz")
 
     def local(xs, axes):
-        *xs, cf = xs
+        *xs, cf, eps_ = xs
         sizes = [x.shape[0] for x in xs]
         x = jnp.concatenate(xs, axis=0) if nb > 1 else xs[0]
         row_axes, col_axes = tuple(axes.get("r", ())), tuple(axes.get("c", ()))
@@ -193,7 +195,7 @@ def _orthogonalize_group(mats, coeffs, ns_steps, preconditioning, eps):
                 x = jax.lax.all_to_all(x, row_axes, 0, 1, tiled=True)
             if col_axes:
                 x = jax.lax.all_to_all(x, col_axes, 0, 2, tiled=True)
-        y = _newton_schulz(x, cf, ns_steps, preconditioning, eps)
+        y = _newton_schulz(x, cf, ns_steps, preconditioning, eps_)
         if moved:
             if col_axes:
                 y = jax.lax.all_to_all(y, col_axes, 2, 0, tiled=True)
@@ -207,7 +209,7 @@ def _orthogonalize_group(mats, coeffs, ns_steps, preconditioning, eps):
         return outs
 
     avals = [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in mats]
-    return sharding.per_shard(local, [*mats, coeffs], rule, avals)
+    return sharding.per_shard(local, [*mats, coeffs, jnp.asarray(eps, jnp.float32)], rule, avals)
 
 
 def _orthogonalize_tree(mu_hat, dims, coeffs, ns_steps, preconditioning, eps, ns_dtype):
