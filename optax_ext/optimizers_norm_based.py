@@ -5,8 +5,6 @@ same parts as Optax's alias, so `jax.tree.structure` of the states agree). Per-e
 see each transformation in `optax_ext.transforms.norm_based` for what runs on XLA.
 """
 
-from __future__ import annotations
-
 import optax
 
 from optax_ext import _validate as check

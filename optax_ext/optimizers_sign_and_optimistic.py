@@ -7,8 +7,6 @@ see `optax_ext.add_noise`). `kahan_sum=True` (keyword-only, ours) appends
 `optax_ext.kahan_summation()` for bf16/f16 params.
 """
 
-from __future__ import annotations
-
 import warnings
 
 import optax

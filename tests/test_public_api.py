@@ -165,3 +165,24 @@ def test_contrib_names_take_optax_contrib_positional_order():
             if b.default is not inspect.Parameter.empty:
                 assert str(a.default) == str(b.default), (name, a.name, a.default, b.default)
         assert getattr(ox, name) is getattr(ox.contrib, name)  # also exported flat
+
+
+def test_learning_rate_annotated_as_optax_where_optax_takes_a_schedule():
+    # Optax's own tests run an optimizer with a schedule only when its learning_rate is annotated
+    # `optax.ScalarOrSchedule` (or `Schedule`), the object, not a string: ours must say the same,
+    # or those tests skip for ours (tests/test_optax_suite.py fails on tests skipped only with ours).
+    from optax._src import base
+
+    wanted = (base.ScalarOrSchedule, base.Schedule)
+    for theirs_module, ours_module in ((optax, ox), (optax.contrib, ox.contrib)):
+        for name in ours_module.__all__:
+            ours, theirs = getattr(ours_module, name), getattr(theirs_module, name, None)
+            if theirs is None or isinstance(ours, type) or not callable(ours):
+                continue
+            try:
+                lr_theirs = inspect.signature(theirs).parameters.get("learning_rate")
+            except (TypeError, ValueError):
+                continue
+            if lr_theirs is not None and lr_theirs.annotation in wanted:
+                lr_ours = inspect.signature(ours).parameters.get("learning_rate")
+                assert lr_ours is not None and lr_ours.annotation == lr_theirs.annotation, (name, lr_ours)

@@ -6,8 +6,6 @@ element; bias corrections, the mixing weight and the slow decay (schedules allow
 scalars, so each optimizer is one fused pass with its weight decay and learning rate.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp

@@ -5,8 +5,6 @@ Same names, arguments and state as `optax.contrib.adopt` / `optax.contrib.scale_
 and the first-step switches (no momentum and no second-moment decay at step 0) are step-wide scalars.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any, NamedTuple
 

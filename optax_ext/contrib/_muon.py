@@ -31,8 +31,6 @@ how the step runs:
 `MuonDimensionNumbers` and `MuonState` are Optax's own classes.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, NamedTuple
 

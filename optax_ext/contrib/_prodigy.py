@@ -7,8 +7,6 @@ inner product :math:`\\langle g, \\theta_0 - \\theta\\rangle` and :math:`\\sum |
 weighted gradient sum. The moments, the gradient sum and the update are one elementwise pass.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

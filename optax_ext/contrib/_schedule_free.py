@@ -19,8 +19,6 @@ Lifting that needs `fusion` to let a rule at a state's root own only some of its
 with `_replace`, so that the base's new state under `base_optimizer_state` is kept).
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, NamedTuple
 
