@@ -20,14 +20,9 @@ import optax
 from optax_ext import _validate as check
 from optax_ext.fusion import Rule, fusable
 from optax_ext.transforms._common import abs_sq, increment, scalar, value_at, zero_count, zeros_like_params
-from optax_ext.transforms.moments import _first_moment_hat
+from optax_ext.transforms.moments import _check_storage, _first_moment_hat
 
 __all__ = ["scale_by_adadelta", "scale_by_adamax", "scale_by_adan", "scale_by_radam", "scale_by_rss"]
-
-
-def _check_storage(fn, **dtypes):
-    for name, value in dtypes.items():
-        check.storage(fn, name, value)
 
 
 # ---------------------------------------------------------------------------------- Adagrad
