@@ -119,10 +119,11 @@ def get_backend() -> str:
         from optax_ext.kernels._compat import skip_absent_triton_dialect_imports
 
         skip_absent_triton_dialect_imports()
-    elif name == "mosaic_gpu":  # about to lower Mosaic GPU kernels: find their TMA scratch once per kernel
-        from optax_ext.kernels._compat import remember_mosaic_gpu_scratch
+    elif name == "mosaic_gpu":  # about to lower Mosaic GPU kernels: two lowering costs made linear
+        from optax_ext.kernels._compat import remember_mosaic_gpu_scratch, saturate_mosaic_gpu_divides_linearly
 
         remember_mosaic_gpu_scratch()
+        saturate_mosaic_gpu_divides_linearly()
     return name
 
 

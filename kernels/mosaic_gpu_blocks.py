@@ -27,6 +27,8 @@ GPU's interpreter `plgpu.InterpretGPUParams`, the API this module is written and
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -58,28 +60,45 @@ def locate(launch: mt.Launch) -> tuple[jax.Array, jax.Array]:
     return leaf, i
 
 
+def _first_element(launch: mt.Launch, program) -> jax.Array:
+    """Inside a kernel: where block `program` starts in its leaf, `(program - start[leaf]) * block`,
+    with the leaf's start a telescoping sum of the comparisons `locate` makes (no branch)."""
+    segs = launch.segments
+    start = jnp.int32(segs[0].start)
+    for prev, seg in zip(segs, segs[1:]):
+        start = start + (program >= seg.start).astype(jnp.int32) * (seg.start - prev.start)
+    return (program - start) * launch.block
+
+
 def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, program, copy) -> None:
     """`copy(refs[leaf][j].at[chunk c of the block], smem[j].at[c])` for every operand j and chunk c.
 
-    The chunks are a loop, so the copy code is emitted once per leaf and operand, not once per
-    chunk (Mosaic GPU's lowering time grows with every copy site).
+    One loop over the chunks with the leaf switch inside it, and the chunk's offset computed before
+    the switch: a branch holds its leaf's copies and nothing else (Mosaic GPU's trace and lowering
+    time grows with every op of the kernel; a loop per leaf made ~7% more of it on 2,000 leaves).
     """
     num_chunks = launch.block // CHUNK
+    first = _first_element(launch, program)
 
-    def branch(k):
-        first = (program - launch.segments[k].start) * launch.block
+    def chunk(c, carry):
+        # Said to be a multiple of CHUNK, which layout inference would otherwise prove for every
+        # copy by walking the offset's expression (the leaf's start is a sum over all leaves).
+        index = pl.ds(pl.multiple_of(first + c * CHUNK, CHUNK), CHUNK)
 
-        def chunk(c, carry):
-            index = pl.ds(first + c * CHUNK, CHUNK)
-            for ref, buf in zip(refs[k], smem):
-                copy(ref.at[index], buf.at[c])
-            return carry
+        def branch(k):
+            def run():
+                for ref, buf in zip(refs[k], smem):
+                    copy(ref.at[index], buf.at[c])
 
-        if num_chunks == 1:
-            return lambda: chunk(0, None)
-        return lambda: jax.lax.fori_loop(0, num_chunks, chunk, None)
+            return run
 
-    _switch(leaf, [branch(k) for k in range(len(refs))])
+        _switch(leaf, [branch(k) for k in range(len(refs))])
+        return carry
+
+    if num_chunks == 1:
+        chunk(0, None)
+    else:
+        jax.lax.fori_loop(0, num_chunks, chunk, None)
 
 
 def copy_in(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, barrier, leaf, program) -> None:
@@ -102,14 +121,30 @@ def copy_out(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, 
 
 
 def _switch(leaf, branches: Sequence[Callable]) -> None:
-    """`branches[leaf]()` as one `lax.switch`: Mosaic GPU lowers it to a single `scf.index_switch`
-    (a jump, not the chain of ifs Triton makes of it). Not a bisection of `lax.cond`s, as on Triton:
-    Mosaic GPU lowers the first branch of every cond twice (once to learn its result types), which
-    nested log2 K deep lowers a K-leaf switch's code ~K^1.6 times."""
-    if len(branches) == 1:
+    """`branches[leaf]()` as `lax.switch`es: Mosaic GPU lowers one to a single `scf.index_switch` (a
+    jump, not the chain of ifs Triton makes of it). Not a bisection of `lax.cond`s, as on Triton.
+
+    Lowering cost. Every branch of a switch takes the refs that any branch closes over (JAX merges
+    the branches' constants), so a K-way switch over leaves of n refs each traces K branches of
+    K * n inputs, O(K^2): two levels, a switch over groups of ~sqrt(K) leaves and one inside each,
+    trace O(K^1.5). And Mosaic GPU lowers the first branch of a switch twice (once in a throw-away
+    module, to learn the result types), so each switch's first branch is an empty one (index 0,
+    never taken): the branches that copy are lowered once.
+    """
+    k = len(branches)
+    if k == 1:
         branches[0]()
-    else:
-        jax.lax.switch(leaf, branches)
+        return
+    group = math.isqrt(k - 1) + 1
+    if k > 2 * group:
+        members = [branches[i : i + group] for i in range(0, k, group)]
+        branches = [functools.partial(_switch, leaf - i * group, m) for i, m in enumerate(members)]
+        leaf = leaf // group
+    jax.lax.switch(leaf + 1, [_nothing, *branches])
+
+
+def _nothing() -> None:
+    pass
 
 
 def plan_by_dtype(

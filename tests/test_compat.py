@@ -237,3 +237,48 @@ def test_mosaic_gpu_scratch_is_found_once_per_kernel_and_lowers_the_same(monkeyp
     text_as_shipped, many = lowered()
     assert text == text_as_shipped
     assert many > 4 * few, (few, many)
+
+
+@pytest.mark.skipif(not ox.kernels.backend.mosaic_gpu_available(), reason="Mosaic GPU kernels need jax >= 0.12")
+@pytest.mark.parametrize("what", ["clip+adamw", "layer_norm"])
+def test_mosaic_gpu_divides_saturation_in_one_pass_builds_the_same_system(monkeypatch, what):
+    from jax.experimental.mosaic.gpu import constraints as cs
+
+    from optax_ext.kernels import _compat, lower_for
+
+    _compat.saturate_mosaic_gpu_divides_linearly()
+    linear = cs.saturate_divides_constraints_for_equal_vars
+    assert linear.linear
+    original, systems = linear.__wrapped__, []
+
+    def both(system):
+        expected = original(system)
+        got = linear(system)
+        assert got.assignments == expected.assignments
+        assert list(got.constraints) == list(expected.constraints)
+
+        # the variables with a Divides constraint, before and after: saturation adds the equal ones
+        def targets(constraints):
+            return {c.expr for c in constraints if isinstance(c, cs.Divides)}
+
+        systems.append(len(targets(expected.constraints) - targets(system.constraints)))
+        return got
+
+    monkeypatch.setattr(cs, "saturate_divides_constraints_for_equal_vars", both)
+    if what == "clip+adamw":  # ragged leaves of several launches: many copy sites per SMEM buffer
+        tx = ox.chain(ox.clip_by_global_norm(1.0), ox.adamw(1e-3))
+        params = {f"p{i}": jax.ShapeDtypeStruct((300 + 37 * i,), jnp.float32) for i in range(12)}
+        params["m"] = jax.ShapeDtypeStruct((129, 257), jnp.bfloat16)
+        state = jax.eval_shape(tx.init, params)
+        lower_for(
+            lambda p, s, g: tx.update_and_apply(g, s, p), params, state, params, platform="cuda", backend="mosaic_gpu"
+        )
+    else:  # the normalization kernels' SMEM tiles, forward and backward
+        x = jax.ShapeDtypeStruct((64, 384), jnp.bfloat16)
+        w = jax.ShapeDtypeStruct((384,), jnp.float32)
+
+        def loss(x, w, b):
+            return jnp.sum(ox.kernels.layer_norm.layer_norm(x, w, b).astype(jnp.float32) ** 2)
+
+        lower_for(jax.grad(loss, argnums=(0, 1, 2)), x, w, w, platform="cuda", backend="mosaic_gpu")
+    assert max(systems) > 0, systems
