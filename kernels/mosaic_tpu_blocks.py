@@ -111,25 +111,45 @@ class Stream(NamedTuple):
     inbound: bool  # HBM -> VMEM (True) or VMEM -> HBM
 
 
+def _leaf_bounds(launch: mt.Launch, program) -> tuple[jax.Array, jax.Array]:
+    """(first block of the leaf of block `program`, first block of the next leaf), from the static
+    block table by a chain of selects (no branch; the table is in the code, not in memory)."""
+    segs = launch.segments
+    start, end = jnp.int32(segs[0].start), jnp.int32(segs[0].start + launch.num_blocks(segs[0]))
+    for seg in segs[1:]:
+        later = program >= seg.start
+        start = jnp.where(later, seg.start, start)
+        end = jnp.where(later, seg.start + launch.num_blocks(seg), end)
+    return start, end
+
+
 def _each_copy(stream: Stream, launch: mt.Launch, program, act: Callable) -> None:
-    """`act(descriptor)` for each operand's copy of block `program` in slot `slot_of(program)`."""
+    """`act(descriptor)` for each operand's copy of block `program` in slot `slot_of(program)`.
+
+    Everything but the copies (the slot, the offsets, whether this is the leaf's last block) is
+    computed before the leaf switch from the static block table, so a branch holds its leaf's
+    copies and nothing else: the trace time of a launch grows with the code per leaf.
+    """
     from jax.experimental.pallas import tpu as pltpu
 
-    b, n_ops = launch.block, len(stream.vmem)
+    b = launch.block
+    slot = slot_of(program)
+    start, end = _leaf_bounds(launch, program)
+    base = pl.multiple_of(slot * b, ALIGN)
+    first = pl.multiple_of((program - start) * b, ALIGN)
+    last = program == end - 1
+    sems = [stream.sems.at[slot * len(stream.vmem) + j] for j in range(len(stream.vmem))]
 
     def branch(k):
         seg = launch.segments[k]
         num, tail = launch.num_blocks(seg), seg.cols - (launch.num_blocks(seg) - 1) * b
 
         def copies(length):
-            def run(program):
-                slot = slot_of(program)
-                base = pl.multiple_of(slot * b, ALIGN)
-                first = pl.multiple_of((program - seg.start) * b, ALIGN)
-                for j, (ref, buf) in enumerate(zip(stream.hbm[k], stream.vmem)):
+            def run():
+                for ref, buf, sem in zip(stream.hbm[k], stream.vmem, sems):
                     far, near = ref.at[pl.ds(first, length)], buf.at[pl.ds(base, length)]
                     src, dst = (far, near) if stream.inbound else (near, far)
-                    act(pltpu.make_async_copy(src, dst, stream.sems.at[slot * n_ops + j]))
+                    act(pltpu.make_async_copy(src, dst, sem))
 
             return run
 
@@ -137,16 +157,16 @@ def _each_copy(stream: Stream, launch: mt.Launch, program, act: Callable) -> Non
             return copies(b)
         if num == 1:
             return copies(tail)
-        return lambda program: jax.lax.cond(program - seg.start == num - 1, copies(tail), copies(b), program)
+        return lambda: jax.lax.cond(last, copies(tail), copies(b))
 
     branches = [branch(k) for k in range(len(launch.segments))]
     if len(branches) == 1:
-        branches[0](program)
+        branches[0]()
     else:
         # A bisection over the static starts: log2 K scalar tests per copy site. (Pallas lowers a
         # K-way `lax.switch` on TPU to a chain of K nested ifs; the trace and lowering cost the same.)
         starts = [seg.start for seg in launch.segments]
-        mt._bisect(len(branches), lambda mid: program >= starts[mid], lambda k, p: branches[k](p), program)
+        mt._bisect(len(branches), lambda mid: program >= starts[mid], lambda k: branches[k]())
 
 
 def _each_block(stream: Stream, launch: mt.Launch, lo, hi, act: Callable) -> None:
