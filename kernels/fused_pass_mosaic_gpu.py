@@ -85,20 +85,20 @@ def _kernel(body: Callable, launch: mt.Launch, members: Sequence[Job], n_shared:
         smem_in, smem_out = scratch[:n_in], scratch[n_in : n_in + n_out]
         s_smem, t_smem, bar, vec_bar = scratch[n_in + n_out :]
 
-        leaf, program = mgb.locate(launch)
+        at = mgb.locate(launch)
         for gmem, smem, (n, offset) in ((s_gmem, s_smem, vec_sizes[0]), (t_gmem, t_smem, vec_sizes[1])):
             for g_index, s_index in _vector_chunks(n, offset):
                 plgpu.copy_gmem_to_smem(gmem.at[g_index], smem.at[s_index], vec_bar)
-        mgb.copy_in(launch, ins, smem_in, bar, leaf, program)
+        mgb.copy_in(launch, ins, smem_in, bar, at)
         plgpu.barrier_wait(vec_bar)
         plgpu.barrier_wait(bar)
         xs = [buf[...].astype(jnp.float32) for buf in smem_in]
         # The body is emitted once per launch, not once per leaf: only the copies switch.
-        ys = list(body(xs, ScalarRef(s_smem, n_shared), ScalarRef(t_smem, width, leaf * width)))
+        ys = list(body(xs, ScalarRef(s_smem, n_shared), ScalarRef(t_smem, width, at.leaf * width)))
         _check_outputs(ys, n_out)
         for buf, y in zip(smem_out, ys):
             buf[...] = jnp.broadcast_to(jnp.asarray(y, jnp.float32), buf.shape).astype(buf.dtype)
-        mgb.copy_out(launch, outs, smem_out, leaf, program)
+        mgb.copy_out(launch, outs, smem_out, at)
 
     return kernel
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from jax.experimental import pallas as pl
 
 from optax_ext.kernels import multi_tensor as mt
 
-__all__ = ["CHUNK", "MAX_TMA_REFS", "copy_in", "copy_out", "locate", "plan_by_dtype", "run_kernel"]
+__all__ = ["CHUNK", "Block", "MAX_TMA_REFS", "copy_in", "copy_out", "locate", "plan_by_dtype", "run_kernel"]
 
 CHUNK = 256
 """Elements per TMA copy (a TMA box has at most 256 elements per dimension); also the smallest block."""
@@ -50,27 +51,27 @@ and a kernel's parameters are at most 32,764 bytes (ptxas: "uses too much parame
 descriptors). An AdamW launch (g, p, m, v: outputs reuse their input's ref) takes 59 leaves."""
 
 
-def locate(launch: mt.Launch) -> tuple[jax.Array, jax.Array]:
-    """Inside a kernel: (leaf, block index). The leaf is the number of later leaves' starts at or
-    below the index: K - 1 scalar comparisons, no branch (see `_switch` for why not a bisection)."""
+class Block(NamedTuple):
+    """Inside a kernel: this thread block's leaf, its index in the grid, and its first element in the leaf."""
+
+    leaf: jax.Array
+    program: jax.Array
+    first: jax.Array
+
+
+def locate(launch: mt.Launch) -> Block:
+    """Inside a kernel: where this thread block is, from the static block table by a chain of
+    selects over the leaves' starts (K - 1 comparisons, no branch; see `_switch` for the switch)."""
     i = jax.lax.axis_index(GRID_AXIS)
-    leaf = jnp.int32(0)
-    for seg in launch.segments[1:]:
-        leaf = leaf + (i >= seg.start).astype(jnp.int32)
-    return leaf, i
+    leaf, start = jnp.int32(0), jnp.int32(0)
+    for k, seg in enumerate(launch.segments[1:], 1):
+        later = i >= seg.start
+        leaf = jnp.where(later, k, leaf)
+        start = jnp.where(later, seg.start, start)
+    return Block(leaf, i, (i - start) * launch.block)
 
 
-def _first_element(launch: mt.Launch, program) -> jax.Array:
-    """Inside a kernel: where block `program` starts in its leaf, `(program - start[leaf]) * block`,
-    with the leaf's start a telescoping sum of the comparisons `locate` makes (no branch)."""
-    segs = launch.segments
-    start = jnp.int32(segs[0].start)
-    for prev, seg in zip(segs, segs[1:]):
-        start = start + (program >= seg.start).astype(jnp.int32) * (seg.start - prev.start)
-    return (program - start) * launch.block
-
-
-def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, program, copy) -> None:
+def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, at: Block, copy) -> None:
     """`copy(refs[leaf][j].at[chunk c of the block], smem[j].at[c])` for every operand j and chunk c.
 
     One loop over the chunks with the leaf switch inside it, and the chunk's offset computed before
@@ -78,12 +79,11 @@ def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, lea
     time grows with every op of the kernel; a loop per leaf made ~7% more of it on 2,000 leaves).
     """
     num_chunks = launch.block // CHUNK
-    first = _first_element(launch, program)
 
     def chunk(c, carry):
         # Said to be a multiple of CHUNK, which layout inference would otherwise prove for every
         # copy by walking the offset's expression (the leaf's start is a sum over all leaves).
-        index = pl.ds(pl.multiple_of(first + c * CHUNK, CHUNK), CHUNK)
+        index = pl.ds(pl.multiple_of(at.first + c * CHUNK, CHUNK), CHUNK)
 
         def branch(k):
             def run():
@@ -92,7 +92,7 @@ def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, lea
 
             return run
 
-        _switch(leaf, [branch(k) for k in range(len(refs))])
+        _switch(at.leaf, [branch(k) for k in range(len(refs))])
         return carry
 
     if num_chunks == 1:
@@ -101,22 +101,22 @@ def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, lea
         jax.lax.fori_loop(0, num_chunks, chunk, None)
 
 
-def copy_in(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, barrier, leaf, program) -> None:
-    """Start the TMA copies of leaf `leaf`'s current block of each operand (`refs[k][j]`) into `smem[j]`.
+def copy_in(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, barrier, at: Block) -> None:
+    """Start the TMA copies of block `at` of its leaf of each operand (`refs[k][j]`) into `smem[j]`.
 
     `barrier` (`num_arrivals` = len(smem) * block / CHUNK) completes when all have landed.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    _each_chunk(launch, refs, smem, leaf, program, lambda g, s: plgpu.copy_gmem_to_smem(g, s, barrier))
+    _each_chunk(launch, refs, smem, at, lambda g, s: plgpu.copy_gmem_to_smem(g, s, barrier))
 
 
-def copy_out(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, leaf, program) -> None:
-    """Copy `smem[j]` into leaf `leaf`'s current block of `refs[k][j]` (TMA; clipped at the leaf's end)."""
+def copy_out(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, at: Block) -> None:
+    """Copy `smem[j]` into block `at` of its leaf of `refs[k][j]` (TMA; clipped at the leaf's end)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     plgpu.commit_smem()  # make the register -> SMEM stores visible to the TMA unit
-    _each_chunk(launch, refs, smem, leaf, program, lambda g, s: plgpu.copy_smem_to_gmem(s, g))
+    _each_chunk(launch, refs, smem, at, lambda g, s: plgpu.copy_smem_to_gmem(s, g))
     plgpu.wait_smem_to_gmem(0)
 
 

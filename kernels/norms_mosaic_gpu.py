@@ -35,13 +35,13 @@ def _kernel(launch: mt.Launch, count_nonfinite: bool):
     def kernel(*refs):
         ins, outs = refs[:num], refs[num : num + 1 + count_nonfinite]
         smem, bar = refs[num + 1 + count_nonfinite :]
-        leaf, program = mgb.locate(launch)
-        mgb.copy_in(launch, [[r] for r in ins], [smem], bar, leaf, program)
+        at = mgb.locate(launch)
+        mgb.copy_in(launch, [[r] for r in ins], [smem], bar, at)
         plgpu.barrier_wait(bar)
         x = smem[...].astype(jnp.float32)
-        outs[0][program] = jnp.sum(x * x)
+        outs[0][at.program] = jnp.sum(x * x)
         if count_nonfinite:  # same pass, no second read: apply_if_finite's test
-            outs[1][program] = jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0))
+            outs[1][at.program] = jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0))
 
     return kernel
 
