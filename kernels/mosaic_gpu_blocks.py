@@ -5,7 +5,7 @@ point with explicit memory spaces: leaves stay in global memory (GMEM) and a blo
 shared memory (SMEM) by the Tensor Memory Accelerator (TMA), computed on in registers, written back
 to SMEM and copied out by TMA. The multi-tensor plan is the one of `optax_ext.kernels.multi_tensor`
 (a 1-D grid over every block of every leaf); what differs is how a block moves, and that finding
-the leaf and switching on it are a sum of comparisons and one `lax.switch` (`locate`, `_switch`):
+the leaf and switching on it are a chain of selects and a two-level `lax.switch` (`locate`, `_switch`):
 
   * Only the copies switch on the leaf. Every leaf of a launch shares one SMEM buffer per operand,
     so `copy_in`/`copy_out` issue leaf k's TMA copies inside `_switch` and everything between
@@ -82,7 +82,7 @@ def _each_chunk(launch: mt.Launch, refs: Sequence[Sequence], smem: Sequence, at:
 
     def chunk(c, carry):
         # Said to be a multiple of CHUNK, which layout inference would otherwise prove for every
-        # copy by walking the offset's expression (the leaf's start is a sum over all leaves).
+        # copy by walking the offset's expression (the leaf's start is a select over all leaves).
         index = pl.ds(pl.multiple_of(at.first + c * CHUNK, CHUNK), CHUNK)
 
         def branch(k):
