@@ -204,13 +204,13 @@ def _saturate_divides_linearly(system, cs):
             rest.append(c)
             continue
         v = c.expr
-        key = find(v) if v in parent else v
+        key = find(v)  # a variable in no Equals is a class of its own
         if key not in merged:
             merged[key] = c.tiling_multiple
-            order.extend([v, *(w for w in members[key] if w != v)] if v in parent else [v])
+            order.extend([v, *(w for w in members.get(key, ()) if w != v)])
         else:
             merged[key] = cs.merge_divides_constraints(cs.Divides(v, merged[key]), c).tiling_multiple
-    divides = [cs.Divides(w, merged[find(w) if w in parent else w]) for w in order]
+    divides = [cs.Divides(w, merged[find(w)]) for w in order]
     return dataclasses.replace(system, constraints=rest + divides)
 
 

@@ -60,14 +60,11 @@ class Block(NamedTuple):
 
 
 def locate(launch: mt.Launch) -> Block:
-    """Inside a kernel: where this thread block is, from the static block table by a chain of
-    selects over the leaves' starts (K - 1 comparisons, no branch; see `_switch` for the switch)."""
+    """Inside a kernel: where this thread block is, from the static block table (`mt.select_by_leaf`:
+    K - 1 comparisons, no branch; see `_switch` for the switch)."""
     i = jax.lax.axis_index(GRID_AXIS)
-    leaf, start = jnp.int32(0), jnp.int32(0)
-    for k, seg in enumerate(launch.segments[1:], 1):
-        later = i >= seg.start
-        leaf = jnp.where(later, k, leaf)
-        start = jnp.where(later, seg.start, start)
+    segs = launch.segments
+    leaf, start = mt.select_by_leaf(launch, i, range(len(segs)), [seg.start for seg in segs])
     return Block(leaf, i, (i - start) * launch.block)
 
 

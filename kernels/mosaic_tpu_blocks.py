@@ -71,10 +71,8 @@ INTERPRET_PARAMS: dict = {}
 
 
 def leaf_at(launch: mt.Launch, program) -> jax.Array:
-    """The leaf of block `program` (traced): how many later leaves start at or below it."""
-    leaf = jnp.int32(0)
-    for seg in launch.segments[1:]:
-        leaf = leaf + (program >= seg.start).astype(jnp.int32)
+    """The leaf of block `program` (traced), from the static block table (`mt.select_by_leaf`)."""
+    (leaf,) = mt.select_by_leaf(launch, program, range(len(launch.segments)))
     return leaf
 
 
@@ -87,14 +85,10 @@ def locate(launch: mt.Launch) -> tuple[jax.Array, jax.Array]:
 def valid(launch: mt.Launch, program) -> jax.Array:
     """How many elements of block `program` exist (the block size, but in a leaf's last block).
 
-    Branch-free: the leaf's size and first block, as telescoping sums of the comparisons `leaf_at` makes.
+    Branch-free: the leaf's size and first block from the static block table (`mt.select_by_leaf`).
     """
     segs = launch.segments
-    size, start = jnp.int32(segs[0].cols), jnp.int32(segs[0].start)
-    for prev, seg in zip(segs, segs[1:]):
-        later = (program >= seg.start).astype(jnp.int32)
-        size = size + later * (seg.cols - prev.cols)
-        start = start + later * (seg.start - prev.start)
+    size, start = mt.select_by_leaf(launch, program, [seg.cols for seg in segs], [seg.start for seg in segs])
     return jnp.minimum(launch.block, size - (program - start) * launch.block)
 
 
@@ -111,18 +105,6 @@ class Stream(NamedTuple):
     inbound: bool  # HBM -> VMEM (True) or VMEM -> HBM
 
 
-def _leaf_bounds(launch: mt.Launch, program) -> tuple[jax.Array, jax.Array]:
-    """(first block of the leaf of block `program`, first block of the next leaf), from the static
-    block table by a chain of selects (no branch; the table is in the code, not in memory)."""
-    segs = launch.segments
-    start, end = jnp.int32(segs[0].start), jnp.int32(segs[0].start + launch.num_blocks(segs[0]))
-    for seg in segs[1:]:
-        later = program >= seg.start
-        start = jnp.where(later, seg.start, start)
-        end = jnp.where(later, seg.start + launch.num_blocks(seg), end)
-    return start, end
-
-
 def _each_copy(stream: Stream, launch: mt.Launch, program, act: Callable) -> None:
     """`act(descriptor)` for each operand's copy of block `program` in slot `slot_of(program)`.
 
@@ -132,9 +114,12 @@ def _each_copy(stream: Stream, launch: mt.Launch, program, act: Callable) -> Non
     """
     from jax.experimental.pallas import tpu as pltpu
 
-    b = launch.block
+    b, segs = launch.block, launch.segments
     slot = slot_of(program)
-    start, end = _leaf_bounds(launch, program)
+    # the leaf's first block, and the first block past it
+    start, end = mt.select_by_leaf(
+        launch, program, [seg.start for seg in segs], [seg.start + launch.num_blocks(seg) for seg in segs]
+    )
     base = pl.multiple_of(slot * b, ALIGN)
     first = pl.multiple_of((program - start) * b, ALIGN)
     last = program == end - 1

@@ -59,6 +59,7 @@ __all__ = [
     "locate",
     "plan",
     "pow2_at_least",
+    "select_by_leaf",
     "store_blocks",
     "view_for",
 ]
@@ -185,6 +186,16 @@ def _bisect(num: int, at_or_above: Callable, leaf_branch: Callable, *operands):
         )
 
     return between(0, num, *operands)
+
+
+def select_by_leaf(launch: Launch, program, *columns) -> tuple[jax.Array, ...]:
+    """`column[k]` of each static per-leaf column, for the leaf k of block `program` (traced): a chain
+    of selects over the leaves' starts (K - 1 comparisons, no branch, no table in memory)."""
+    values = [jnp.int32(column[0]) for column in columns]
+    for k, seg in enumerate(launch.segments[1:], 1):
+        later = program >= seg.start
+        values = [jnp.where(later, column[k], v) for column, v in zip(columns, values)]
+    return tuple(values)
 
 
 def locate(launch: Launch) -> tuple[jax.Array, jax.Array]:
