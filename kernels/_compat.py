@@ -26,20 +26,11 @@ item names the versions it papers over; tests/test_compat.py checks every item o
   The ops found are remembered per scratch buffer and checked on each use (an op that an MLIR pass
   has since replaced is invalidated by MLIR's Python bindings, and raises: then they are looked
   up again as before); nothing else changes.
-- `saturate_mosaic_gpu_divides_linearly()`: Mosaic GPU's layout inference (jax 0.12) gives every
-  variable the tiling-divisibility constraints of all variables transitively equal to it
-  (`constraints.saturate_divides_constraints_for_equal_vars`) by listing, for each constraint, every
-  other member of its class and merging afterwards: O(n^2) in a class's size, and every subview of
-  one SMEM buffer (one per TMA copy site) is in one class. The same system, constraint for
-  constraint and in the same order, is built in one pass (the merge is a gcd over right-aligned
-  tuples: associative and commutative, so each class's constraints merge once and every member
-  gets the result). tests/test_compat.py compares both on the systems of real kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib.util
 import re
@@ -54,7 +45,6 @@ __all__ = [
     "TARGET_DEVICES",
     "lowering_target",
     "remember_mosaic_gpu_scratch",
-    "saturate_mosaic_gpu_divides_linearly",
     "skip_absent_triton_dialect_imports",
 ]
 
@@ -176,65 +166,3 @@ def remember_mosaic_gpu_scratch() -> None:
 
     find_once.remembers = True
     scratch._find_alloc_load_and_device_ptr = find_once
-
-
-def _saturate_divides_linearly(system, cs):
-    """`cs.saturate_divides_constraints_for_equal_vars(system)` in one pass (see the module docstring)."""
-    parent: dict = {}
-
-    def find(v):
-        root = parent.setdefault(v, v)
-        while root != parent[root]:
-            root = parent[root]
-        while parent[v] != root:  # path compression
-            parent[v], v = root, parent[v]
-        return root
-
-    for c in system.constraints:
-        if isinstance(c, cs.Equals) and isinstance(c.lhs, cs.Variable) and isinstance(c.rhs, cs.Variable):
-            a, b = find(c.lhs), find(c.rhs)
-            if a != b:
-                parent[b] = a
-    members: dict = {}
-    for v in parent:  # insertion order: the order the original lists a class's members in
-        members.setdefault(find(v), []).append(v)
-    rest, order, merged = [], [], {}
-    for c in system.constraints:
-        if not (isinstance(c, cs.Divides) and isinstance(c.expr, cs.Variable)):
-            rest.append(c)
-            continue
-        v = c.expr
-        key = find(v)  # a variable in no Equals is a class of its own
-        if key not in merged:
-            merged[key] = c.tiling_multiple
-            order.extend([v, *(w for w in members.get(key, ()) if w != v)])
-        else:
-            merged[key] = cs.merge_divides_constraints(cs.Divides(v, merged[key]), c).tiling_multiple
-    divides = [cs.Divides(w, merged[find(w)]) for w in order]
-    return dataclasses.replace(system, constraints=rest + divides)
-
-
-_divides_saturation_replaced = False
-
-
-def saturate_mosaic_gpu_divides_linearly() -> None:
-    """Make Mosaic GPU's divisibility saturation one pass (see the module docstring). Idempotent."""
-    global _divides_saturation_replaced
-    if _divides_saturation_replaced:
-        return
-    _divides_saturation_replaced = True
-    try:
-        from jax.experimental.mosaic.gpu import constraints as cs
-    except ImportError:  # no Mosaic GPU in this jaxlib
-        return
-    original = getattr(cs, "saturate_divides_constraints_for_equal_vars", None)
-    needed = ("Equals", "Divides", "Variable", "merge_divides_constraints")
-    if original is None or not all(hasattr(cs, n) for n in needed):
-        return
-
-    @functools.wraps(original)
-    def saturate(system):
-        return _saturate_divides_linearly(system, cs)
-
-    saturate.linear = True
-    cs.saturate_divides_constraints_for_equal_vars = saturate

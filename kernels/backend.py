@@ -119,11 +119,10 @@ def get_backend() -> str:
         from optax_ext.kernels._compat import skip_absent_triton_dialect_imports
 
         skip_absent_triton_dialect_imports()
-    elif name == "mosaic_gpu":  # about to lower Mosaic GPU kernels: two lowering costs made linear
-        from optax_ext.kernels._compat import remember_mosaic_gpu_scratch, saturate_mosaic_gpu_divides_linearly
+    elif name == "mosaic_gpu":  # about to lower Mosaic GPU kernels: one lowering cost made linear
+        from optax_ext.kernels._compat import remember_mosaic_gpu_scratch
 
         remember_mosaic_gpu_scratch()
-        saturate_mosaic_gpu_divides_linearly()
     return name
 
 

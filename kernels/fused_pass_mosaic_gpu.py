@@ -46,9 +46,10 @@ MOSAIC_GPU_BLOCK = 2048
 
 
 def _padded_vector(values) -> jax.Array:
-    """A f32 vector of at least 4 elements and a multiple of 4 (TMA copies whole 16-byte units)."""
+    """A f32 vector of a positive multiple of 32 elements: a TMA copy in lane semantics moves a
+    multiple of 128 bytes (`mosaic_gpu_blocks.run_kernel`)."""
     values = jnp.asarray(values, jnp.float32).reshape(-1)
-    n = max(4, -(-values.shape[0] // 4) * 4)
+    n = max(32, -(-values.shape[0] // 32) * 32)
     return jnp.pad(values, (0, n - values.shape[0]))
 
 
@@ -92,7 +93,7 @@ def _kernel(body: Callable, launch: mt.Launch, members: Sequence[Job], n_shared:
         mgb.copy_in(launch, ins, smem_in, bar, at)
         plgpu.barrier_wait(vec_bar)
         plgpu.barrier_wait(bar)
-        xs = [buf[...].astype(jnp.float32) for buf in smem_in]
+        xs = [mgb.load_block(buf, [b.dtype for b in smem_in + smem_out]) for buf in smem_in]
         # The body is emitted once per launch, not once per leaf: only the copies switch.
         ys = list(body(xs, ScalarRef(s_smem, n_shared), ScalarRef(t_smem, width, at.leaf * width)))
         _check_outputs(ys, n_out)
@@ -171,7 +172,7 @@ def fused_pass_mosaic_gpu(
     b = block or MOSAIC_GPU_BLOCK
     plans = mgb.plan_by_dtype(signatures, [jnp.size(job.inputs[0]) for job in sub], refs, b, extra_refs=2)
     # One padded vector of shared scalars and one table of every launch's leaf scalars (each launch's
-    # part padded to whole 16-byte TMA units) for the whole call: two XLA ops, not two per launch.
+    # part padded to 32 f32, `_padded_vector`) for the whole call: two XLA ops, not two per launch.
     svec = _padded_vector(shared)
     parts, places, offset = [], [], 0
     for _, _, members in plans:
