@@ -1,4 +1,5 @@
-"""Every public optimizer's step lowers to its kernels on every Pallas backend, checked from a CPU.
+"""Every public optimizer's step lowers to its kernels on every Pallas backend, checked from a CPU, and
+compiles for an H100 on the default CUDA backend (Mosaic GPU).
 
 The interpreters run a kernel's jaxpr, not its lowering: a primitive that a backend cannot lower
 (Mosaic GPU has no rule for `is_finite`, say) passes every interpreted test and fails only when
@@ -6,7 +7,9 @@ the step is compiled for the accelerator. So each optimizer's donated `update_an
 lowered here for CUDA (Mosaic GPU, Triton) and TPU (Mosaic) on a small ragged tree with a bf16 leaf,
 and must reach that backend's kernels and no other's. The optimizers are found in
 `optax_ext.__all__` (every factory whose first argument is `learning_rate`), so a new one is
-checked without being listed here.
+checked without being listed here. Lowering stops at Mosaic GPU's serialized kernel; XLA's compile
+for an H100 (`optax_ext.kernels.aot`, no GPU needed) runs the rest (Mosaic GPU's passes, LLVM,
+ptxas), which is where a kernel that lowers can still be rejected.
 """
 
 import inspect
@@ -68,20 +71,37 @@ def test_the_optimizers_are_found():
     assert len(FACTORIES) >= 40, sorted(FACTORIES)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_step_lowers_to_the_backends_kernels(name, backend):
+def _step_and_state(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated aliases, add_noise without a key: not the point here
         tx = FACTORIES[name]()
-    state = jax.eval_shape(tx.init, PARAMS)
 
     def step(params, state, grads):
         return tx.update_and_apply(grads, state, params)
 
+    return step, jax.eval_shape(tx.init, PARAMS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_step_lowers_to_the_backends_kernels(name, backend):
+    step, state = _step_and_state(name)
     text = lower_for(
         step, PARAMS, state, PARAMS, platform=PLATFORM[backend], backend=backend, donate_argnums=(0, 1)
     ).as_text()
     kernels = analyze_stablehlo(text)["kernels_by_backend"]
     assert kernels[backend] >= 1, (name, kernels)
     assert sum(kernels.values()) == kernels[backend], (name, kernels)
+
+
+@pytest.mark.skipif(not mosaic_gpu_available(), reason="needs jax >= 0.12")
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_step_compiles_for_h100_on_mosaic_gpu(name):
+    from optax_ext.kernels import aot
+    from optax_ext.step_report import count_hlo
+
+    if not aot.available():
+        pytest.skip("compiling for an H100 needs optax_ext[gpu-aot]")
+    step, state = _step_and_state(name)
+    compiled = aot.compile_for(step, PARAMS, state, PARAMS, backend="mosaic_gpu", donate_argnums=(0, 1))
+    assert count_hlo(compiled.as_text()).custom_calls >= 1, name
