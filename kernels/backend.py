@@ -14,7 +14,7 @@ Triton kernels' code path), "mosaic_gpu_interpret" (Mosaic GPU's own interpreter
 (TPU's own interpreter, `pltpu.InterpretParams`: the "mosaic" kernels' DMAs, semaphores, VMEM and
 SMEM as on the TPU; LayerNorm, RMSNorm and BatchNorm run their "mosaic" kernels there too). Ops without
 a kernel for a backend run their jnp math there (on "mosaic_gpu" and "mosaic_gpu_interpret", the
-LayerNorm, RMSNorm and BatchNorm shapes their kernels cannot take: see `layer_norm_mosaic_gpu.supported`).
+LayerNorm, RMSNorm and BatchNorm shapes their kernels cannot take: see `layer_norm.mosaic_gpu.supported`).
 
 `use_backend` is a `jax.make_user_context`: its value is part of `jax.jit`'s cache key, so a
 function jitted under one backend is traced again, not silently reused, under another.

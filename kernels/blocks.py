@@ -1,4 +1,4 @@
-"""Row-block building blocks shared by the normalization kernels (`layer_norm.py`, `batch_norm.py`).
+"""Row-block building blocks shared by the normalization kernels (`layer_norm`, `batch_norm`).
 
 Both kernels view their input as (M, N) rows (features last) and run the same machinery: how the
 rows are cut into blocks for each backend, masked loads and stores, the specs and compiler params
@@ -207,8 +207,8 @@ def use_pallas(backend: str, *arrays, mosaic_gpu: bool = False) -> bool:
     """Whether to run the Pallas kernel rather than the jnp twin of its math.
 
     Not on the "xla" backend, on Mosaic GPU only for callers with kernels
-    there, which pass `mosaic_gpu=True` (LayerNorm, RMSNorm, BatchNorm: `layer_norm_mosaic_gpu`,
-    `batch_norm_mosaic_gpu`, which take only some shapes, see backend.py), and not for empty arrays.
+    there, which pass `mosaic_gpu=True` (LayerNorm, RMSNorm, BatchNorm: `layer_norm.mosaic_gpu`,
+    `batch_norm.mosaic_gpu`, which take only some shapes, see backend.py), and not for empty arrays.
     Sharded arrays take the kernel too, on each device's shard (`per_rows`).
     """
     if backend == "xla" or (is_mosaic_gpu(backend) and not mosaic_gpu):

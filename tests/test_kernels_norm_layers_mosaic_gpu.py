@@ -4,7 +4,7 @@ float64 and the jnp references, Flax's layers, and lowered for CUDA (forward and
 
 Ragged shapes: rows not a multiple of the 64-row block, a ragged last column chunk, and widths the
 kernels do not take (N not a multiple of 8, M not a multiple of 8 or under 64 rows, rows too wide for
-SMEM), which run the jnp math on this backend; `layer_norm_mosaic_gpu.supported` says which, and the
+SMEM), which run the jnp math on this backend; `layer_norm.mosaic_gpu.supported` says which, and the
 lowering test checks that exactly those lower to kernels. Tolerances are those of
 tests/test_kernels_layer_norm.py (`conftest.tolerance`). Needs jax >= 0.12.
 """
@@ -24,8 +24,8 @@ from optax_ext import nn as onn
 from optax_ext.kernels import backend as kb
 from optax_ext.kernels import batch_norm as bn
 from optax_ext.kernels import layer_norm as ln
-from optax_ext.kernels import layer_norm_mosaic_gpu as lnm
 from optax_ext.kernels import lower_for, use_backend
+from optax_ext.kernels.layer_norm import mosaic_gpu as lnm
 
 pytestmark = pytest.mark.skipif(not kb.mosaic_gpu_available(), reason="Mosaic GPU kernels need jax >= 0.12")
 

@@ -19,9 +19,9 @@ f32 whatever the input dtype: inputs with mean 1e3 and std 1e-2 normalise to uni
 one-pass E[x^2] - E[x]^2 cannot do in f32. All statistics and sums are accumulated in f32.
 
 Tiling, masking and the persistent grid are those of `optax_ext.kernels.blocks` (shared with
-`batch_norm.py`): the input is viewed as (M, N) rows and one forward grid step normalises a block
+`batch_norm`): the input is viewed as (M, N) rows and one forward grid step normalises a block
 of rows; the "xla" backend runs the same math in jnp and lets XLA fuse it. On "mosaic_gpu" the
-kernels are `layer_norm_mosaic_gpu`'s (TMA row blocks), for the shapes they take (jnp for the
+kernels are `layer_norm.mosaic_gpu`'s (TMA row blocks), for the shapes they take (jnp for the
 others). The backward is one pass over x and dy for dx, dscale and dbias together on the
 persistent grid (`persistent_row_call`): each of its P programs writes the dx of its row blocks and
 folds their column sums into one f32 (1, N) partial per output, and XLA sums the P partials,
@@ -41,7 +41,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from optax_ext.kernels import layer_norm_mosaic_gpu as lnm
 from optax_ext.kernels import sharding
 from optax_ext.kernels.backend import get_backend, is_mosaic_gpu, mosaic_gpu_available
 from optax_ext.kernels.blocks import (
@@ -66,6 +65,7 @@ from optax_ext.kernels.blocks import (
     store,
     use_pallas,
 )
+from optax_ext.kernels.layer_norm import mosaic_gpu as lnm
 
 __all__ = [
     "layer_norm",
@@ -297,7 +297,7 @@ def _fwd2(x, w2, b2, eps, rms):
 
 
 def _mosaic_gpu_takes(backend: str, x, row_dtypes) -> bool:
-    """False where the Mosaic GPU kernels cannot take x's rows (`layer_norm_mosaic_gpu.supported`: M
+    """False where the Mosaic GPU kernels cannot take x's rows (`layer_norm.mosaic_gpu.supported`: M
     a multiple of 8 and >= 64, N of 8, a 64-row block in SMEM; and jax >= 0.12): its jnp math runs.
     True on every other backend."""
     if not is_mosaic_gpu(backend):

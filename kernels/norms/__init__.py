@@ -12,7 +12,7 @@ is deterministic run to run. Same two forms as `optax_ext.kernels.fused_pass`:
   * "multi_tensor" (every backend by default): up to `NORM_MAX_LEAVES` leaves per launch, each
     its own `pl.ANY` ref, one program per block of any leaf, a switch on the leaf; elements past
     a ragged block's end are masked to zero. Mosaic GPU and TPU (and their interpreters) run it
-    with their own copies: `norms_mosaic_gpu`, `norms_mosaic_tpu`.
+    with their own copies: `norms.mosaic_gpu`, `norms.mosaic_tpu`.
   * "per_leaf" (Mosaic, TPU, on request): one call per leaf, as a (rows, 128) slab reduced over
     sublanes to one (1, 128) partial per block, or (sizes not divisible by 128) as 1-D blocks whose
     partial sum is stored in lane 0 of a (1, 128) row; Pallas pads the last block's reads, the mask
@@ -93,11 +93,11 @@ def _multi_tensor_kernel(launch: mt.Launch, count_nonfinite: bool):
 def _default_block(backend: str) -> int:
     """Elements per program of a multi-tensor launch on `backend`."""
     if _backend.is_mosaic_gpu(backend):
-        from optax_ext.kernels.norms_mosaic_gpu import NORM_MOSAIC_GPU_BLOCK
+        from optax_ext.kernels.norms.mosaic_gpu import NORM_MOSAIC_GPU_BLOCK
 
         return NORM_MOSAIC_GPU_BLOCK
     if _backend.is_mosaic_tpu(backend):
-        from optax_ext.kernels.norms_mosaic_tpu import NORM_MOSAIC_TPU_BLOCK
+        from optax_ext.kernels.norms.mosaic_tpu import NORM_MOSAIC_TPU_BLOCK
 
         return NORM_MOSAIC_TPU_BLOCK
     return NORM_GPU_BLOCK if backend == "triton" else NORM_INTERPRET_BLOCK
@@ -108,12 +108,12 @@ def _multi_tensor_partials(leaves, backend, block, count_nonfinite=False) -> lis
     partials): the sums of program j's block. Mosaic GPU and TPU group leaves by dtype, so a
     launch's leaves need not be consecutive."""
     if _backend.is_mosaic_gpu(backend):
-        from optax_ext.kernels import norms_mosaic_gpu
+        from optax_ext.kernels.norms import mosaic_gpu as norms_mosaic_gpu
 
         interpret = backend == "mosaic_gpu_interpret"
         return norms_mosaic_gpu.partials(leaves, interpret=interpret, block=block, count_nonfinite=count_nonfinite)
     if _backend.is_mosaic_tpu(backend):
-        from optax_ext.kernels import norms_mosaic_tpu
+        from optax_ext.kernels.norms import mosaic_tpu as norms_mosaic_tpu
 
         interpret = backend == "mosaic_interpret"
         return norms_mosaic_tpu.partials(leaves, interpret=interpret, block=block, count_nonfinite=count_nonfinite)

@@ -17,8 +17,8 @@ Two forms:
     (a bisection, `optax_ext.kernels.multi_tensor.leaf_switch`). Outputs overwrite their inputs in place
     (`input_output_aliases`, in place when the caller donates them under jit). A GPT-2-small
     AdamW step is 3 launches instead of 148; nothing is concatenated, sliced or padded. Mosaic GPU
-    ("mosaic_gpu", `optax_ext.kernels.fused_pass_mosaic_gpu`) and TPU ("mosaic", and TPU's
-    interpreter "mosaic_interpret": `optax_ext.kernels.fused_pass_mosaic_tpu`) run it with their
+    ("mosaic_gpu", `optax_ext.kernels.fused_pass.mosaic_gpu`) and TPU ("mosaic", and TPU's
+    interpreter "mosaic_interpret": `optax_ext.kernels.fused_pass.mosaic_tpu`) run it with their
     own copies: TMA through SMEM, double-buffered DMA through VMEM.
   * "per_leaf" (Mosaic, TPU, on request: `form="per_leaf"`): one call per leaf, BlockSpec'd refs
     that Mosaic pipelines through VMEM itself. A leaf whose size is a multiple of 128 is viewed as a
@@ -366,8 +366,8 @@ def fused_pass_pallas(
       shared: 1-D f32 vector of step-wide values (may be empty).
       backend: "interpret" (Pallas interpreter, any device), "triton", "mosaic" or
         "mosaic_interpret" (TPU's interpreter, any device; see
-        `optax_ext.kernels.fused_pass_mosaic_tpu`), "mosaic_gpu" or "mosaic_gpu_interpret" (Mosaic
-        GPU's interpreter, any device; see `optax_ext.kernels.fused_pass_mosaic_gpu`).
+        `optax_ext.kernels.fused_pass.mosaic_tpu`), "mosaic_gpu" or "mosaic_gpu_interpret" (Mosaic
+        GPU's interpreter, any device; see `optax_ext.kernels.fused_pass.mosaic_gpu`).
       form: "multi_tensor" or "per_leaf" (see the module docstring); default: per backend.
       block: elements per program (multi_tensor, a power of 2) or rows per block (per_leaf, a
         multiple of 8; 1-D views use `block * 128` elements); default: the tunables above.
@@ -384,12 +384,12 @@ def fused_pass_pallas(
     shared = jnp.asarray(shared, jnp.float32)
     jobs = [job._replace(scalars=jnp.asarray(job.scalars, jnp.float32)) for job in jobs]
     if _backend.is_mosaic_gpu(backend):
-        from optax_ext.kernels.fused_pass_mosaic_gpu import fused_pass_mosaic_gpu
+        from optax_ext.kernels.fused_pass.mosaic_gpu import fused_pass_mosaic_gpu
 
         _backend.require_mosaic_gpu(backend)
         return fused_pass_mosaic_gpu(body, jobs, shared, interpret=backend == "mosaic_gpu_interpret", block=block)
     if _backend.is_mosaic_tpu(backend) and form == "multi_tensor":
-        from optax_ext.kernels.fused_pass_mosaic_tpu import fused_pass_mosaic_tpu
+        from optax_ext.kernels.fused_pass.mosaic_tpu import fused_pass_mosaic_tpu
 
         return fused_pass_mosaic_tpu(body, jobs, shared, interpret=backend == "mosaic_interpret", block=block)
     results: list = [None] * len(jobs)

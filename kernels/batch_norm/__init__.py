@@ -30,8 +30,8 @@ Backward of y (and of the returned mean/var, with cotangents dmean, dvar), s = s
 computed as one reduction kernel (persistent grid: (P, 1, C) partials of dbias/dscale, summed by
 XLA) and one elementwise kernel.
 Every elementwise pass is the same "affine" kernel: out = (x - c) * a + b [+ k * dy].
-Tiling/masking conventions are those of `blocks.py` (shared with `layer_norm.py`). On "mosaic_gpu" the
-kernels are `batch_norm_mosaic_gpu`'s, for the shapes they take (jnp for the others).
+Tiling/masking conventions are those of `blocks.py` (shared with `layer_norm`). On "mosaic_gpu" the
+kernels are `batch_norm.mosaic_gpu`'s, for the shapes they take (jnp for the others).
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from optax_ext.kernels import batch_norm_mosaic_gpu as bnm
-from optax_ext.kernels import layer_norm_mosaic_gpu as lnm
 from optax_ext.kernels.backend import get_backend, is_mosaic_gpu, mosaic_gpu_available
+from optax_ext.kernels.batch_norm import mosaic_gpu as bnm
 from optax_ext.kernels.blocks import (
     Tiling,
     block_mask,
@@ -64,6 +63,7 @@ from optax_ext.kernels.blocks import (
     store,
     use_pallas,
 )
+from optax_ext.kernels.layer_norm import mosaic_gpu as lnm
 
 __all__ = [
     "batch_norm",
@@ -189,7 +189,7 @@ def _rows(x):
 
 def _mosaic_gpu_takes(backend: str, rows, vectors: int) -> bool:
     """False where the Mosaic GPU kernels cannot take these (..., C) operands' rows
-    (`layer_norm_mosaic_gpu.supported`; and jax >= 0.12): the jnp math runs. True on other backends."""
+    (`layer_norm.mosaic_gpu.supported`; and jax >= 0.12): the jnp math runs. True on other backends."""
     if not is_mosaic_gpu(backend):
         return True
     c = rows[0].shape[-1]

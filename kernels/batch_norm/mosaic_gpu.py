@@ -8,13 +8,13 @@ Same math as `optax_ext.kernels.batch_norm` (see its docstring), on (R, C) rows,
     backward sums:  sum_r dy,   sum_r dy * (x - mean) * rstd
     affine:  out = (x - c) * a + b [+ dy * k]
 
-Tiling, TMA and SMEM are those of `optax_ext.kernels.layer_norm_mosaic_gpu` (shared helpers): a thread
+Tiling, TMA and SMEM are those of `optax_ext.kernels.layer_norm.mosaic_gpu` (shared helpers): a thread
 block takes 64 rows, cut into column chunks of <= 128 that TMA copies GMEM -> SMEM, and computes in
 the WGMMA register layout, where a column sum over the block is a reduction across the four warps.
 The two reductions over rows write one (mean_b, M2_b) or (sum dy, sum dy * xhat) row per block into
 (cdiv(R, 64), C) f32 partials that XLA merges, in a fixed order (deterministic, no atomics). The
 affine pass writes its output over its input in SMEM (x for y; dy for dx, whose dtype it has).
-Shapes the kernels cannot take (`layer_norm_mosaic_gpu.supported`) run the jnp math.
+Shapes the kernels cannot take (`layer_norm.mosaic_gpu.supported`) run the jnp math.
 
 Requires jax >= 0.12.
 """
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from optax_ext.kernels import layer_norm_mosaic_gpu as lnm
+from optax_ext.kernels.layer_norm import mosaic_gpu as lnm
 
 __all__ = ["affine", "bwd_sums", "stats"]
 
