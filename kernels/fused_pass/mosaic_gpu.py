@@ -176,7 +176,9 @@ def fused_pass_mosaic_gpu(
     svec = _padded_vector(shared)
     parts, places, offset = [], [], 0
     for _, _, members in plans:
-        part = _padded_vector(jnp.concatenate([sub[i].scalars for i in members]))
+        width = sub[members[0]].scalars.shape[0]
+        # with no leaf scalars, the jobs' empty vectors are left unused (XLA drops them, not one op each)
+        part = _padded_vector(jnp.concatenate([sub[i].scalars for i in members]) if width else [])
         parts.append(part)
         places.append((part.shape[0], offset))
         offset += part.shape[0]
