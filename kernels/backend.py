@@ -43,6 +43,39 @@ MOSAIC_GPU_MIN_CAPABILITY = (9, 0)
 
 ENV_VAR = "OPTAX_EXT_BACKEND"
 
+_NO_SPECIAL_FUNCTIONS = frozenset(
+    {
+        "bessel_i0e",
+        "bessel_i1e",
+        "digamma",
+        "erfc",
+        "igamma",
+        "igammac",
+        "lgamma",
+        "polygamma",
+        "zeta",
+        "copy",
+        "copy_p",
+    }
+)
+CANNOT_LOWER: dict[str, frozenset[str]] = {
+    "triton": _NO_SPECIAL_FUNCTIONS | {"erf", "reduce_precision", "round"},
+    "mosaic_gpu": _NO_SPECIAL_FUNCTIONS
+    | {"acos", "acosh", "asin", "asinh", "atan", "atanh", "cbrt", "ceil", "cosh", "erf_inv", "expm1", "floor"}
+    | {"is_finite", "log1p", "nextafter", "pow", "reduce_precision", "rem", "sinh", "tan"},
+    "mosaic": _NO_SPECIAL_FUNCTIONS
+    | {"acos", "acosh", "asin", "asinh", "atan", "atanh", "cbrt", "cosh", "expm1", "reduce_precision", "sinh"},
+}
+"""Elementwise primitives (of those a `Rule.element` may use) that a backend's Pallas lowering cannot
+lower on some supported jax (0.10.2 to 0.12; `tests/test_kernels_primitives.py` lowers every other
+one on each backend). A fused run whose math uses one of them runs on XLA on that backend (see
+`optax_ext.kernels.elementwise.run_fused`). The interpreters evaluate any primitive."""
+
+
+def unlowerable(name: str, primitives) -> frozenset[str]:
+    """Which of `primitives` (names) the kernels of backend `name` cannot lower."""
+    return CANNOT_LOWER.get(name, frozenset()).intersection(primitives)
+
 
 def _check(name, source: str) -> str:
     if not isinstance(name, str) or name not in BACKENDS:

@@ -16,6 +16,7 @@ per block). The kernels do both inside the same pass; the reference does it with
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -145,6 +146,37 @@ def _on_kernels(job) -> bool:
     )
 
 
+def _kernel_jobs(jobs) -> list[int]:
+    return [i for i, job in enumerate(jobs) if _on_kernels(job)]
+
+
+_WARNED: set = set()
+
+
+def _unlowerable(body: Body, jobs, shared, name: str) -> bool:
+    """Whether `body` uses a primitive that backend `name`'s kernels cannot lower
+    (`backend.CANNOT_LOWER`: floor or log1p in a user's `Rule` on Mosaic GPU, say); then it says so
+    once per backend and primitives, and the caller runs the jobs on XLA."""
+    if name not in _backend.CANNOT_LOWER or not jobs:
+        return False
+    from optax_ext.rule import primitive_names  # optax_ext imports this module: not at the top
+
+    vec = jax.ShapeDtypeStruct((3,), jnp.float32)
+    leaf = jax.ShapeDtypeStruct(jnp.shape(jobs[0].scalars), jnp.float32)
+    traced = jax.make_jaxpr(lambda xs, s, t: body(list(xs), s, t))(
+        [vec] * len(jobs[0].inputs), jax.ShapeDtypeStruct(jnp.shape(shared), jnp.float32), leaf
+    )
+    missing = _backend.unlowerable(name, primitive_names(traced.jaxpr))
+    if missing and (name, missing) not in _WARNED:
+        _WARNED.add((name, missing))
+        warnings.warn(
+            f"optax_ext: this fused update uses {', '.join(sorted(missing))}, which Pallas cannot lower on "
+            f"the {name!r} kernel backend; it runs on XLA (as on the 'xla' backend) instead of in kernels.",
+            stacklevel=2,
+        )
+    return bool(missing)
+
+
 def run_fused(
     body: Body, jobs: Sequence[Job], shared: jax.Array, *, backend: str | None = None
 ) -> list[list[jax.Array]]:
@@ -153,7 +185,8 @@ def run_fused(
     On the Pallas backends the kernels run on each device's shard of sharded leaves
     (`optax_ext.kernels.sharding`): elementwise work needs no communication, and each output
     keeps its leaf's sharding. Leaves the kernels cannot address (see `fused_pass_pallas`) run
-    through the jnp reference, per shard likewise.
+    through the jnp reference, per shard likewise; so do all the jobs when the body uses a
+    primitive the backend cannot lower (`backend.CANNOT_LOWER`), with a warning.
     """
     name = backend or _backend.get_backend()
     jobs, layouts = _gather_explicit_quantized(list(jobs), name)
@@ -161,7 +194,7 @@ def run_fused(
     def reference(job):
         return run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
 
-    on_kernels = [] if name == "xla" else [i for i, job in enumerate(jobs) if _on_kernels(job)]
+    on_kernels = [] if name == "xla" or _unlowerable(body, jobs, shared, name) else _kernel_jobs(jobs)
     results = [None if i in set(on_kernels) else reference(job) for i, job in enumerate(jobs)]
     if on_kernels:
         for i, outs in zip(on_kernels, _run_kernels(body, [jobs[i] for i in on_kernels], shared, name)):

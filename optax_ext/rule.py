@@ -51,7 +51,8 @@ class Rule:
         `scalars.one_minus_b1`, names a linter checks against `scalars_type`. It must be
         elementwise (no reduction, gather, reshape, ...): the kernels run it on blocks of a leaf,
         the XLA path on the whole leaf, and only elementwise math agrees between the two. Checked
-        when the rule is built, by tracing it on small vectors.
+        when the rule is built, by tracing it on small vectors. A run using a primitive that the
+        kernel backend cannot lower (`optax_ext.kernels.backend.CANNOT_LOWER`) runs on XLA there.
       next_state: `(state, new_slots) -> new state`, new_slots a tuple of trees (one per slot).
       reads_updates: the scalars reduce over the incoming updates (a global or per-leaf norm), so
         the rule must begin a fused run: the updates it sees must exist in memory.
@@ -189,6 +190,18 @@ def _plain(x) -> bool:
     if isinstance(x, tuple):
         return all(_plain(v) for v in x)
     return x is None or type(x) in (bool, int, float, str)
+
+
+def primitive_names(jaxpr) -> set[str]:
+    """The names of every primitive of `jaxpr`, and of the jaxprs in its equations' parameters."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+                    names |= primitive_names(getattr(sub, "jaxpr", sub))
+    return names
 
 
 def _non_elementwise(jaxpr) -> str | None:

@@ -177,8 +177,9 @@ def fused_pass_mosaic_gpu(
     parts, places, offset = [], [], 0
     for _, _, members in plans:
         width = sub[members[0]].scalars.shape[0]
-        # with no leaf scalars, the jobs' empty vectors are left unused (XLA drops them, not one op each)
-        part = _padded_vector(jnp.concatenate([sub[i].scalars for i in members]) if width else [])
+        # With no leaf scalars, the jobs' empty vectors are left unused (XLA drops them, not one op
+        # each); zeros, not a constant array: the per-shard function may close over no constants.
+        part = _padded_vector(jnp.concatenate([sub[i].scalars for i in members]) if width else jnp.zeros((0,)))
         parts.append(part)
         places.append((part.shape[0], offset))
         offset += part.shape[0]
