@@ -14,7 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from optax_ext.kernels.backend import mosaic_gpu_available
+
 RAGGED_SHAPES = [(), (1,), (7,), (1000,), (3, 5, 7)]
+
+# The kernel backends of an accelerator, for tests that lower for it from this CPU (Mosaic GPU's from jax 0.12).
+ACCELERATOR_BACKENDS = [
+    pytest.param(
+        "mosaic_gpu",
+        marks=pytest.mark.skipif(not mosaic_gpu_available(), reason="needs jax >= 0.12"),
+    ),
+    "triton",
+    "mosaic",
+]
 
 
 def random_tree(key, shapes=RAGGED_SHAPES, dtype=jnp.float32, scale=1.0):

@@ -20,25 +20,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import ACCELERATOR_BACKENDS
 
 import optax_ext as ox
 from optax_ext.kernels import lower_for
 from optax_ext.kernels.backend import mosaic_gpu_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from lowering_report import analyze_stablehlo  # noqa: E402
+from lowering_report import BACKEND_PLATFORMS, analyze_stablehlo  # noqa: E402
 
 PARAMS = {
     "bias": jax.ShapeDtypeStruct((7,), jnp.float32),
     "kernel": jax.ShapeDtypeStruct((129, 5), jnp.float32),
     "embed": jax.ShapeDtypeStruct((3000,), jnp.bfloat16),
 }
-PLATFORM = {"mosaic_gpu": "cuda", "triton": "cuda", "mosaic": "tpu"}
-BACKENDS = [
-    pytest.param("mosaic_gpu", marks=pytest.mark.skipif(not mosaic_gpu_available(), reason="needs jax >= 0.12")),
-    "triton",
-    "mosaic",
-]
 # Not a kernel step: its line search needs the loss (`value`, `grad`, `value_fn`) at every update.
 NOT_A_STEP = {"lbfgs"}
 
@@ -82,7 +77,7 @@ def _step_and_state(name):
     return step, jax.eval_shape(tx.init, PARAMS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ACCELERATOR_BACKENDS)
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_step_lowers_to_the_backends_kernels(name, backend):
     step, state = _step_and_state(name)
@@ -90,7 +85,7 @@ def test_step_lowers_to_the_backends_kernels(name, backend):
         # every fused run in kernels: none left to XLA for a primitive the backend cannot lower
         warnings.filterwarnings("error", message="optax_ext: this fused update uses")
         text = lower_for(
-            step, PARAMS, state, PARAMS, platform=PLATFORM[backend], backend=backend, donate_argnums=(0, 1)
+            step, PARAMS, state, PARAMS, platform=BACKEND_PLATFORMS[backend], backend=backend, donate_argnums=(0, 1)
         ).as_text()
     kernels = analyze_stablehlo(text)["kernels_by_backend"]
     assert kernels[backend] >= 1, (name, kernels)

@@ -173,17 +173,24 @@ def _lower_step(tx, params):
     ).as_text()
 
 
+# bf16 grads and params with f32 moments on the ragged tree, as avals; their AdamW jobs (outputs in place)
+_MIXED_GRADS = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in SHAPES]
+_MIXED_STATE = [[jax.ShapeDtypeStruct(s, d) for d in (jnp.bfloat16, jnp.float32, jnp.float32)] for s in SHAPES]
+
+
+def _mixed_jobs(grads, state):
+    return [
+        Job([g, *pmv], [jnp.bfloat16, jnp.float32, jnp.float32], jnp.full((1,), 0.01 * k), {1: 0, 2: 1, 3: 2})
+        for k, (g, pmv) in enumerate(zip(grads, state))
+    ]
+
+
 @needs_mosaic_gpu
 def test_fused_pass_lowers_to_one_mosaic_gpu_call_per_launch():
-    grads = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in SHAPES]
-    state = [[jax.ShapeDtypeStruct(s, d) for d in (jnp.bfloat16, jnp.float32, jnp.float32)] for s in SHAPES]
+    grads, state = _MIXED_GRADS, _MIXED_STATE
 
     def f(grads, state):
-        jobs = [
-            Job([g, *pmv], [jnp.bfloat16, jnp.float32, jnp.float32], jnp.full((1,), 0.01 * k), {1: 0, 2: 1, 3: 2})
-            for k, (g, pmv) in enumerate(zip(grads, state))
-        ]
-        return fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic_gpu")
+        return fused_pass_pallas(adam_body, _mixed_jobs(grads, state), SHARED, backend="mosaic_gpu")
 
     text = lower_for(f, grads, state, platform="cuda", backend="mosaic_gpu", donate_argnums=(1,)).as_text()
     assert text.count(MARKER) == 1 and TRITON not in text
@@ -202,14 +209,10 @@ def test_fused_pass_and_norms_compile_for_h100():
 
     if not aot.available():
         pytest.skip("compiling for an H100 needs optax_ext[gpu-aot]")
-    grads = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in SHAPES]
-    state = [[jax.ShapeDtypeStruct(s, d) for d in (jnp.bfloat16, jnp.float32, jnp.float32)] for s in SHAPES]
+    grads, state = _MIXED_GRADS, _MIXED_STATE
 
     def f(grads, state):
-        jobs = [
-            Job([g, *pmv], [jnp.bfloat16, jnp.float32, jnp.float32], jnp.full((1,), 0.01 * k), {1: 0, 2: 1, 3: 2})
-            for k, (g, pmv) in enumerate(zip(grads, state))
-        ]
+        jobs = _mixed_jobs(grads, state)
         total, bad = global_sq_norm_pallas(grads, backend="mosaic_gpu", count_nonfinite=True)
         per_leaf = leaf_sq_norms_pallas([p for p, _, _ in state], backend="mosaic_gpu")
         return fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic_gpu"), total, bad, per_leaf

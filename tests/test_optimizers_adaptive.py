@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import params_and_grads, random_tree, train_on_backend
+from conftest import ACCELERATOR_BACKENDS, params_and_grads, random_tree, train_on_backend
 from test_kernels_lowering import PARAMS, _count_kernels, _lower_step
 from test_kernels_mosaic_gpu import MARKER as MOSAIC_GPU_MARKER
 from test_kernels_mosaic_gpu import _lower_step as _lower_step_mosaic_gpu
@@ -319,14 +319,7 @@ def _adamw_kernels(backend, clip):
     return _kernels(ox.chain(ox.clip_by_global_norm(1.0), ox_adamw(1e-3)) if clip else ox_adamw(1e-3), backend)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "triton",
-        "mosaic",
-        pytest.param("mosaic_gpu", marks=pytest.mark.skipif(not mosaic_gpu_available(), reason="needs jax >= 0.12")),
-    ],
-)
+@pytest.mark.parametrize("backend", ACCELERATOR_BACKENDS)
 @pytest.mark.parametrize("name", sorted(LOWERED))
 def test_lowers_to_as_many_kernels_as_adamw(name, backend):
     make, clip = LOWERED[name]
