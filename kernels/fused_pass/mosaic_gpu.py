@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from optax_ext.kernels import mosaic_gpu_blocks as mgb
 from optax_ext.kernels import multi_tensor as mt
 from optax_ext.kernels.elementwise import Job, plain_kernel_jobs
+from optax_ext.kernels.fused_pass.scalars import ScalarRef, check_outputs
 
 __all__ = ["MOSAIC_GPU_BLOCK", "fused_pass_mosaic_gpu"]
 
@@ -68,8 +69,6 @@ def _sources(job: Job) -> dict[int, int]:
 def _kernel(body: Callable, launch: mt.Launch, members: Sequence[Job], n_shared: int, width: int, vec_sizes):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from optax_ext.kernels.fused_pass import ScalarRef, _check_outputs
-
     num = len(members)
     n_in, n_out = len(members[0].inputs), len(members[0].out_dtypes)
     n_fresh = sum(n_out - len(job.aliases) for job in members)  # outputs with a buffer of their own
@@ -96,7 +95,7 @@ def _kernel(body: Callable, launch: mt.Launch, members: Sequence[Job], n_shared:
         xs = [mgb.load_block(buf, [b.dtype for b in smem_in + smem_out]) for buf in smem_in]
         # The body is emitted once per launch, not once per leaf: only the copies switch.
         ys = list(body(xs, ScalarRef(s_smem, n_shared), ScalarRef(t_smem, width, at.leaf * width)))
-        _check_outputs(ys, n_out)
+        check_outputs(ys, n_out)
         for buf, y in zip(smem_out, ys):
             buf[...] = jnp.broadcast_to(jnp.asarray(y, jnp.float32), buf.shape).astype(buf.dtype)
         mgb.copy_out(launch, outs, smem_out, at)

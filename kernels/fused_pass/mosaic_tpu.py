@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from optax_ext.kernels import mosaic_tpu_blocks as mtb
 from optax_ext.kernels import multi_tensor as mt
 from optax_ext.kernels.elementwise import Job, plain_kernel_jobs
+from optax_ext.kernels.fused_pass.scalars import ScalarRef, check_outputs, scalar_vector
 
 __all__ = ["MOSAIC_TPU_BLOCK", "fused_pass_mosaic_tpu"]
 
@@ -45,8 +46,6 @@ MOSAIC_TPU_BLOCK = 64 * 1024
 
 
 def _kernel(body: Callable, launch: mt.Launch, n_in: int, n_out: int, n_shared: int, width: int):
-    from optax_ext.kernels.fused_pass import ScalarRef, _check_outputs
-
     num = len(launch.segments)
 
     def kernel(*refs):
@@ -63,7 +62,7 @@ def _kernel(body: Callable, launch: mt.Launch, n_in: int, n_out: int, n_shared: 
             xs = [buf[pl.ds(offset, b)].astype(jnp.float32) for buf in vin]
             # The body is emitted once per launch, not once per leaf: only the copies switch.
             ys = list(body(xs, ScalarRef(s_ref, n_shared), ScalarRef(t_ref, width, leaf * width)))
-            _check_outputs(ys, n_out)
+            check_outputs(ys, n_out)
             for buf, y in zip(vout, ys):
                 buf[pl.ds(offset, b)] = jnp.broadcast_to(jnp.asarray(y, jnp.float32), (b,)).astype(buf.dtype)
 
@@ -73,11 +72,9 @@ def _kernel(body: Callable, launch: mt.Launch, n_in: int, n_out: int, n_shared: 
 
 
 def _launch(body, members: Sequence[Job], launch: mt.Launch, svec, interpret: bool):
-    from optax_ext.kernels.fused_pass import _scalar_vector
-
     width = members[0].scalars.shape[0]
     n_in, n_out = len(members[0].inputs), len(members[0].out_dtypes)
-    table = _scalar_vector(jnp.concatenate([job.scalars for job in members]) if width else jnp.zeros((0,)))
+    table = scalar_vector(jnp.concatenate([job.scalars for job in members]) if width else jnp.zeros((0,)))
     operands, out_shape, aliases = [], [], {}
     for k, (job, seg) in enumerate(zip(members, launch.segments)):
         operands.extend(jnp.reshape(x, seg.view) for x in job.inputs)
@@ -115,15 +112,13 @@ def fused_pass_mosaic_tpu(
     Jobs are validated by the caller. Returns per job its outputs, or None for a job left to the
     caller (quantized storage, or a leaf over `mt.INDEX_LIMIT` elements).
     """
-    from optax_ext.kernels.fused_pass import _scalar_vector
-
     results, kernel_jobs, signatures = plain_kernel_jobs(jobs, mt.INDEX_LIMIT)
     if not kernel_jobs:
         return results
     sub = [jobs[i] for i in kernel_jobs]
     refs = [len(job.inputs) + len(job.out_dtypes) for job in sub]
     b = max(mtb.ALIGN, mt.pow2_at_least(block)) if block else MOSAIC_TPU_BLOCK
-    svec = _scalar_vector(shared)
+    svec = scalar_vector(shared)
     for _, launch, members in mtb.plan_by_dtype(
         signatures, [jnp.size(job.inputs[0]) for job in sub], refs, b, extra_refs=2
     ):

@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import multi_tensor as mt
 from optax_ext.kernels.elementwise import PALLAS_DTYPES
-from optax_ext.kernels.fused_pass import BACKENDS, FORMS, LANES, default_form, per_leaf_view
+from optax_ext.kernels.fused_pass import BACKENDS, FORMS, default_form
+from optax_ext.kernels.fused_pass.per_leaf import LANES, per_leaf_view
 
 __all__ = ["NORM_GPU_BLOCK", "global_sq_norm_pallas", "leaf_sq_norms_pallas"]
 
