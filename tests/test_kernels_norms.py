@@ -72,7 +72,7 @@ def test_launches(key, monkeypatch):
     leaves = _leaves(key, SHAPES)
     multi = lambda: global_sq_norm_pallas(leaves, backend="interpret", block=256)
     assert _count_pallas_calls(multi) == 1  # 8 non-empty leaves, one launch
-    monkeypatch.setattr("optax_ext.kernels.norms.NORM_MAX_LEAVES", 3)
+    monkeypatch.setattr("optax_ext.kernels.norms.triton.NORM_MAX_LEAVES", 3)
     assert _count_pallas_calls(multi) == 3
     np.testing.assert_allclose(float(multi()), sum(_f64_sq_norm(x) for x in leaves), rtol=1e-6)
     per_leaf = lambda: leaf_sq_norms_pallas(leaves, backend="interpret", form="per_leaf")

@@ -27,7 +27,7 @@ from optax_ext.kernels import multi_tensor as mt
 __all__ = ["NORM_MOSAIC_TPU_BLOCK", "NORM_MOSAIC_TPU_MAX_LEAVES", "partials"]
 
 NORM_MOSAIC_TPU_BLOCK = 128 * 1024
-NORM_MOSAIC_TPU_MAX_LEAVES = 256  # as norms.NORM_MAX_LEAVES: a branch is one copy
+NORM_MOSAIC_TPU_MAX_LEAVES = 256  # as norms.triton.NORM_MAX_LEAVES: a branch is one copy
 LANES = 128
 
 
