@@ -270,3 +270,44 @@ def test_layer_norm_in_tpu_interpreter_runs_its_jnp_math(key):
     with use_backend("xla"):
         want = ox.kernels.layer_norm.layer_norm(x, w, b)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _count_primitives(jaxpr, names) -> dict:
+    """How many equations of each primitive in `names` a jaxpr holds, sub-jaxprs (conds, loops,
+    kernels) included."""
+    counts = dict.fromkeys(names, 0)
+
+    def subjaxprs(value):
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):  # a closed jaxpr
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from subjaxprs(v)
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name in counts:
+                counts[eqn.primitive.name] += 1
+            for sub in subjaxprs(list(eqn.params.values())):
+                walk(sub)
+
+    walk(jaxpr)
+    return counts
+
+
+def test_waits_do_not_grow_with_the_leaves(key):
+    """Each DMA wait site is leaf-free (`mosaic_tpu_blocks._wait_block`): a launch of 32 ragged
+    leaves has as many wait equations as one of 4, while its starts grow with the leaves. This is
+    what keeps the TPU lowering time within 2x of Optax's on 2,000 leaves (benchmarks/RESULTS.md)."""
+
+    def counts(n_leaves):
+        shapes = [(1000 + 37 * k,) for k in range(n_leaves)]
+        jobs = _jobs(key, shapes, [(jnp.float32, jnp.float32)] * n_leaves)
+        jaxpr = jax.make_jaxpr(lambda: fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic", block=1024))()
+        return _count_primitives(jaxpr.jaxpr, ("dma_start", "dma_wait"))
+
+    few, many = counts(4), counts(32)
+    assert few["dma_wait"] == many["dma_wait"] > 0
+    assert many["dma_start"] > 4 * few["dma_start"]
