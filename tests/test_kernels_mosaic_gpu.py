@@ -1,4 +1,6 @@
-"""The Mosaic GPU backend: its kernels in Mosaic GPU's own interpreter against XLA, and lowered for CUDA.
+"""The Mosaic GPU backend: whole steps in Mosaic GPU's own interpreter against XLA, and lowered for
+CUDA. Its kernels against their reference on the ragged tree, beside the other backends':
+tests/test_kernels_backends.py.
 
 `mosaic_gpu_interpret` runs the very kernels the "mosaic_gpu" backend lowers (TMA copies, barriers,
 SMEM) in `plgpu.InterpretGPUParams`, on the CPU. Lowering checks count `mosaic_gpu_v2` custom calls
@@ -15,11 +17,12 @@ import numpy as np
 import optax
 import pytest
 from conftest import params_and_grads, train_on_backend
+from test_kernels_backends import SHAPES, SHARED, adam_body
 
 import optax_ext as ox
 from optax_ext.kernels import backend as kb
 from optax_ext.kernels import lower_for
-from optax_ext.kernels.elementwise import Job, run_elementwise_reference
+from optax_ext.kernels.elementwise import Job
 from optax_ext.kernels.fused_pass import fused_pass_pallas
 from optax_ext.kernels.norms import global_sq_norm_pallas, leaf_sq_norms_pallas
 
@@ -29,79 +32,8 @@ from optimizer_step import gpt2_small_shapes  # noqa: E402
 
 needs_mosaic_gpu = pytest.mark.skipif(not kb.mosaic_gpu_available(), reason="Mosaic GPU kernels need jax >= 0.12")
 
-# The issue's ragged tree: 0-d, tiny, around one 128/256 boundary, 3-D, 2-D odd, and leaves over one block.
-SHAPES = [(), (1,), (7,), (127,), (129,), (1000,), (3, 5, 7), (129, 257), (5000,)]
 MARKER = "mosaic_gpu_v2"
 TRITON = "__gpu$xla.gpu.triton"
-
-
-def adam_body(xs, shared, leaf):
-    g, p, m, v = xs
-    m = shared[0] * m + shared[1] * g
-    v = shared[2] * v + shared[3] * (g * g)
-    u = m / (jnp.sqrt(v) + shared[4])
-    return [p - shared[5] * (u + leaf[0] * p), m, v]
-
-
-SHARED = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 1e-2], jnp.float32)
-
-
-def _jobs(key, shapes, dtypes):
-    jobs = []
-    for k, (shape, (g_dt, p_dt)) in enumerate(zip(shapes, dtypes)):
-        ks = jax.random.split(jax.random.fold_in(key, k), 4)
-        g, p = (jax.random.normal(ks[i], shape).astype(d) for i, d in ((0, g_dt), (1, p_dt)))
-        m = jax.random.normal(ks[2], shape, jnp.float32)
-        v = jnp.abs(jax.random.normal(ks[3], shape, jnp.float32))
-        jobs.append(
-            Job([g, p, m, v], [p_dt, jnp.float32, jnp.float32], jnp.array([0.01 * (k + 1)]), {1: 0, 2: 1, 3: 2})
-        )
-    return jobs
-
-
-@needs_mosaic_gpu
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_fused_pass_matches_reference(key, dtype):
-    # Mixed storage in one call: every other leaf keeps f32 params (two launches, grouped by dtype).
-    dtypes = [(dtype, dtype if k % 2 else jnp.float32) for k in range(len(SHAPES))]
-    jobs = _jobs(key, SHAPES, dtypes)
-    got = fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic_gpu_interpret")
-    for job, outs in zip(jobs, got):
-        want = run_elementwise_reference(adam_body, job.inputs, SHARED, job.scalars, job.out_dtypes)
-        for o, w in zip(outs, want):
-            assert o.shape == w.shape and o.dtype == w.dtype
-            np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
-
-
-@needs_mosaic_gpu
-def test_fused_pass_outputs_without_aliases_and_scalars(key):
-    x = jax.random.normal(key, (3000,))
-    jobs = [
-        Job([x], [jnp.float16, jnp.float32], jnp.zeros((0,))),
-        Job([x[:5]], [jnp.float16, jnp.float32], jnp.zeros((0,))),
-    ]
-
-    def body(xs, s, t):
-        return [jnp.clip(xs[0], -1.0, 1.0), xs[0] * 2.0]
-
-    got = fused_pass_pallas(body, jobs, jnp.zeros((0,)), backend="mosaic_gpu_interpret")
-    for job, outs in zip(jobs, got):
-        np.testing.assert_array_equal(outs[0], jnp.clip(job.inputs[0], -1, 1).astype(jnp.float16))
-        np.testing.assert_array_equal(outs[1], job.inputs[0] * 2)
-
-
-@needs_mosaic_gpu
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_norms_match_reference(key, dtype):
-    leaves = [jax.random.normal(jax.random.fold_in(key, k), s).astype(dtype) for k, s in enumerate(SHAPES)]
-    want = [jnp.sum(jnp.asarray(x, jnp.float64 if jax.config.x64_enabled else jnp.float32) ** 2) for x in leaves]
-    got = leaf_sq_norms_pallas(leaves, backend="mosaic_gpu_interpret")
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6)
-    leaves[5] = leaves[5].at[3].set(jnp.nan).at[7].set(jnp.inf)
-    total, count = global_sq_norm_pallas(leaves, backend="mosaic_gpu_interpret", count_nonfinite=True)
-    assert int(count) == 2 and not jnp.isfinite(total)
-    finite = global_sq_norm_pallas(leaves[:5] + leaves[6:], backend="mosaic_gpu_interpret")
-    np.testing.assert_allclose(finite, sum(want[:5] + want[6:]), rtol=2e-6)
 
 
 def _tree(key, dtype):

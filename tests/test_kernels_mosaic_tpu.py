@@ -1,4 +1,6 @@
-"""The TPU backend: its multi-tensor kernels in TPU's own interpreter against XLA, and lowered for TPU.
+"""The TPU backend: what only it has (double buffering, leaf-free waits), whole steps in TPU's
+interpreter against XLA, and lowering for TPU. Its kernels against their reference on the ragged
+tree, beside the other backends': tests/test_kernels_backends.py.
 
 `mosaic_interpret` runs the very kernels the "mosaic" backend lowers (DMAs, semaphores, VMEM and SMEM)
 in `pltpu.InterpretParams`, on the CPU. Lowering checks count `tpu_custom_call`s in the StableHLO for
@@ -13,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_trees_rel_close, params_and_grads, train_on_backend
+from test_kernels_backends import SHAPES, SHARED, adam_body, adam_jobs, check_against_reference
 
 import optax_ext as ox
 from optax_ext.kernels import lower_for, use_backend
 from optax_ext.kernels import mosaic_tpu_blocks as mtb
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import Job, run_elementwise_reference
+from optax_ext.kernels.elementwise import Job
 from optax_ext.kernels.fused_pass import fused_pass_pallas
 from optax_ext.kernels.norms import NORM_MAX_LEAVES, global_sq_norm_pallas, leaf_sq_norms_pallas
 
@@ -26,60 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from lowering_report import analyze_stablehlo  # noqa: E402
 from optimizer_step import gpt2_small_shapes, small_leaves_shapes  # noqa: E402
 
-# The issue's ragged tree: 0-d, tiny, around the 128 boundary, 3-D, 2-D odd, and a leaf over one
-# 1024-element block (with `block=1024` every leaf over 1024 elements is several, ragged blocks).
-SHAPES = [(), (1,), (7,), (127,), (129,), (1000,), (3, 5, 7), (129, 257), (5000,)]
 MARKER = "tpu_custom_call"
-
-
-def adam_body(xs, shared, leaf):
-    g, p, m, v = xs
-    m = shared[0] * m + shared[1] * g
-    v = shared[2] * v + shared[3] * (g * g)
-    u = m / (jnp.sqrt(v) + shared[4])
-    return [p - shared[5] * (u + leaf[0] * p), m, v]
-
-
-SHARED = jnp.array([0.9, 0.1, 0.999, 0.001, 1e-8, 1e-2], jnp.float32)
-
-
-def _jobs(key, shapes, dtypes):
-    jobs = []
-    for k, (shape, (g_dt, p_dt)) in enumerate(zip(shapes, dtypes)):
-        ks = jax.random.split(jax.random.fold_in(key, k), 4)
-        g, p = (jax.random.normal(ks[i], shape).astype(d) for i, d in ((0, g_dt), (1, p_dt)))
-        m = jax.random.normal(ks[2], shape, jnp.float32)
-        v = jnp.abs(jax.random.normal(ks[3], shape, jnp.float32))
-        jobs.append(
-            Job([g, p, m, v], [p_dt, jnp.float32, jnp.float32], jnp.array([0.01 * (k + 1)]), {1: 0, 2: 1, 3: 2})
-        )
-    return jobs
-
-
-def _check_against_reference(jobs, got, body=adam_body, shared=SHARED):
-    for job, outs in zip(jobs, got):
-        want = run_elementwise_reference(body, job.inputs, shared, job.scalars, job.out_dtypes)
-        for o, w in zip(outs, want):
-            assert o.shape == w.shape and o.dtype == w.dtype
-            np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "dtype,backend,block",
-    [
-        (jnp.float32, "mosaic_interpret", None),
-        (jnp.float32, "mosaic_interpret", 1024),
-        (jnp.bfloat16, "mosaic_interpret", None),
-        (jnp.bfloat16, "mosaic_interpret", 1024),
-        (jnp.bfloat16, "interpret", 1024),  # the generic interpreter runs the Triton kernels' form
-    ],
-    ids=["f32-one_block_per_leaf", "f32-ragged_blocks", "bf16-one_block_per_leaf", "bf16-ragged_blocks", "interpret"],
-)
-def test_fused_pass_matches_reference(key, dtype, backend, block):
-    # Mixed storage in one call: every other leaf keeps f32 params (two launches, grouped by dtype).
-    dtypes = [(dtype, dtype if k % 2 else jnp.float32) for k in range(len(SHAPES))]
-    jobs = _jobs(key, SHAPES, dtypes)
-    _check_against_reference(jobs, fused_pass_pallas(adam_body, jobs, SHARED, backend=backend, block=block))
 
 
 @pytest.mark.parametrize(
@@ -89,45 +39,11 @@ def test_double_buffering_holds_in_any_dma_order(key, monkeypatch, params):
     """Copies done when started ("eager") or when waited for (the default): both orders give the
     reference, so no block is read before its copy is waited for, nor a slot refilled too early."""
     monkeypatch.setattr(mtb, "INTERPRET_PARAMS", params)
-    jobs = _jobs(key, SHAPES, [(jnp.float32, jnp.float32)] * len(SHAPES))
+    jobs = adam_jobs(key, SHAPES, [(jnp.float32, jnp.float32)] * len(SHAPES))
     got = fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic_interpret", block=1024)
-    _check_against_reference(jobs, got)
+    check_against_reference(jobs, got)
     sums = leaf_sq_norms_pallas([job.inputs[0] for job in jobs], backend="mosaic_interpret", block=1024)
     np.testing.assert_allclose(sums, [jnp.sum(job.inputs[0] ** 2) for job in jobs], rtol=2e-6)
-
-
-def test_fused_pass_outputs_without_aliases_and_scalars(key):
-    x = jax.random.normal(key, (3000,))
-    jobs = [
-        Job([x], [jnp.float16, jnp.float32], jnp.zeros((0,))),
-        Job([x[:5]], [jnp.float16, jnp.float32], jnp.zeros((0,))),
-        Job([x[:0]], [jnp.float16, jnp.float32], jnp.zeros((0,))),
-    ]
-
-    def body(xs, s, t):
-        return [jnp.clip(xs[0], -1.0, 1.0), xs[0] * 2.0]
-
-    got = fused_pass_pallas(body, jobs, jnp.zeros((0,)), backend="mosaic_interpret", block=1024)
-    for job, outs in zip(jobs, got):
-        np.testing.assert_array_equal(outs[0], jnp.clip(job.inputs[0], -1, 1).astype(jnp.float16))
-        np.testing.assert_array_equal(outs[1], job.inputs[0] * 2)
-
-
-@pytest.mark.parametrize(
-    "dtype,block", [(jnp.bfloat16, None), (jnp.float32, 1024)], ids=["bf16-one_block_per_leaf", "f32-ragged_blocks"]
-)
-def test_norms_match_reference(key, dtype, block):
-    # With 1024-element blocks, the last leaf makes the launch over 128 blocks: partials in two rows.
-    shapes = SHAPES + ([(140_000,)] if block else [])
-    leaves = [jax.random.normal(jax.random.fold_in(key, k), s).astype(dtype) for k, s in enumerate(shapes)]
-    want = [jnp.sum(jnp.asarray(x, jnp.float32) ** 2) for x in leaves]
-    got = leaf_sq_norms_pallas(leaves, backend="mosaic_interpret", block=block)
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6)
-    leaves[5] = leaves[5].at[3].set(jnp.nan).at[7].set(jnp.inf)
-    total, count = global_sq_norm_pallas(leaves, backend="mosaic_interpret", block=block, count_nonfinite=True)
-    assert int(count) == 2 and not jnp.isfinite(total)
-    finite = global_sq_norm_pallas(leaves[:5] + leaves[6:], backend="mosaic_interpret", block=block)
-    np.testing.assert_allclose(finite, sum(want[:5] + want[6:]), rtol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------- whole steps
@@ -304,7 +220,7 @@ def test_waits_do_not_grow_with_the_leaves(key):
 
     def counts(n_leaves):
         shapes = [(1000 + 37 * k,) for k in range(n_leaves)]
-        jobs = _jobs(key, shapes, [(jnp.float32, jnp.float32)] * n_leaves)
+        jobs = adam_jobs(key, shapes, [(jnp.float32, jnp.float32)] * n_leaves)
         jaxpr = jax.make_jaxpr(lambda: fused_pass_pallas(adam_body, jobs, SHARED, backend="mosaic", block=1024))()
         return _count_primitives(jaxpr.jaxpr, ("dma_start", "dma_wait"))
 
