@@ -194,7 +194,9 @@ def select_by_leaf(launch: Launch, program, *columns) -> tuple[jax.Array, ...]:
     values = [jnp.int32(column[0]) for column in columns]
     for k, seg in enumerate(launch.segments[1:], 1):
         later = program >= seg.start
-        values = [jnp.where(later, column[k], v) for column, v in zip(columns, values)]
+        # `lax.select`, not `jnp.where`: a jnp.where is a nested jit in the kernel, which every
+        # backend traces and lowers as a function of its own (~130 per 59-leaf launch).
+        values = [jax.lax.select(later, jnp.int32(column[k]), v) for column, v in zip(columns, values)]
     return tuple(values)
 
 
