@@ -65,7 +65,7 @@ def quantized_formats(job: Job) -> list[q8.QuantFormat]:
 
 
 def plain_kernel_jobs(jobs: Sequence[Job], max_size: int) -> tuple[list, list[int], list[tuple]]:
-    """What a kernel backend without quantized storage takes of `jobs` (the Mosaic GPU and TPU fused passes).
+    """What a kernel backend takes of `jobs` in plain storage (TPU's fused pass; Mosaic GPU's, beside its 8-bit jobs).
 
     Returns (results, taken, signatures): per job its outputs where it needs no kernel (zeros for an
     empty leaf) and None otherwise; the indices of the jobs the kernels take (plain storage, 0 < size

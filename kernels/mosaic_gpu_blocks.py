@@ -200,7 +200,9 @@ def load_block(buf, dtypes) -> jax.Array:
     return plgpu.load(buf, layout=plgpu.Layout.WG_STRIDED(tuple(buf.shape), vec_size=vec)).astype(jnp.float32)
 
 
-def run_kernel(body, launch: mt.Launch, operands, out_type, scratch, *, interpret: bool, name: str):
+def run_kernel(
+    body, launch: mt.Launch, operands, out_type, scratch, *, interpret: bool, name: str, auto_barriers: bool = False
+):
     """`plgpu.kernel(body)` over the launch's blocks, in Mosaic GPU's interpreter when `interpret`.
 
     Lowered with Mosaic GPU's lane semantics, not its default (warpgroup) semantics. These kernels
@@ -219,14 +221,15 @@ def run_kernel(body, launch: mt.Launch, operands, out_type, scratch, *, interpre
     memory region (SMEM input blocks are written by TMA and read by threads, SMEM output blocks
     written by threads and read by TMA, each thread block handles one block), and the one hand-off
     from threads to TMA (the stores before `copy_out`) goes through `commit_smem`, a fence and a
-    warpgroup barrier. Reductions (the norm kernels) synchronize their scratch themselves.
+    warpgroup barrier. Reductions (the norm kernels) synchronize their scratch themselves. A kernel
+    that does write and read one region (the 8-bit one's absmax vectors) asks for `auto_barriers`.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     return plgpu.kernel(
         body,
         compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True
+            lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=not auto_barriers
         ),
         out_type=out_type,
         scratch_types=scratch,

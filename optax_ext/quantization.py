@@ -247,8 +247,10 @@ def _nonnegative_index(a, signed: bool):
     prev = _select(level, [0.0] + [lv[0] + (lv[2] - 1) * lv[1] for lv in levels[:-1]], f32)
     nxt = _select(level, [lv[0] for lv in levels[1:]] + [1.0], f32)
     best_i, best_d = offset - 1, jnp.abs(a - prev)
-    # floor(x + 0.5), not round: Triton has no round; exact ties are settled by the comparisons.
-    nearest = jnp.floor((a - first) / step + 0.5).astype(jnp.int32)
+    # floor(t + 0.5) without floor or round (Triton has no round, Mosaic GPU neither): a cast
+    # truncates, which is the floor for t + 0.5 >= 0; below, 0 instead of a negative index adds
+    # only candidate 1, never nearer than 0 there. Exact ties are settled by the comparisons.
+    nearest = jnp.maximum((a - first) / step + 0.5, 0.0).astype(jnp.int32)
     for shift in (-1, 0, 1):  # f32 rounding of (a - first) / step may pick the wrong side of a midpoint
         j = jnp.clip(nearest + shift, 0, count - 1)
         d = jnp.abs(a - (first + j.astype(f32) * step))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from optax_ext import quantization as q8
 from optax_ext.kernels.backend import mosaic_gpu_available
 from optax_ext.kernels.elementwise import Job, run_elementwise_reference
 from optax_ext.kernels.fused_pass import fused_pass_pallas
@@ -120,3 +121,50 @@ def test_norms_match_reference(key, backend, smallest, dtype):
     assert int(count) == 2 and not jnp.isfinite(total)
     finite = global_sq_norm_pallas(leaves[:5] + leaves[6:], backend=backend, block=block)
     np.testing.assert_allclose(float(finite), sum(want[:5] + want[6:]), rtol=2e-6)
+
+
+# Leaves of 8-bit moments: one quantization block (256), a ragged last block, several launch blocks
+# with a ragged last row (over the 2048-element default block), and a 2-D leaf.
+QUANTIZED_SHAPES = [(256,), (300,), (1000,), (5000,), (129, 257)]
+SIGNED, UNSIGNED = q8.QuantFormat(256, True), q8.QuantFormat(256, False)
+
+
+def adam_8bit_jobs(key, dtype):
+    """Adam jobs with 8-bit m (signed map) and v (unsigned), updated in place, params in `dtype`."""
+    jobs = []
+    for k, shape in enumerate(QUANTIZED_SHAPES):
+        ks = jax.random.split(jax.random.fold_in(key, k), 4)
+        g, p = (jax.random.normal(ks[i], shape).astype(dtype) for i in (0, 1))
+        m = q8.quantize_leaf(jax.random.normal(ks[2], shape), SIGNED)
+        v = q8.quantize_leaf(jnp.abs(jax.random.normal(ks[3], shape)), UNSIGNED)
+        jobs.append(Job([g, p, m, v], [dtype, SIGNED, UNSIGNED], jnp.array([0.01 * (k + 1)]), {1: 0, 2: 1, 3: 2}))
+    return jobs
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "interpret",
+        pytest.param(
+            "mosaic_gpu_interpret", marks=pytest.mark.skipif(not mosaic_gpu_available(), reason="needs jax >= 0.12")
+        ),
+    ],
+)
+@DTYPES
+def test_fused_pass_8bit_states_match_reference(key, backend, dtype):
+    """8-bit moments dequantized, updated and requantized in the kernels (Triton's and Mosaic GPU's)
+    as XLA does: new params to f32 rounding, the same absmax, the same codes (a code may differ by
+    one where a value sits on a midpoint of the map to f32 rounding)."""
+    jobs = adam_8bit_jobs(key, dtype)
+    got = fused_pass_pallas(adam_body, jobs, SHARED, backend=backend)
+    for job, outs in zip(jobs, got):
+        assert outs is not None, "the kernels took the 8-bit job"
+        want = run_elementwise_reference(adam_body, job.inputs, SHARED, job.scalars, job.out_dtypes)
+        p_got, p_want = (np.asarray(x, np.float32) for x in (outs[0], want[0]))
+        np.testing.assert_allclose(p_got, p_want, rtol=1e-6, atol=1e-6)
+        for o, w in zip(outs[1:], want[1:]):
+            assert isinstance(o, q8.QuantizedArray) and o.format == w.format
+            assert o.codes.shape == w.codes.shape and o.absmax.shape == w.absmax.shape
+            np.testing.assert_allclose(o.absmax, w.absmax, rtol=1e-6)
+            diff = np.abs(np.asarray(o.codes, np.int32) - np.asarray(w.codes, np.int32))
+            assert diff.max() <= 1 and diff.mean() < 1e-3

@@ -18,7 +18,7 @@ One package, one file per backend (each backend's kernels, block sizes and plan 
     block of any leaf, a switch on the leaf around the loads and stores. Quantized storage (8-bit
     states) is packed into the same launches.
   * `mosaic_gpu` ("mosaic_gpu", "mosaic_gpu_interpret"): the multi-tensor form on Mosaic GPU, TMA
-    copies through SMEM.
+    copies through SMEM; `mosaic_gpu_8bit` its launches with 8-bit operands.
   * `mosaic_tpu` ("mosaic", "mosaic_interpret"): the multi-tensor form on TPU, double-buffered DMA
     through VMEM.
   * `per_leaf` (`form="per_leaf"`, TPU on request): one call per leaf, BlockSpec'd refs that
@@ -27,9 +27,10 @@ One package, one file per backend (each backend's kernels, block sizes and plan 
 
 Every multi-tensor form overwrites inputs in place (in place when the caller donates them under
 jit) and concatenates, slices or pads nothing: a GPT-2-small AdamW step is 3 launches instead of
-148. Mosaic GPU, TPU and the per-leaf form leave quantized jobs to the XLA reference (Mosaic GPU:
-an absmax copy is under the 128-byte minimum of a TMA copy in lane semantics; TPU: regrouping a
-block into quantization blocks is a relayout in Mosaic that we cannot check without a TPU).
+148. 8-bit (quantized) jobs run in Triton's kernels and, with 256-element quantization blocks
+(the default), in Mosaic GPU's (`mosaic_gpu_8bit`: one quantization block per SMEM row); TPU and
+the per-leaf form leave them to the XLA reference (regrouping a block into quantization blocks is
+a relayout in Mosaic that we cannot check without a TPU), as Mosaic GPU does other block sizes.
 
 Scalars are two small f32 vectors per launch: `shared` (the same for every leaf: bias corrections,
 learning rate, clip factor) and a per-leaf table (leaf k's values at [k * width, (k + 1) * width));
@@ -170,8 +171,8 @@ def fused_pass_pallas(
       Per job, its outputs shaped like its inputs (a `QuantizedArray` for a `QuantFormat` output);
       None for a job the kernels cannot address, which the caller runs on XLA: a leaf over 2^31
       elements without a usable 2-D view (on Mosaic GPU and TPU's multi-tensor form: any leaf over
-      `mt.INDEX_LIMIT` elements), and on Mosaic GPU and TPU (both forms) any job with quantized
-      storage (see the module docstring).
+      `mt.INDEX_LIMIT` elements), on TPU (both forms) any job with quantized storage, and on Mosaic
+      GPU one whose quantization blocks are not 256 elements (see the module docstring).
     """
     form = form or default_form(backend)
     _validate(jobs, shared, backend, form, block)

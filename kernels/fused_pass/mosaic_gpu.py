@@ -25,8 +25,9 @@ blocks rather than double buffers inside one, which keeps the kernel a straight 
 switch issues copies only. One warpgroup (128 threads) per block: 16 elements per thread per
 operand.
 
-Quantized storage (8-bit states) is not on this backend yet: such jobs return None and the caller
-runs them on XLA (the other leaves stay in the kernels).
+Quantized storage (8-bit states): launches whose leaves have 8-bit operands run the row-wise kernel
+of `fused_pass.mosaic_gpu_8bit` (quantization blocks of 256 elements, the default); a job with
+another block size returns None and the caller runs it on XLA (the other leaves stay in the kernels).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from optax_ext import quantization as q8
 from optax_ext.kernels import mosaic_gpu_blocks as mgb
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import Job, plain_kernel_jobs
+from optax_ext.kernels.elementwise import Job, plain_kernel_jobs, storage_of
 from optax_ext.kernels.fused_pass.scalars import ScalarRef, check_outputs
 
 __all__ = ["MOSAIC_GPU_BLOCK", "fused_pass_mosaic_gpu"]
@@ -161,15 +164,23 @@ def fused_pass_mosaic_gpu(
     """`fused_pass_pallas` on Mosaic GPU (`interpret`: in Mosaic GPU's interpreter, on any device).
 
     Jobs are validated by the caller. Returns per job its outputs, or None for a job left to the
-    caller (quantized storage, or a leaf over `mt.INDEX_LIMIT` elements).
+    caller (quantization blocks other than 256 elements, or a leaf over `mt.INDEX_LIMIT` elements).
     """
+    from optax_ext.kernels.fused_pass import mosaic_gpu_8bit
+
     results, kernel_jobs, signatures = plain_kernel_jobs(jobs, mt.INDEX_LIMIT)
+    for i, job in enumerate(jobs):  # 8-bit jobs whose quantization blocks are SMEM rows
+        n = jnp.size(job.inputs[0].codes if isinstance(job.inputs[0], q8.QuantizedArray) else job.inputs[0])
+        if 0 < n <= mt.INDEX_LIMIT and mosaic_gpu_8bit.takes(job):
+            kernel_jobs.append(i)
+            signatures.append((tuple(map(storage_of, job.inputs)), tuple(job.out_dtypes)))
     if not kernel_jobs:
         return results
     sub = [jobs[i] for i in kernel_jobs]
     refs = [len(job.inputs) + len(job.out_dtypes) - len(job.aliases) for job in sub]
     b = block or MOSAIC_GPU_BLOCK
-    plans = mgb.plan_by_dtype(signatures, [jnp.size(job.inputs[0]) for job in sub], refs, b, extra_refs=2)
+    sizes = [int(np.prod(getattr(job.inputs[0], "shape", jnp.shape(job.inputs[0])))) for job in sub]
+    plans = mgb.plan_by_dtype(signatures, sizes, refs, b, extra_refs=2)
     # One padded vector of shared scalars and one table of every launch's leaf scalars (each launch's
     # part padded to 32 f32, `_padded_vector`) for the whole call: two XLA ops, not two per launch.
     svec = _padded_vector(shared)
@@ -183,8 +194,10 @@ def fused_pass_mosaic_gpu(
         places.append((part.shape[0], offset))
         offset += part.shape[0]
     table = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    for (_, launch, members), at in zip(plans, places):
-        outs = _launch(body, [sub[i] for i in members], launch, shared, svec, table, at, interpret)
+    for (sig, launch, members), at in zip(plans, places):
+        quantized = any(isinstance(s, q8.QuantFormat) for s in jax.tree.leaves(sig))
+        run = mosaic_gpu_8bit.launch if quantized else _launch
+        outs = run(body, [sub[i] for i in members], launch, shared, svec, table, at, interpret)
         for i, o in zip(members, outs):
             results[kernel_jobs[i]] = o
     return results
