@@ -355,6 +355,18 @@ def lowers_for_accelerators(mode):
             else:
                 # shard_map: the kernels sit inside manual (per-device) computations.
                 assert "manual_computation" in text and marker in text
+        if ox.kernels.backend.mosaic_gpu_available():
+            # 8-bit moments on Mosaic GPU (their own row-wise kernel) are partitioned the same way.
+            tx8 = ox.adamw(1e-3, mu_dtype=ox.int8_blockwise, nu_dtype=ox.int8_blockwise)
+            state8 = tx8.init(params)
+            step8 = lambda g, s, p: tx8.update_and_apply(g, s, p)
+            text = ox.kernels.lower_for(
+                step8, params, state8, params, platform="cuda", backend="mosaic_gpu", mesh=mesh
+            ).as_text()
+            if mode == "auto":
+                assert text.count("CustomSPMDPartitioning") == 1 and "mosaic_gpu_v2" not in text
+            else:
+                assert "manual_computation" in text and "fused_pass_8bit" in text
 
 
 def demo(_mode):
