@@ -268,16 +268,18 @@ def _gather_explicit_quantized(jobs, backend: str):
     return jobs, layouts
 
 
+def storage_avals(storage, shape) -> list[jax.ShapeDtypeStruct]:
+    """The arrays an output of `storage` is stored as, for a leaf of `shape`: one of its dtype, or
+    (uint8 codes, f32 absmax per quantization block) for a `QuantFormat`."""
+    if isinstance(storage, q8.QuantFormat):
+        size = int(np.prod(shape, dtype=np.int64))
+        return [jax.ShapeDtypeStruct(shape, jnp.uint8), jax.ShapeDtypeStruct((storage.num_blocks(size),), jnp.float32)]
+    return [jax.ShapeDtypeStruct(shape, jnp.dtype(storage))]
+
+
 def _out_avals(job):
     """Per output, its arrays' avals: one, or (codes, absmax) for a quantized output."""
-    shape = jnp.shape(job.inputs[0])
-    size = int(np.prod(shape, dtype=np.int64))
-    return [
-        [jax.ShapeDtypeStruct(shape, jnp.uint8), jax.ShapeDtypeStruct((d.num_blocks(size),), jnp.float32)]
-        if isinstance(d, q8.QuantFormat)
-        else [jax.ShapeDtypeStruct(shape, d)]
-        for d in job.out_dtypes
-    ]
+    return [storage_avals(d, jnp.shape(job.inputs[0])) for d in job.out_dtypes]
 
 
 def _run_kernels(body, jobs, shared, name):

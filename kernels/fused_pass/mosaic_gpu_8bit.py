@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from optax_ext import quantization as q8
 from optax_ext.kernels import mosaic_gpu_blocks as mgb
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import Job, quantized_formats, storage_of
+from optax_ext.kernels.elementwise import Job, quantized_formats, storage_avals, storage_of
 from optax_ext.kernels.fused_pass.scalars import ScalarRef, check_outputs
 
 __all__ = ["launch", "takes"]
@@ -193,17 +193,8 @@ def launch(body, members: Sequence[Job], launch: mt.Launch, shared, svec, table,
                 operands.append(wrap(jnp.reshape(x, seg.view)))
         source = _sources(job)
         for o, d in enumerate(job.out_dtypes):
-            if o in source:
-                continue
-            if isinstance(d, q8.QuantFormat):
-                out_type.extend(
-                    [
-                        jax.ShapeDtypeStruct(seg.view, jnp.uint8),
-                        jax.ShapeDtypeStruct((d.num_blocks(seg.cols),), jnp.float32),
-                    ]
-                )
-            else:
-                out_type.append(jax.ShapeDtypeStruct(seg.view, jnp.dtype(d)))
+            if o not in source:
+                out_type.extend(storage_avals(d, seg.view))
 
     def smem_dtype(storage):
         return jnp.uint8 if isinstance(storage, q8.QuantFormat) else storage

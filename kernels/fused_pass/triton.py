@@ -21,14 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from optax_ext import quantization as q8
 from optax_ext.kernels import backend as _backend
 from optax_ext.kernels import multi_tensor as mt
-from optax_ext.kernels.elementwise import Job, quantized_formats
+from optax_ext.kernels.elementwise import Job, quantized_formats, storage_avals
 from optax_ext.kernels.fused_pass.scalars import ScalarRef, check_outputs, scalar_vector
 
 __all__ = ["GPU_BLOCK", "GPU_NUM_WARPS", "INTERPRET_BLOCK", "fused_pass_triton"]
@@ -97,15 +96,7 @@ def _launch(body, jobs: Sequence[Job], launch: mt.Launch, shared, backend):
                 inputs.append(jnp.reshape(x, seg.view))
         for d in job.out_dtypes:
             starts_out.append(len(out_shape))
-            if isinstance(d, q8.QuantFormat):
-                out_shape.extend(
-                    [
-                        jax.ShapeDtypeStruct(seg.view, jnp.uint8),
-                        jax.ShapeDtypeStruct((d.num_blocks(seg.cols),), jnp.float32),
-                    ]
-                )
-            else:
-                out_shape.append(jax.ShapeDtypeStruct(seg.view, jnp.dtype(d)))
+            out_shape.extend(storage_avals(d, seg.view))
         for i, o in job.aliases.items():
             aliases[starts_in[i]] = starts_out[o]
             if isinstance(job.out_dtypes[o], q8.QuantFormat):
